@@ -1,0 +1,1 @@
+"""What every service shares: model config, tokenizer. Imports nothing else of ours."""

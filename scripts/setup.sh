@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# One idempotent set-up for a fresh Debian/Ubuntu machine (also the Dockerfile's install step):
+# a virtual environment, torch pinned first, the package, redis-server.
+#
+#   scripts/setup.sh            # runtime only
+#   scripts/setup.sh --test     # plus test dependencies (transformers, hypothesis, triton, ...)
+#
+# Environment: VENV (default .venv), PYTHON (default python3), TORCH_SPEC (default
+# torch==2.13.0; a CUDA machine sets its own build), TORCH_INDEX_URL (optional).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+EXTRAS=""
+[ "${1:-}" = "--test" ] && EXTRAS="[test]"
+
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "setup: creating virtual environment $VENV"
+    "$PYTHON" -m venv "$VENV"
+    "$VENV/bin/pip" install --quiet --upgrade pip
+fi
+PIP="$VENV/bin/pip"
+
+# torch first, with an exact pin: a bare `torch` requirement pulls a multi-GB CUDA build.
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+    echo "setup: installing $TORCH_SPEC"
+    if [ -n "${TORCH_INDEX_URL:-}" ]; then
+        "$PIP" install --quiet "$TORCH_SPEC" --index-url "$TORCH_INDEX_URL"
+    else
+        "$PIP" install --quiet "$TORCH_SPEC"
+    fi
+fi
+
+# The package itself (editable, so a checkout is the installed code).
+stamp="$VENV/.tessera-installed$EXTRAS"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    echo "setup: installing tessera$EXTRAS"
+    "$PIP" install --quiet -e ".$EXTRAS"
+    touch "$stamp"
+fi
+
+# redis-server: the services' queue. apt-get only when missing and we are root.
+if ! command -v redis-server >/dev/null 2>&1; then
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+        echo "setup: installing redis-server"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+    else
+        echo "setup: redis-server is not installed and we are not root;" \
+             "install it with: sudo apt-get install -y redis-server" >&2
+    fi
+fi
+echo "setup: ready ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))"

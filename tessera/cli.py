@@ -1,0 +1,62 @@
+"""The ``tessera`` command line.
+
+Each subcommand is one ``_add_<name>(subparsers)`` function that declares its flags and binds
+its handler with ``set_defaults(handler=...)``; adding a subcommand is adding one such pair
+and one line in ``_build_parser``. Handlers import their heavy modules lazily so that
+``tessera --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _add_make_model(subparsers: argparse._SubParsersAction) -> None:
+    from tessera.make_model import ARCHS, DTYPES, PRESETS
+
+    p = subparsers.add_parser(
+        "make-model",
+        help="write a random-weight HF checkpoint with a real tokenizer",
+        description="Write a random-weight Hugging Face checkpoint (config, safetensors, tokenizer, "
+        "chat template) for demos, tests and benchmarks. Weights are deterministic for a seed.",
+    )
+    p.add_argument("out_dir", metavar="DIR", help="output directory (created if missing)")
+    p.add_argument("--arch", required=True, choices=ARCHS, help="model architecture")
+    p.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model size (default: tiny)")
+    p.add_argument("--seed", type=int, default=0, help="weight seed (default: 0)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="stored dtype (default: float32)")
+    p.set_defaults(handler=_run_make_model)
+
+
+def _run_make_model(args: argparse.Namespace) -> int:
+    from tessera.make_model import make_model, num_parameters
+
+    out = make_model(args.out_dir, args.arch, preset=args.preset, seed=args.seed, dtype=args.dtype)
+    millions = num_parameters(args.arch, args.preset) / 1e6
+    print(f"wrote {args.arch}/{args.preset} ({millions:.1f}M parameters, {args.dtype}, seed {args.seed}) to {out}")
+    return 0
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tessera", description="Tessera LLM inference server")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_make_model(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``tessera`` console script; returns the process exit status."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        # Expected user errors get one clear line, not a traceback.
+        print(f"tessera {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""Shared fixtures: random-weight checkpoints built once per test session."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Callable
+
+import pytest
+
+TinyModelFactory = Callable[..., pathlib.Path]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModelFactory:
+    """Factory ``tiny_model(arch, preset="tiny", dtype="float32", seed=0) -> Path``.
+
+    Each distinct model is written once into one session directory and shared by every test
+    that asks for it (make-model is deterministic, so sharing cannot hide a difference).
+    Tests must treat the returned directory as read-only.
+    """
+    from tessera.make_model import make_model
+
+    root = tmp_path_factory.mktemp("models")
+    cache: dict[tuple[str, str, str, int], pathlib.Path] = {}
+
+    def factory(arch: str, preset: str = "tiny", dtype: str = "float32", seed: int = 0) -> pathlib.Path:
+        key = (arch, preset, dtype, seed)
+        if key not in cache:
+            cache[key] = make_model(root / f"{arch}-{preset}-{dtype}-s{seed}", arch, preset=preset, seed=seed, dtype=dtype)
+        return cache[key]
+
+    return factory

@@ -1,0 +1,49 @@
+"""Attention over the paged KV cache for a batch that mixes decodes and prompt chunks."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from kernels import paged_attention_decode, paged_attention_prefill, write_kv_cache
+from worker.attn_metadata import AttentionMetadata
+
+
+class Attention(nn.Module):
+    """Writes this step's K/V into the cache, then attends from it.
+
+    The runner orders a batch decodes first, so decode tokens are the first
+    `meta.num_decode_tokens` rows and prompt-chunk tokens the rest.
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float,
+                 sliding_window: int | None = None) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.num_kv_heads = num_heads, head_dim, num_kv_heads
+        self.scale = scale
+        self.sliding_window = sliding_window
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
+                ) -> torch.Tensor:
+        """q: [T, Hq*D], k, v: [T, Hkv*D] -> [T, Hq*D]."""
+        t = q.shape[0]
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        k_cache, v_cache = kv_cache
+        write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        nd = meta.num_decode_tokens
+        if nd == t:
+            out = paged_attention_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
+                                         self.scale, self.sliding_window)
+            return out.view(t, -1)
+        out = torch.empty_like(q)
+        if nd:
+            out[:nd] = paged_attention_decode(
+                q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd],
+                self.scale, self.sliding_window)
+        out[nd:] = paged_attention_prefill(
+            q[nd:], k_cache, v_cache, meta.block_tables[nd:], meta.prefill_query_start_loc,
+            meta.prefill_seq_lens, self.scale, self.sliding_window)
+        return out.view(t, -1)

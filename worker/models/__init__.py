@@ -1,0 +1,1 @@
+"""Model definitions: pure functions of (tokens, positions, KV cache, attention metadata)."""

@@ -1,0 +1,78 @@
+"""The model runner: one forward pass over a batch of sequences on a paged KV cache.
+
+Its input says, per sequence, which tokens to compute, where they start and which cache
+blocks hold the sequence; its output is each sequence's next-token logits. It keeps no
+request state between calls: everything it needs arrives with the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from common.model_config import ModelConfig
+from worker.attn_metadata import build_attention_metadata
+from worker.kv_cache import allocate_kv_cache
+from worker.loader import load_model, parse_dtype
+
+
+@dataclass
+class SequenceInput:
+    token_ids: list[int]     # the tokens to compute this step
+    start_pos: int           # tokens of this sequence already in the KV cache
+    block_table: list[int]   # cache blocks holding the sequence, in order
+
+
+@dataclass
+class RunnerOutput:
+    logits: torch.Tensor                      # [S, vocab] float32, next-token logits
+    all_logits: list[torch.Tensor] | None     # per sequence [n_tokens, vocab] when asked
+
+    @property
+    def greedy_token_ids(self) -> list[int]:
+        return self.logits.argmax(dim=-1).tolist()
+
+
+class ModelRunner:
+    def __init__(self, config: ModelConfig, dtype: str | torch.dtype = "float32",
+                 num_blocks: int = 256, block_size: int = 16,
+                 device: str | torch.device = "cpu") -> None:
+        self.config = config
+        self.dtype = parse_dtype(dtype)
+        self.device = torch.device(device)
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.model = load_model(config, self.dtype, self.device)
+        self.kv_caches = allocate_kv_cache(config, num_blocks, block_size, self.dtype, self.device)
+
+    @torch.inference_mode()
+    def execute(self, seqs: list[SequenceInput], all_logits: bool = False) -> RunnerOutput:
+        if not seqs:
+            raise ValueError("execute() needs at least one sequence")
+        # Decodes first: attention then handles them with one vectorised call.
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].token_ids) != 1)
+        batch = [seqs[i] for i in order]
+        for s in batch:
+            if not s.token_ids:
+                raise ValueError("a sequence with no tokens to compute")
+            if s.start_pos + len(s.token_ids) > self.config.max_position_embeddings:
+                raise ValueError(f"position {s.start_pos + len(s.token_ids) - 1} exceeds the "
+                                 f"model's {self.config.max_position_embeddings} positions")
+        meta = build_attention_metadata([len(s.token_ids) for s in batch],
+                                        [s.start_pos for s in batch],
+                                        [s.block_table for s in batch], self.block_size,
+                                        self.device)
+        input_ids = torch.tensor([t for s in batch for t in s.token_ids], dtype=torch.int64,
+                                 device=self.device)
+        hidden = self.model(input_ids, meta.positions, self.kv_caches, meta)
+        last = meta.last_token_indices.to(self.device)
+        logits = self.model.compute_logits(hidden.index_select(0, last)).float()
+        inverse = torch.empty(len(order), dtype=torch.int64)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        per_seq = None
+        if all_logits:
+            full = self.model.compute_logits(hidden).float()
+            chunks = full.split([len(s.token_ids) for s in batch])
+            per_seq = [chunks[j] for j in inverse.tolist()]
+        return RunnerOutput(logits=logits[inverse.to(self.device)], all_logits=per_seq)
