@@ -39,10 +39,47 @@ def _run_make_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_generate(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "generate", help="generate text from prompts with the offline API",
+        description="Load a local model directory and generate from one or more prompts, "
+        "in process (no services).")
+    p.add_argument("--model", required=True, help="local Hugging Face model directory")
+    p.add_argument("--prompt", action="append", required=True,
+                   help="a prompt; repeat the flag for several")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(handler=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    import time
+
+    from tessera import LLM, SamplingParams
+
+    llm = LLM(args.model, dtype=args.dtype)
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens,
+                            seed=args.seed)
+    start = time.perf_counter()
+    outputs = llm.generate(args.prompt, params)
+    elapsed = time.perf_counter() - start
+    for out in outputs:
+        completion = out.outputs[0]
+        print(f"prompt: {out.prompt!r}")
+        print(f"output: {completion.text!r}")
+        print(f"        ({len(completion.token_ids)} tokens, finish_reason={completion.finish_reason})")
+    total = sum(len(o.outputs[0].token_ids) for o in outputs)
+    print(f"generated {total} tokens in {elapsed:.2f} s")
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tessera", description="Tessera LLM inference server")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_make_model(subparsers)
+    _add_generate(subparsers)
     return parser
 
 

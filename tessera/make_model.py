@@ -15,9 +15,9 @@ import json
 import math
 import pathlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from tessera.tokenizer_build import FAMILIES, tokenizer_json
+from tessera.tokenizer_build import FAMILIES, Family, tokenizer_json
 
 if TYPE_CHECKING:  # torch is imported where weights are made, so the CLI parses flags fast
     import torch
@@ -59,29 +59,33 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    "tiny": Preset(64, 2, 4, 2, 176, 512, 2048, gpt2_positions=1024, sliding_window=48,
-                   llama3_scaling=True, qwen2_kv_heads=1),
-    "small": Preset(256, 4, 8, 4, 688, 4096, 2048, gpt2_positions=2048, sliding_window=512,
-                    llama3_scaling=False, qwen2_kv_heads=2),
-    "bench": Preset(512, 8, 8, 8, 1536, 32000, 4096, gpt2_positions=4096, sliding_window=4096,
-                    llama3_scaling=False, untie_all=True),
+    "tiny": Preset(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=176,
+                   vocab_size=512, max_position_embeddings=2048, gpt2_positions=1024,
+                   sliding_window=48, llama3_scaling=True, qwen2_kv_heads=1),
+    "small": Preset(hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4, intermediate_size=688,
+                    vocab_size=4096, max_position_embeddings=2048, gpt2_positions=2048,
+                    sliding_window=512, llama3_scaling=False, qwen2_kv_heads=2),
+    # THE benchmark model (about 60M parameters as llama); other archs take the same dims.
+    "bench": Preset(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=8, intermediate_size=1536,
+                    vocab_size=32000, max_position_embeddings=4096, gpt2_positions=4096,
+                    sliding_window=4096, llama3_scaling=False, untie_all=True),
 }
 
 
-def _family(arch: str) -> str:
+def _family(arch: str) -> Family:
     """Tokenizer family: qwen2 differs from llama only in its pre-tokenizer (see tokenizer_build)."""
-    return arch if arch in ("gpt2", "qwen2") else "llama"
+    return "gpt2" if arch == "gpt2" else "qwen2" if arch == "qwen2" else "llama"
 
 
 def _special_ids(arch: str, vocab_size: int) -> tuple[int, int, int]:
     """(bos, eos, im_end) ids: special tokens sit right after the learned vocabulary."""
     specials = FAMILIES[_family(arch)]
-    tok = json.loads(tokenizer_json(vocab_size, _family(arch)))  # type: ignore[arg-type]
+    tok = json.loads(tokenizer_json(vocab_size, _family(arch)))
     ids = {t["content"]: t["id"] for t in tok["added_tokens"]}
     return ids[specials.bos], ids[specials.eos], ids["<|im_end|>"]
 
 
-def _config(arch: str, p: Preset, dtype: str, bos: int, eos: int) -> dict:
+def _config(arch: str, p: Preset, dtype: str, bos: int, eos: int) -> dict[str, Any]:
     """config.json written by hand, with the legacy (v4) key names other servers also read."""
     common = {"architectures": [_ARCHITECTURES[arch]], "model_type": arch, "vocab_size": p.vocab_size,
               "bos_token_id": bos, "eos_token_id": eos, "torch_dtype": dtype, "dtype": dtype,
@@ -121,7 +125,7 @@ def _config(arch: str, p: Preset, dtype: str, bos: int, eos: int) -> dict:
 _Spec = tuple[tuple[int, ...], str, int]
 
 
-def _tensor_specs(arch: str, cfg: dict) -> dict[str, _Spec]:
+def _tensor_specs(arch: str, cfg: dict[str, Any]) -> dict[str, _Spec]:
     """Every tensor HF's modeling code expects, by its HF name."""
     specs: dict[str, _Spec] = {}
     if arch == "gpt2":
@@ -190,7 +194,7 @@ def _init_tensor(shape: tuple[int, ...], kind: str, fan_in: int, gen: torch.Gene
     raise ValueError(f"unknown tensor kind {kind!r}")
 
 
-def random_state_dict(arch: str, cfg: dict, seed: int, dtype: str = "float32") -> dict[str, torch.Tensor]:
+def random_state_dict(arch: str, cfg: dict[str, Any], seed: int, dtype: str = "float32") -> dict[str, torch.Tensor]:
     """Deterministic weights: one generator, tensors drawn in sorted-name order, cast last."""
     import torch
 
@@ -207,12 +211,14 @@ def num_parameters(arch: str, preset: str = "tiny") -> int:
     return sum(math.prod(shape) for shape, _, _ in _tensor_specs(arch, cfg).values())
 
 
-def _tokenizer_config(arch: str, vocab_size: int, max_len: int) -> dict:
+def _tokenizer_config(arch: str, vocab_size: int, max_len: int) -> dict[str, Any]:
     specials = FAMILIES[_family(arch)]
     return {
         # NOTE: transformers 5 maps model_type "llama" to LlamaTokenizer, which rebuilds a
         # SentencePiece-style (Metaspace) pipeline; naming the generic fast class makes
         # AutoTokenizer load tokenizer.json exactly as written (TokenizersBackend in v5).
+        # For model_type "qwen2" HF forces Qwen2Tokenizer whatever this says, hence the
+        # qwen2 tokenizer family.
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": specials.bos,
         "eos_token": specials.eos,
@@ -257,10 +263,10 @@ def make_model(out_dir: str | pathlib.Path, arch: str, preset: str = "tiny", see
     _write_json(out / "config.json", cfg)
     _write_json(out / "generation_config.json", gen_cfg)
     _write_json(out / "tokenizer_config.json", _tokenizer_config(arch, p.vocab_size, max_len))
-    (out / "tokenizer.json").write_text(tokenizer_json(p.vocab_size, _family(arch)), encoding="utf-8")  # type: ignore[arg-type]
+    (out / "tokenizer.json").write_text(tokenizer_json(p.vocab_size, _family(arch)), encoding="utf-8")
     save_file(random_state_dict(arch, cfg, seed, dtype), str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
 
 
-def _write_json(path: pathlib.Path, obj: dict) -> None:
+def _write_json(path: pathlib.Path, obj: dict[str, Any]) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
