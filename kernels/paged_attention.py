@@ -9,11 +9,18 @@ Shapes: the cache is [num_blocks, block_size, num_kv_heads, head_dim]; block_tab
 tokens of sequence i in the cache after this step's write, so the last query of sequence i
 sits at position seq_lens[i] - 1. A sliding window w lets a query at position p see keys
 p - w + 1 .. p (transformers' convention).
+
+The Triton kernels live in kernels/paged_attention_decode.py and paged_attention_prefill.py;
+this module holds the torch references and the dispatching functions the model calls.
 """
 
 from __future__ import annotations
 
 import torch
+
+from kernels._triton import use_triton
+from kernels.paged_attention_decode import paged_attention_decode_triton
+from kernels.paged_attention_prefill import paged_attention_prefill_triton
 
 
 def _gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, num_blocks: int) -> torch.Tensor:
@@ -23,7 +30,7 @@ def _gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, num_blocks: int)
     return blocks.view(s, num_blocks * cache.shape[1], *cache.shape[2:])
 
 
-def paged_attention_decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def paged_attention_decode_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                            sliding_window: int | None = None) -> torch.Tensor:
     """One query token per sequence. query: [S, Hq, D] -> [S, Hq, D]."""
@@ -46,7 +53,7 @@ def paged_attention_decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     return out.reshape(num_seqs, num_heads, head_dim)
 
 
-def paged_attention_prefill(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def paged_attention_prefill_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, query_start_loc: list[int],
                             seq_lens: list[int], scale: float,
                             sliding_window: int | None = None) -> torch.Tensor:
@@ -79,3 +86,25 @@ def paged_attention_prefill(query: torch.Tensor, k_cache: torch.Tensor, v_cache:
         o = torch.matmul(probs, values.permute(1, 0, 2)[:, None])           # [Hkv, G, Q, D]
         out[start:end] = o.permute(2, 0, 1, 3).reshape(q_len, num_heads, head_dim)
     return out
+
+
+def paged_attention_decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                           sliding_window: int | None = None) -> torch.Tensor:
+    """One query token per sequence. query: [S, Hq, D] -> [S, Hq, D]."""
+    fn = paged_attention_decode_triton if use_triton(query) else paged_attention_decode_ref
+    return fn(query, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window)
+
+
+def paged_attention_prefill(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, query_start_loc: list[int],
+                            seq_lens: list[int], scale: float,
+                            sliding_window: int | None = None) -> torch.Tensor:
+    """Prompt chunks of any lengths in one call; causal within a chunk, full over its prefix.
+
+    query: [T, Hq, D], the chunks laid end to end; query_start_loc: S + 1 offsets into T.
+    Returns [T, Hq, D].
+    """
+    fn = paged_attention_prefill_triton if use_triton(query) else paged_attention_prefill_ref
+    return fn(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
+              sliding_window)

@@ -1,149 +1,100 @@
-"""The offline API: `LLM(model_dir).generate(prompts, SamplingParams(...))`.
+"""The offline API: `LLM(model_dir).generate(prompts, SamplingParams(...))` and `.chat(...)`.
 
-This first version runs the prompts of a call as static batches: every prompt is prefilled
-in chunks, then all sequences decode together until each finishes. The continuous-batching
-engine replaces the inside later without changing this surface.
+A thin face over `LLMEngine`: every prompt becomes a request of the continuous-batching
+engine, and the call returns when all have finished, in the order given.
 """
 
 from __future__ import annotations
 
 from typing import Sequence, Union
 
-import torch
+from tqdm.auto import tqdm
 
-from common.model_config import ModelConfig
-from common.tokenizer import Tokenizer
-from tessera.outputs import CompletionOutput, RequestOutput
-from tessera.sampling_params import SamplingParams
-from worker.kv_cache import kv_cache_bytes_per_block
-from worker.loader import parse_dtype
-from worker.runner import ModelRunner, SequenceInput
+from common.sampling_params import SamplingParams
+from tessera.engine import LLMEngine
+from tessera.outputs import RequestOutput
 
 Prompt = Union[str, dict]
-DEFAULT_KV_CACHE_BYTES = 1 << 30
+Message = dict
 
 
 class LLM:
     def __init__(self, model: str, dtype: str = "float32", block_size: int = 16,
-                 num_kv_blocks: int | None = None, max_model_len: int | None = None,
-                 max_num_batched_tokens: int = 2048, seed: int = 0) -> None:
-        self.config = ModelConfig.from_dir(model)
-        self.tokenizer = Tokenizer.from_dir(model)
-        self.max_model_len = min(max_model_len or self.config.max_position_embeddings,
-                                 self.config.max_position_embeddings)
-        if num_kv_blocks is None:
-            per_block = kv_cache_bytes_per_block(self.config, block_size, parse_dtype(dtype))
-            num_kv_blocks = max(DEFAULT_KV_CACHE_BYTES // per_block, 1)
-        self.max_num_batched_tokens = max_num_batched_tokens
-        self.seed = seed
-        self.runner = ModelRunner(self.config, dtype, num_kv_blocks, block_size)
+                 num_kv_blocks: int | None = None, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
+                 enable_prefix_caching: bool = True, seed: int = 0, device: str = "cpu") -> None:
+        self.engine = LLMEngine(model, dtype=dtype, block_size=block_size,
+                                num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs,
+                                max_num_batched_tokens=max_num_batched_tokens,
+                                max_model_len=max_model_len,
+                                enable_prefix_caching=enable_prefix_caching, seed=seed,
+                                device=device)
+        self.tokenizer = self.engine.tokenizer
+        self._next_id = 0
 
     def _prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-            ids = [int(t) for t in prompt["prompt_token_ids"]]
-            bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
-            if bad:
-                raise ValueError(f"prompt_token_ids contains ids outside the vocabulary: {bad[:5]}")
-            return None, ids
-        raise ValueError("a prompt is a string or a dict with 'prompt_token_ids'")
+            return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
+        if isinstance(prompt, dict) and "prompt" in prompt:
+            return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
+        raise ValueError("a prompt is a string or a dict with 'prompt_token_ids' or 'prompt'")
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
-                 sampling_params: SamplingParams | None = None) -> list[RequestOutput]:
-        params = sampling_params or SamplingParams()
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
-        requests = [self._prompt_ids(p) for p in prompts]
-        for _, ids in requests:
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
+        # Validate everything before queueing anything: a bad prompt fails the call cleanly.
+        inputs = [self._prompt_ids(p) for p in prompts]
+        for _, ids in inputs:
             if not ids:
                 raise ValueError("prompt is empty")
-            if len(ids) + params.max_tokens > self.max_model_len:
-                raise ValueError(f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} "
-                                 f"exceeds max_model_len {self.max_model_len}")
-        outputs: list[RequestOutput] = []
-        for wave in self._waves([ids for _, ids in requests], params.max_tokens):
-            outputs.extend(self._run_static_batch(
-                [requests[i] for i in wave], params, first_index=len(outputs)))
-        return outputs
+            if len(ids) >= self.engine.max_model_len:
+                raise ValueError(f"prompt of {len(ids)} tokens is too long: max_model_len is "
+                                 f"{self.engine.max_model_len}")
+        ids = []
+        for (text, token_ids), p in zip(inputs, params):
+            rid = str(self._next_id)
+            self._next_id += 1
+            self.engine.add_request(rid, token_ids, p, prompt=text)
+            ids.append(rid)
+        return self._run(ids, use_tqdm)
 
-    def _waves(self, prompt_ids: list[list[int]], max_tokens: int) -> list[list[int]]:
-        """Groups of prompt indices whose sequences fit the KV cache together."""
-        bs, capacity = self.runner.block_size, self.runner.num_blocks
-        waves, current, used = [], [], 0
-        for i, ids in enumerate(prompt_ids):
-            need = -(-(len(ids) + max_tokens) // bs)
-            if need > capacity:
-                raise ValueError(f"prompt {i} needs {need} KV blocks, the cache has {capacity}")
-            if used + need > capacity:
-                waves.append(current)
-                current, used = [], 0
-            current.append(i)
-            used += need
-        return waves + [current] if current else waves
+    def chat(self, messages: list[Message] | list[list[Message]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             add_generation_prompt: bool = True, use_tqdm: bool = True) -> list[RequestOutput]:
+        """Each conversation is rendered with the model's chat template, then generated."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = []
+        for conv in conversations:
+            text = self.tokenizer.apply_chat_template(conv, add_generation_prompt=add_generation_prompt)
+            prompts.append({"prompt": text,
+                            "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)})
+        return self.generate(prompts, sampling_params, use_tqdm)
 
-    def _run_static_batch(self, requests: list[tuple[str | None, list[int]]],
-                          params: SamplingParams, first_index: int) -> list[RequestOutput]:
-        bs = self.runner.block_size
-        tables, next_block = [], 0
-        for _, ids in requests:
-            n = -(-(len(ids) + params.max_tokens) // bs)
-            tables.append(list(range(next_block, next_block + n)))
-            next_block += n
-        generator = torch.Generator().manual_seed(self.seed if params.seed is None else params.seed)
-        stop_ids = set(params.stop_token_ids)
-        if not params.ignore_eos:
-            stop_ids |= set(self.config.eos_token_ids)
-        generated: list[list[int]] = [[] for _ in requests]
-        reasons: list[str | None] = [None] * len(requests)
-        last_logits = self._prefill(requests, tables)
-        while True:
-            active = [i for i, r in enumerate(reasons) if r is None]
-            tokens = self._pick(last_logits[active], params, generator)
-            for i, tok in zip(active, tokens):
-                generated[i].append(tok)
-                if tok in stop_ids:
-                    reasons[i] = "stop"
-                elif len(generated[i]) >= params.max_tokens:
-                    reasons[i] = "length"
-            active = [i for i in active if reasons[i] is None]
-            if not active:
-                break
-            seqs = [SequenceInput([generated[i][-1]], len(requests[i][1]) + len(generated[i]) - 1,
-                                  tables[i]) for i in active]
-            logits = self.runner.execute(seqs).logits
-            last_logits = torch.zeros(len(requests), logits.shape[1])
-            last_logits[active] = logits
-        return [RequestOutput(request_id=str(first_index + i), prompt=text, prompt_token_ids=ids,
-                              outputs=[CompletionOutput(0, self.tokenizer.decode(generated[i]),
-                                                        generated[i], reasons[i])])
-                for i, (text, ids) in enumerate(requests)]
-
-    def _prefill(self, requests: list[tuple[str | None, list[int]]],
-                 tables: list[list[int]]) -> torch.Tensor:
-        """Computes every prompt, at most max_num_batched_tokens per forward pass."""
-        done = [0] * len(requests)
-        logits = None
-        while any(d < len(ids) for d, (_, ids) in zip(done, requests)):
-            budget, seqs, which = self.max_num_batched_tokens, [], []
-            for i, (_, ids) in enumerate(requests):
-                take = min(len(ids) - done[i], budget)
-                if take <= 0:
-                    continue
-                seqs.append(SequenceInput(ids[done[i]:done[i] + take], done[i], tables[i]))
-                which.append(i)
-                done[i] += take
-                budget -= take
-            out = self.runner.execute(seqs).logits
-            if logits is None:
-                logits = torch.zeros(len(requests), out.shape[1])
-            logits[which] = out
-        return logits
-
-    @staticmethod
-    def _pick(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator
-              ) -> list[int]:
-        if params.greedy:
-            return logits.argmax(dim=-1).tolist()
-        probs = torch.softmax(logits / params.temperature, dim=-1)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(1).tolist()
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(request_ids), desc="generate", disable=not use_tqdm or len(request_ids) < 2)
+        try:
+            while self.engine.has_unfinished():
+                for out in self.engine.step():
+                    done[out.request_id] = out
+                    bar.update(1)
+        except BaseException:
+            for rid in request_ids:
+                self.engine.abort(rid)
+            raise
+        finally:
+            bar.close()
+        return [done[rid] for rid in request_ids]

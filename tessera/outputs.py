@@ -10,7 +10,9 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None   # "stop" (EOS or a stop token) or "length"
+    finish_reason: str | None = None   # "stop" (EOS, stop token or stop string) or "length"
+    # per generated token: (token id, its logprob, top-N [(id, logprob)]) when asked
+    logprobs: list | None = None
 
 
 @dataclass
@@ -20,3 +22,5 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = True
+    # per prompt position: None for the first, then (logprob, top-N) when asked
+    prompt_logprobs: list | None = None

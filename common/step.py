@@ -1,0 +1,71 @@
+"""The step contract between the scheduler and its workers (DESIGN.md §3), as dataclasses.
+
+A step is a diff: a sequence new to the workers (or re-sent after preemption) comes in full
+once; a sequence they already know comes as a delta (its new blocks and the scheduler's
+`num_computed_tokens`, which the worker checks against its own count); sequences finished or
+preempted since the last step are listed so the workers drop them. The in-process engine
+passes these objects directly; the gRPC services convert them to and from protobuf messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from common.sampling_params import SamplingParams
+
+
+@dataclass
+class NewSequence:
+    seq_id: str
+    token_ids: list[int]            # prompt + tokens generated so far (recompute after preemption)
+    num_prompt_tokens: int
+    num_computed_tokens: int        # already in the cache (prefix-cache hits)
+    num_scheduled_tokens: int
+    block_ids: list[int]
+    params: SamplingParams
+    seed_offset: int = 0            # which of a request's n sequences: its own seeded stream
+
+
+@dataclass
+class RunningSequence:
+    seq_id: str
+    num_computed_tokens: int
+    num_scheduled_tokens: int
+    new_block_ids: list[int]
+
+
+@dataclass
+class StepPlan:
+    step_id: int
+    new: list[NewSequence] = field(default_factory=list)
+    running: list[RunningSequence] = field(default_factory=list)
+    finished_ids: list[str] = field(default_factory=list)   # workers forget these first
+    preempted_ids: list[str] = field(default_factory=list)  # informational: freed this step
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.new) + len(self.running)
+
+    @property
+    def total_tokens(self) -> int:
+        return (sum(s.num_scheduled_tokens for s in self.new)
+                + sum(s.num_scheduled_tokens for s in self.running))
+
+
+@dataclass
+class SampledToken:
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+@dataclass
+class StepOutput:
+    step_id: int
+    # One entry per sequence that reached the end of its known tokens this step (a finished
+    # prompt or a decode); sequences still mid-prompt have none.
+    sampled: dict[str, SampledToken] = field(default_factory=dict)
+    # Per sequence asking for prompt_logprobs, for the prompt positions computed this step:
+    # (logprob of the actual next prompt token, top-N) per position.
+    prompt_logprobs: dict[str, list[tuple[float, list[tuple[int, float]]]]] = field(
+        default_factory=dict)

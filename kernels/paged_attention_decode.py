@@ -1,0 +1,151 @@
+"""Triton paged attention for decode: one query token per sequence (reference and dispatch in
+kernels/paged_attention.py).
+
+One program per (sequence, KV head) serves all of that KV head's query heads (the GQA group,
+padded to a tile of at least 16 rows so that tl.dot applies), so each key and value is read
+from memory once. Keys are walked in tiles of BLOCK_N tokens; each token finds its cache block
+through the block table, so any cache block size works and a tile may span several blocks.
+Softmax is the streaming (online) one, in float32 and base 2.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels._triton import check, check_device, check_float, check_index, pow2, tl, triton
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attend_tile(
+    q,                # [BLOCK_G, BLOCK_D] float32, pre-scaled by scale * log2(e)
+    k_cache_ptr,      # [num_blocks, block_size, Hkv, D]
+    v_cache_ptr,      # [num_blocks, block_size, Hkv, D]
+    table_ptr,        # [max_blocks] this sequence's block-table row
+    kv_head, start, lo, hi, q_pos,   # keys in [lo, hi) visible; q_pos: [BLOCK_G] positions
+    window, m_i, l_i, acc,
+    stride_kb, stride_kt, stride_kh, block_size, head_dim,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One step of the online softmax over keys start .. start + BLOCK_N - 1; also used by
+    the prefill kernel, where q holds BLOCK_M query tokens of one head."""
+    pos = start + tl.arange(0, BLOCK_N)
+    in_range = (pos >= lo) & (pos < hi)
+    # int64: block_id * stride_kb passes 2**31 on large caches.
+    block = tl.load(table_ptr + pos // block_size, mask=in_range, other=0).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    offs = (block * stride_kb + (pos % block_size) * stride_kt + kv_head * stride_kh)[:, None] \
+        + d[None, :]
+    kv_mask = in_range[:, None] & (d[None, :] < head_dim)
+    k = tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)    # [BLOCK_N, BLOCK_D]
+    v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)                   # [rows, BLOCK_N]
+    visible = in_range[None, :]
+    if CAUSAL:
+        visible = visible & (pos[None, :] <= q_pos[:, None])
+    if HAS_WINDOW:
+        visible = visible & (pos[None, :] > q_pos[:, None] - window)
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    # A row with nothing visible yet keeps m = -inf; shift by 0 so that exp gives 0, not NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _paged_decode_kernel(
+    q_ptr,            # [S, Hq, D], strides stride_qs, stride_qh, 1
+    k_cache_ptr,      # [num_blocks, block_size, Hkv, D], strides stride_kb, stride_kt, stride_kh, 1
+    v_cache_ptr,      # [num_blocks, block_size, Hkv, D], same strides as k_cache
+    tables_ptr,       # [S, max_blocks] int32/int64, row stride stride_bt
+    seq_lens_ptr,     # [S] int32/int64
+    out_ptr,          # [S, Hq, D] contiguous, row stride stride_os
+    scale_log2, window, group, head_dim, block_size,
+    stride_qs, stride_qh, stride_kb, stride_kt, stride_kh, stride_bt, stride_os,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1)
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    heads = kv_head * group + g
+    q_mask = (g[:, None] < group) & (d[None, :] < head_dim)
+    q_offs = seq * stride_qs + heads[:, None] * stride_qh + d[None, :]
+    q = tl.load(q_ptr + q_offs, mask=q_mask, other=0.0).to(tl.float32) * scale_log2
+
+    seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
+    q_pos = tl.zeros([BLOCK_G], dtype=tl.int32) + (seq_len - 1)
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(seq_len - window, 0)
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    for start in range(lo, seq_len, BLOCK_N):
+        m_i, l_i, acc = _attend_tile(
+            q, k_cache_ptr, v_cache_ptr, tables_ptr + seq * stride_bt, kv_head, start, lo,
+            seq_len, q_pos, window, m_i, l_i, acc, stride_kb, stride_kt, stride_kh, block_size,
+            head_dim, BLOCK_N, BLOCK_D, HAS_WINDOW, False, DOT_PRECISION)
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]   # an empty sequence gives zeros
+    out_offs = seq * stride_os + heads[:, None] * head_dim + d[None, :]
+    tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+def check_paged_inputs(op: str, query: torch.Tensor, k_cache: torch.Tensor,
+                       v_cache: torch.Tensor, block_tables: torch.Tensor) -> None:
+    """Shared by the decode and prefill launchers."""
+    check(query.dim() == 3, op, f"query must be [T, Hq, D], got shape {tuple(query.shape)}")
+    check(k_cache.dim() == 4, op, f"k_cache must be [num_blocks, block_size, Hkv, D], got "
+          f"shape {tuple(k_cache.shape)}")
+    _, num_heads, head_dim = query.shape
+    num_kv_heads = k_cache.shape[2]
+    check(k_cache.shape[3] == head_dim, op, f"head_dim of query ({head_dim}) and cache "
+          f"({k_cache.shape[3]}) differ")
+    check(num_heads % num_kv_heads == 0, op, f"{num_heads} query heads are not a multiple of "
+          f"{num_kv_heads} KV heads")
+    check(v_cache.shape == k_cache.shape and v_cache.stride() == k_cache.stride(), op,
+          "v_cache must have k_cache's shape and strides")
+    check(query.stride(2) == 1 and k_cache.stride(3) == 1, op,
+          "query and caches must be contiguous in head_dim")
+    check_float(op, "query", query)
+    check(k_cache.dtype == query.dtype and v_cache.dtype == query.dtype, op,
+          f"cache dtype {k_cache.dtype}/{v_cache.dtype} != query dtype {query.dtype}")
+    check_index(op, "block_tables", block_tables, 2)
+    check(head_dim <= 256, op, f"head_dim {head_dim} above 256")
+
+
+def paged_attention_decode_triton(query: torch.Tensor, k_cache: torch.Tensor,
+                                  v_cache: torch.Tensor, block_tables: torch.Tensor,
+                                  seq_lens: torch.Tensor, scale: float,
+                                  sliding_window: int | None = None) -> torch.Tensor:
+    """One query token per sequence. query: [S, Hq, D] -> [S, Hq, D] (see the reference)."""
+    op = "paged_attention_decode"
+    check_paged_inputs(op, query, k_cache, v_cache, block_tables)
+    num_seqs, num_heads, head_dim = query.shape
+    num_kv_heads = k_cache.shape[2]
+    check_index(op, "seq_lens", seq_lens, 1)
+    check(seq_lens.shape[0] == num_seqs and block_tables.shape[0] == num_seqs, op,
+          f"{num_seqs} queries, {seq_lens.shape[0]} seq_lens, {block_tables.shape[0]} "
+          f"block-table rows")
+    check(sliding_window is None or sliding_window > 0, op, "sliding_window must be positive")
+    check_device(op, query, k_cache, v_cache, block_tables, seq_lens)
+    out = torch.empty(num_seqs, num_heads, head_dim, dtype=query.dtype, device=query.device)
+    if num_seqs == 0:
+        return out
+    group = num_heads // num_kv_heads
+    _paged_decode_kernel[(num_seqs, num_kv_heads)](
+        query, k_cache, v_cache, block_tables, seq_lens, out, scale * LOG2E,
+        sliding_window or 0, group, head_dim, k_cache.shape[1],
+        query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1),
+        k_cache.stride(2), block_tables.stride(0), out.stride(0),
+        BLOCK_G=max(16, pow2(group)), BLOCK_N=32 if head_dim <= 128 else 16,
+        BLOCK_D=max(16, pow2(head_dim)), HAS_WINDOW=sliding_window is not None,
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=4)
+    return out

@@ -1,0 +1,214 @@
+"""The phase-less continuous-batching scheduler (DESIGN.md §2), free of I/O.
+
+Every request has `num_computed_tokens` and a target (`num_tokens`: prompt + output). Each
+step hands a token budget to running requests first, then to waiting ones in (priority,
+arrival) order; a long prompt simply gets a chunk of the budget per step (chunked prefill);
+prefix-cache hits start a request with some tokens already computed. When blocks run out the
+lowest-priority, latest-arrived running request is preempted: its blocks are freed and it
+waits again, to be recomputed from its prompt and the tokens it already produced.
+
+`schedule()` returns a StepPlan; `update(plan, output)` applies the workers' results and is
+the only loop over a step's outputs.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+from dataclasses import dataclass
+
+from common.step import NewSequence, RunningSequence, StepOutput, StepPlan
+from scheduler.kv_cache_manager import KVCacheManager
+from scheduler.request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    num_blocks: int
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 2048
+    enable_prefix_caching: bool = True
+    hash_seed: int | None = None
+
+
+@dataclass
+class RequestEvent:
+    """What one step produced for one request: new tokens (usually one) and, at the end, why."""
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: str | None
+    logprobs: list | None = None
+    prompt_logprobs: list | None = None
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self.kv = KVCacheManager(config.num_blocks, config.block_size,
+                                 enable_caching=config.enable_prefix_caching,
+                                 hash_seed=config.hash_seed)
+        self.requests: dict[str, Request] = {}
+        self.waiting: list[tuple[tuple[int, int], Request]] = []   # heap by (priority, arrival)
+        self.running: list[Request] = []                            # sorted by (priority, arrival)
+        self._arrivals = 0
+        self._step_id = 0
+        self._finished_since_last_step: list[str] = []
+        self.num_preemptions = 0
+
+    # ---- intake -------------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"duplicate request id {request.request_id!r}")
+        if request.num_prompt_tokens == 0:
+            raise ValueError("prompt is empty")
+        if request.num_prompt_tokens >= self.config.max_model_len:
+            raise ValueError(f"prompt of {request.num_prompt_tokens} tokens does not fit "
+                             f"max_model_len {self.config.max_model_len} (at least one token "
+                             "must remain for the output)")
+        request.arrival = self._arrivals
+        self._arrivals += 1
+        self.requests[request.request_id] = request
+        heapq.heappush(self.waiting, (request.sort_key, request))
+
+    def abort(self, request_id: str) -> bool:
+        """Finish a request at once and free everything it holds. False if unknown/finished."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return False
+        if req.status == RequestStatus.RUNNING:
+            self.running.remove(req)
+        else:
+            self.waiting = [(k, r) for k, r in self.waiting if r is not req]
+            heapq.heapify(self.waiting)
+        self._finish(req, RequestStatus.FINISHED_ABORTED)
+        return True
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    # ---- schedule -----------------------------------------------------------------------
+    def schedule(self) -> StepPlan:
+        self._step_id += 1
+        plan = StepPlan(step_id=self._step_id, finished_ids=self._finished_since_last_step)
+        self._finished_since_last_step = []
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[Request] = []
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            while True:
+                new_blocks = self.kv.allocate_slots(req.request_id, num_new,
+                                                    req.num_computed_tokens)
+                if new_blocks is not None:
+                    break
+                victim = self.running[-1]
+                self._preempt(victim, plan)
+                preempted = True
+                if victim is req:
+                    break
+            if new_blocks is None:
+                break   # req itself was the victim: nothing after it is left either
+            self._add_to_plan(plan, req, num_new, new_blocks)
+            scheduled.append(req)
+            budget -= num_new
+            i += 1
+        # New work only when nothing had to be preempted (it would just thrash).
+        while (self.waiting and budget > 0 and not preempted
+               and len(self.running) < self.config.max_num_seqs):
+            req = self.waiting[0][1]
+            hits: list[int] = []
+            if req.num_computed_tokens == 0:
+                hits, num_cached = self.kv.get_computed_blocks(
+                    req.request_id, req.all_token_ids, req.cache_salt)
+                req.num_computed_tokens = num_cached
+                if req.num_preemptions == 0:
+                    req.num_cached_tokens = num_cached
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            new_blocks = self.kv.allocate_slots(req.request_id, num_new,
+                                                req.num_computed_tokens, hits)
+            if new_blocks is None:
+                req.num_computed_tokens = 0
+                break
+            heapq.heappop(self.waiting)
+            req.status = RequestStatus.RUNNING
+            bisect.insort(self.running, req, key=lambda r: r.sort_key)
+            self._add_to_plan(plan, req, num_new, new_blocks)
+            budget -= num_new
+        return plan
+
+    def _add_to_plan(self, plan: StepPlan, req: Request, num_new: int,
+                     new_blocks: list[int]) -> None:
+        if req.known_to_workers:
+            plan.running.append(RunningSequence(req.request_id, req.num_computed_tokens,
+                                                num_new, new_blocks))
+            return
+        req.known_to_workers = True
+        plan.new.append(NewSequence(
+            seq_id=req.request_id, token_ids=list(req.all_token_ids),
+            num_prompt_tokens=req.num_prompt_tokens, num_computed_tokens=req.num_computed_tokens,
+            num_scheduled_tokens=num_new, block_ids=self.kv.get_block_ids(req.request_id),
+            params=req.params, seed_offset=req.seed_offset))
+
+    def _preempt(self, req: Request, plan: StepPlan) -> None:
+        self.running.remove(req)
+        self.kv.free(req.request_id)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        if req.known_to_workers:
+            plan.finished_ids.append(req.request_id)
+            req.known_to_workers = False
+        plan.preempted_ids.append(req.request_id)
+        # A request planned earlier in this same step cannot be the victim: the victim is
+        # always the last running request and planning walks the list from the front.
+        heapq.heappush(self.waiting, (req.sort_key, req))
+
+    # ---- update -------------------------------------------------------------------------
+    def update(self, plan: StepPlan, output: StepOutput) -> list[RequestEvent]:
+        events: list[RequestEvent] = []
+        sampled = output.sampled
+        cache = self.kv.cache_blocks
+        for seq in (*plan.new, *plan.running):
+            req = self.requests.get(seq.seq_id)
+            if req is None or req.status != RequestStatus.RUNNING:
+                continue   # aborted while the step ran
+            req.num_computed_tokens += seq.num_scheduled_tokens
+            cache(req.request_id, req.all_token_ids, req.num_computed_tokens)
+            tok = sampled.get(seq.seq_id)
+            prompt_lp = output.prompt_logprobs.get(seq.seq_id)
+            if tok is None:
+                if prompt_lp:
+                    events.append(RequestEvent(req.request_id, [], None, None, prompt_lp))
+                continue
+            req.append_token(tok.token_id)
+            status = req.check_stop(self.config.max_model_len)
+            lp = None if tok.logprob is None else [(tok.token_id, tok.logprob, tok.top_logprobs)]
+            if status is not None:
+                self.running.remove(req)
+                self._finish(req, status)
+            events.append(RequestEvent(req.request_id, [tok.token_id], req.finish_reason, lp,
+                                       prompt_lp))
+        return events
+
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        req.status = status
+        self.kv.free(req.request_id)
+        if req.known_to_workers:
+            self._finished_since_last_step.append(req.request_id)
+            req.known_to_workers = False
+        del self.requests[req.request_id]
+
+    # ---- introspection ------------------------------------------------------------------
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)

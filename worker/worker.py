@@ -1,0 +1,122 @@
+"""The worker's step: apply the scheduler's diff to per-sequence rows, run the model, sample.
+
+Everything a worker holds about a sequence (its tokens, blocks, params) came from the
+scheduler and is sent again in full after a reset or preemption, so losing a worker loses
+no request state. The gRPC worker service and the in-process executor both call `execute`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from common.sampling_params import SamplingParams
+from common.step import NewSequence, SampledToken, StepOutput, StepPlan
+from worker.runner import ModelRunner, SequenceInput
+from worker.sampler import Sampler, SamplingRow, compute_prompt_logprobs
+
+
+class StepMismatchError(RuntimeError):
+    """The scheduler's view and ours disagree (lost step, restarted worker): reset and resend."""
+
+
+@dataclass
+class SequenceState:
+    token_ids: list[int]
+    num_prompt_tokens: int
+    num_computed_tokens: int
+    block_ids: list[int]
+    params: SamplingParams
+    seed_offset: int
+
+    @classmethod
+    def from_new(cls, seq: NewSequence) -> "SequenceState":
+        return cls(list(seq.token_ids), seq.num_prompt_tokens, seq.num_computed_tokens,
+                   list(seq.block_ids), seq.params, seq.seed_offset)
+
+
+class Worker:
+    def __init__(self, runner: ModelRunner, seed: int = 0) -> None:
+        self.runner = runner
+        self.sampler = Sampler(seed=seed)
+        self.eos_token_ids = tuple(runner.config.eos_token_ids)
+        self.states: dict[str, SequenceState] = {}
+        self.last_step_id = 0
+
+    def reset(self) -> None:
+        self.states.clear()
+        self.last_step_id = 0
+
+    def _apply(self, plan: StepPlan) -> list[tuple[str, SequenceState, int]]:
+        if plan.step_id <= self.last_step_id:
+            raise StepMismatchError(f"step {plan.step_id} after step {self.last_step_id}")
+        self.last_step_id = plan.step_id
+        for seq_id in plan.finished_ids:
+            self.states.pop(seq_id, None)
+        scheduled = []
+        for seq in plan.new:
+            state = self.states[seq.seq_id] = SequenceState.from_new(seq)
+            scheduled.append((seq.seq_id, state, seq.num_scheduled_tokens))
+        for seq in plan.running:
+            state = self.states.get(seq.seq_id)
+            if state is None:
+                raise StepMismatchError(f"unknown sequence {seq.seq_id!r}")
+            if state.num_computed_tokens != seq.num_computed_tokens:
+                raise StepMismatchError(
+                    f"sequence {seq.seq_id!r}: scheduler says {seq.num_computed_tokens} tokens "
+                    f"computed, worker has {state.num_computed_tokens}")
+            state.block_ids.extend(seq.new_block_ids)
+            scheduled.append((seq.seq_id, state, seq.num_scheduled_tokens))
+        return scheduled
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepOutput:
+        scheduled = self._apply(plan)
+        out = StepOutput(step_id=plan.step_id)
+        if not scheduled:
+            return out
+        inputs = []
+        for _, st, n in scheduled:
+            c = st.num_computed_tokens
+            if c + n > len(st.token_ids):
+                raise StepMismatchError(f"{n} tokens scheduled past the {len(st.token_ids)} known")
+            inputs.append(SequenceInput(st.token_ids[c:c + n], c, st.block_ids))
+        want_prompt_lp = any(st.params.prompt_logprobs is not None and
+                             st.num_computed_tokens < st.num_prompt_tokens
+                             for _, st, _ in scheduled)
+        result = self.runner.execute(inputs, all_logits=want_prompt_lp)
+        rows, row_index, row_ids = [], [], []
+        for i, (seq_id, st, n) in enumerate(scheduled):
+            if want_prompt_lp and st.params.prompt_logprobs is not None:
+                self._prompt_logprobs(out, seq_id, st, n, result.all_logits[i])
+            st.num_computed_tokens += n
+            if st.num_computed_tokens == len(st.token_ids):
+                rows.append(SamplingRow(st.params, st.token_ids[:st.num_prompt_tokens],
+                                        st.token_ids[st.num_prompt_tokens:], st.seed_offset,
+                                        self.eos_token_ids))
+                row_index.append(i)
+                row_ids.append((seq_id, st))
+        if rows:
+            logits = result.logits if len(row_index) == len(scheduled) else \
+                result.logits[torch.tensor(row_index, device=result.logits.device)]
+            sampled = self.sampler(logits, rows)
+            for j, (seq_id, st) in enumerate(row_ids):
+                tok = sampled.token_ids[j]
+                st.token_ids.append(tok)
+                out.sampled[seq_id] = SampledToken(
+                    tok, None if sampled.logprobs is None else sampled.logprobs[j],
+                    sampled.top_logprobs[j])
+        return out
+
+    @staticmethod
+    def _prompt_logprobs(out: StepOutput, seq_id: str, st: SequenceState, n: int,
+                         logits: torch.Tensor) -> None:
+        """Logprobs of prompt tokens 1.. given their prefixes, for the positions computed now."""
+        start = st.num_computed_tokens
+        end = min(start + n, st.num_prompt_tokens - 1)   # the last prompt position predicts output
+        if end <= start:
+            return
+        next_ids = st.token_ids[start + 1:end + 1]
+        out.prompt_logprobs[seq_id] = compute_prompt_logprobs(
+            logits[:end - start], next_ids, st.params.prompt_logprobs)
