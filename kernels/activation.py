@@ -48,7 +48,10 @@ def _gelu_tanh_kernel(
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
     u = 0.7978845608028654 * (x + 0.044715 * x * x * x)   # sqrt(2/pi) * (x + 0.044715 x^3)
-    tanh = 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)            # saturates cleanly at +-1
+    # tanh(u) = 1 - 2 / (exp(2u) + 1); |u| <= 10 already gives +-1.0 in float32, and the
+    # clamp keeps exp finite.
+    u = tl.minimum(tl.maximum(u, -10.0), 10.0)
+    tanh = 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
     tl.store(out_ptr + offs, (0.5 * x * (1.0 + tanh)).to(out_ptr.dtype.element_ty), mask=mask)
 
 

@@ -91,7 +91,6 @@ def _norm_triton(op: str, x: torch.Tensor, residual: torch.Tensor | None, weight
           f"weight must be contiguous [{hidden}], got {tuple(weight.shape)}")
     check(bias is None or (bias.shape == (hidden,) and bias.is_contiguous()), op,
           f"bias must be contiguous [{hidden}]")
-    check_device(op, *(t for _, t in named))
     # Rows may be strided (a view of a wider tensor); more than two dims are flattened.
     x2 = x if x.dim() == 2 else x.reshape(-1, hidden)
     check_rows(op, "x", x2, tuple(x2.shape))
@@ -99,6 +98,7 @@ def _norm_triton(op: str, x: torch.Tensor, residual: torch.Tensor | None, weight
     if residual is not None:
         res2 = residual if residual.dim() == 2 else residual.reshape(-1, hidden)
         check_rows(op, "residual", res2, tuple(res2.shape))
+    check_device(op, *(t for _, t in named))
     # The reference multiplies by the weight after casting, so the output takes torch's
     # promotion of (weight, x); for LayerNorm F.layer_norm keeps x's dtype.
     out_dtype = torch.promote_types(weight.dtype, x.dtype) if bias is None else x.dtype

@@ -127,5 +127,6 @@ def paged_attention_prefill_triton(query: torch.Tensor, k_cache: torch.Tensor,
         k_cache.stride(2), block_tables.stride(0), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=32, BLOCK_D=max(16, pow2(head_dim)),
         HAS_WINDOW=sliding_window is not None,
-        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=4)
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        num_warps=8 if head_dim > 64 else 4)
     return out

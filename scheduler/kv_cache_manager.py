@@ -19,21 +19,28 @@ from collections.abc import Sequence
 from scheduler.block_pool import BlockHash, BlockKey, BlockPool, hash_block_tokens
 
 
-class _RequestHashes:
-    """One request's hash chain, extended lazily and computed once per block."""
+class _RequestBlocks:
+    """One request's block table and hash chain (each block hashed once per request).
 
-    __slots__ = ("cache_salt", "hashes", "keys", "num_cached")
+    One record per request, so the per-step fast paths cost a single dict lookup.
+    """
 
-    def __init__(self, cache_salt: str | None) -> None:
+    __slots__ = ("table", "cache_salt", "hashes", "keys", "num_cached", "next_cache_tokens")
+
+    def __init__(self, cache_salt: object, block_size: int, enable_caching: bool) -> None:
+        self.table: list[int] = []
+        # str | None once known; _UNSET until get_computed_blocks or cache_blocks says.
         self.cache_salt = cache_salt
         self.hashes: list[BlockHash] = []
         self.keys: list[BlockKey] = []
-        # Blocks of the table already offered to the pool's hash map (-> cache_blocks is O(1)
-        # on steps that fill no block). _CHAIN_BROKEN after a hash collision.
+        # Blocks of the table already offered to the pool's hash map, and the computed-token
+        # count at which the next block fills: cache_blocks does nothing below it.
         self.num_cached = 0
+        self.next_cache_tokens = block_size if enable_caching else _NEVER
 
 
-_CHAIN_BROKEN = 1 << 62
+_NEVER = 1 << 62
+_UNSET = object()
 
 
 class KVCacheManager:
@@ -49,8 +56,7 @@ class KVCacheManager:
         self.block_size = block_size
         self.enable_caching = enable_caching
         self.pool = BlockPool(num_blocks, enable_caching=enable_caching, hash_seed=hash_seed)
-        self._tables: dict[str, list[int]] = {}
-        self._hashes: dict[str, _RequestHashes] = {}
+        self._reqs: dict[str, _RequestBlocks] = {}
         self._prefix_queries = 0
         self._prefix_hits = 0
 
@@ -81,28 +87,29 @@ class KVCacheManager:
 
     def get_block_ids(self, request_id: str) -> list[int]:
         """The request's block table (a copy; [] for an unknown request)."""
-        return list(self._tables.get(request_id, ()))
+        req = self._reqs.get(request_id)
+        return list(req.table) if req is not None else []
 
     # ---- hashing --------------------------------------------------------------------------
 
-    def _extend_hashes(self, state: _RequestHashes, token_ids: Sequence[int], num_blocks: int) -> None:
-        """Make sure ``state`` holds the hashes of the first ``num_blocks`` full blocks."""
-        hashes, keys = state.hashes, state.keys
+    def _extend_hashes(self, req: _RequestBlocks, token_ids: Sequence[int], num_blocks: int) -> None:
+        """Make sure ``req`` holds the hashes of its first ``num_blocks`` full blocks."""
+        hashes, keys = req.hashes, req.keys
         bs = self.block_size
         seed = self.pool.hash_seed
         for i in range(len(hashes), num_blocks):
             parent = hashes[i - 1] if i else None
             tokens = tuple(token_ids[i * bs:(i + 1) * bs])
             # The salt goes into the first block only: every later hash inherits it via parent.
-            extra = state.cache_salt if i == 0 else None
+            extra = req.cache_salt if i == 0 else None
             keys.append((parent, tokens, extra))
             hashes.append(hash_block_tokens(seed, parent, tokens, extra))
 
-    def _state(self, request_id: str, cache_salt: str | None) -> _RequestHashes:
-        state = self._hashes.get(request_id)
-        if state is None:
-            state = self._hashes[request_id] = _RequestHashes(cache_salt)
-        return state
+    def _get_or_add(self, request_id: str, cache_salt: object) -> _RequestBlocks:
+        req = self._reqs.get(request_id)
+        if req is None:
+            req = self._reqs[request_id] = _RequestBlocks(cache_salt, self.block_size, self.enable_caching)
+        return req
 
     # ---- the scheduler's calls ------------------------------------------------------------
 
@@ -115,22 +122,24 @@ class KVCacheManager:
         logits for the last position), so at most ``(len(token_ids) - 1) // block_size`` blocks.
         Takes no references: pass the blocks to `allocate_slots`, which does. Each call adds to
         `prefix_queries` / `prefix_hits`. The salt is remembered for the request's later
-        `cache_blocks` calls; it must not change while the request holds its hash state.
+        `cache_blocks` calls, until `free`.
         """
         if not self.enable_caching:
             return [], 0
-        state = self._state(request_id, cache_salt)
+        req = self._get_or_add(request_id, cache_salt)
+        if req.cache_salt is _UNSET:
+            req.cache_salt = cache_salt
         bs = self.block_size
-        max_blocks = (len(token_ids) - 1) // bs
-        pool = self.pool
+        max_blocks = max((len(token_ids) - 1) // bs, 0)
+        # Hash every block that could hit, even past a first miss: the hashes stay with the
+        # request and `cache_blocks` needs them anyway once those blocks are computed.
+        self._extend_hashes(req, token_ids, max_blocks)
+        get_cached_block = self.pool.get_cached_block
         hits: list[int] = []
-        for i in range(max(max_blocks, 0)):
-            # Hash lazily: a miss on block i means no later block can hit (the chain breaks).
-            if i == len(state.hashes):
-                self._extend_hashes(state, token_ids, i + 1)
-            block_id = pool.get_cached_block(state.hashes[i], state.keys[i])
+        for block_hash, key in zip(req.hashes[:max_blocks], req.keys):
+            block_id = get_cached_block(block_hash, key)
             if block_id is None:
-                break
+                break  # the chain is broken: no later block can match
             hits.append(block_id)
         self._prefix_queries += len(token_ids)
         self._prefix_hits += len(hits) * bs
@@ -151,27 +160,36 @@ class KVCacheManager:
         Returns the NEWLY ADDED block ids (hits, then fresh blocks; [] when the table already
         covers the tokens), or None when the free blocks do not suffice; then nothing changed.
         """
-        table = self._tables.get(request_id)
-        num_blocks = -(-(num_computed_tokens + num_new_tokens) // self.block_size)
+        req = self._reqs.get(request_id)
+        num_tokens = num_computed_tokens + num_new_tokens
         # Fast path, taken by every decoding request on 15 of 16 steps: no block to add.
-        if table is not None and not new_computed_blocks and num_blocks <= len(table):
+        if req is not None and not new_computed_blocks and len(req.table) * self.block_size >= num_tokens:
             return []
-        num_have = len(new_computed_blocks) + (len(table) if table is not None else 0)
-        num_fresh = max(num_blocks - num_have, 0)
+        bs = self.block_size
+        num_fresh = (num_tokens + bs - 1) // bs - len(new_computed_blocks)
+        if req is not None:
+            num_fresh -= len(req.table)
         pool = self.pool
-        # A hit on a free (cached, unreferenced) block takes it off the free queue: it is no
-        # longer available for the fresh blocks, so count it against the budget up front.
-        ref_count = pool.ref_count
-        num_free_hits = sum(1 for b in new_computed_blocks if ref_count(b) == 0)
-        if num_fresh > pool.num_free_blocks - num_free_hits:
+        if new_computed_blocks:
+            # A hit on a free (cached, unreferenced) block takes it off the free queue: it is
+            # no longer available for fresh blocks, so count it against the budget up front.
+            num_free = pool.num_free_blocks
+            for block_id in new_computed_blocks:
+                if pool.ref_count(block_id) == 0:
+                    num_free -= 1
+            if num_fresh > num_free:
+                return None
+            pool.touch(new_computed_blocks)
+            new = list(new_computed_blocks)
+            if num_fresh > 0:
+                new += pool.get_new_blocks(num_fresh)
+        elif num_fresh > pool.num_free_blocks:
             return None
-        if table is None:
-            table = self._tables[request_id] = []
-        pool.touch(new_computed_blocks)
-        new = list(new_computed_blocks)
-        if num_fresh:
-            new += pool.get_new_blocks(num_fresh)
-        table.extend(new)
+        else:
+            new = pool.get_new_blocks(num_fresh) if num_fresh > 0 else []
+        if req is None:
+            req = self._get_or_add(request_id, _UNSET)
+        req.table += new
         return new
 
     def cache_blocks(
@@ -180,22 +198,23 @@ class KVCacheManager:
         """Register the request's blocks made full by its first ``num_tokens`` computed tokens
         (prompt and generated alike) so later requests can hit them.
 
-        ``cache_salt`` is used only if `get_computed_blocks` never ran for this request.
+        The salt is the one given to `get_computed_blocks`; ``cache_salt`` here serves a
+        request that never went through it (the first of the two calls fixes the salt).
         """
-        if not self.enable_caching:
+        req = self._reqs.get(request_id)
+        # Fast path: no block filled since the last call (also: caching off, unknown request).
+        if req is None or num_tokens < req.next_cache_tokens:
             return
-        table = self._tables.get(request_id)
-        if table is None:
+        num_full = min(num_tokens // self.block_size, len(req.table))
+        if num_full <= req.num_cached:
             return
-        num_full = min(num_tokens // self.block_size, len(table))
-        state = self._hashes.get(request_id)
-        if state is None:
-            state = self._state(request_id, cache_salt)
-        if num_full <= state.num_cached:
-            return
-        self._extend_hashes(state, token_ids, num_full)
-        ok = self.pool.cache_full_blocks(table, state.hashes, state.keys, state.num_cached, num_full)
-        state.num_cached = num_full if ok else _CHAIN_BROKEN
+        if req.cache_salt is _UNSET:
+            req.cache_salt = cache_salt
+        self._extend_hashes(req, token_ids, num_full)
+        ok = self.pool.cache_full_blocks(req.table, req.hashes, req.keys, req.num_cached, num_full)
+        # After a hash collision the rest of the chain cannot be cached: stop trying.
+        req.num_cached = num_full
+        req.next_cache_tokens = (num_full + 1) * self.block_size if ok else _NEVER
 
     def free(self, request_id: str) -> None:
         """Release all the request's blocks and forget it (finished, aborted or preempted).
@@ -203,10 +222,9 @@ class KVCacheManager:
         Blocks go to the free queue tail first, prefix last, so a shared prefix outlives the
         tails that hang off it. Unknown ids are ignored (a request aborted before admission).
         """
-        table = self._tables.pop(request_id, None)
-        self._hashes.pop(request_id, None)
-        if table:
-            self.pool.free_blocks(reversed(table))
+        req = self._reqs.pop(request_id, None)
+        if req is not None and req.table:
+            self.pool.free_blocks(reversed(req.table))
 
     def fork(self, parent_id: str, child_id: str, num_computed_tokens: int) -> list[int]:
         """Share the parent's FULL computed blocks with a new child (n > 1): returns the child's
@@ -215,18 +233,20 @@ class KVCacheManager:
         its own through `allocate_slots` and recomputes those few tokens, e.g.
         ``allocate_slots(child, n_tail_tokens, len(table) * block_size)``.
         """
-        if child_id in self._tables:
-            raise ValueError(f"request {child_id!r} already has blocks")
-        parent_table = self._tables.get(parent_id, [])
-        shared = parent_table[: num_computed_tokens // self.block_size]
+        if child_id in self._reqs:
+            raise ValueError(f"request {child_id!r} is already known")
+        parent = self._reqs.get(parent_id)
+        if parent is None:
+            raise KeyError(f"unknown request {parent_id!r}")
+        shared = parent.table[: num_computed_tokens // self.block_size]
         self.pool.touch(shared)
-        self._tables[child_id] = list(shared)
-        parent_state = self._hashes.get(parent_id)
-        if parent_state is not None:
-            child_state = self._hashes[child_id] = _RequestHashes(parent_state.cache_salt)
-            n = min(len(shared), len(parent_state.hashes))
-            child_state.hashes = parent_state.hashes[:n]
-            child_state.keys = parent_state.keys[:n]
+        child = self._reqs[child_id] = _RequestBlocks(parent.cache_salt, self.block_size, self.enable_caching)
+        child.table = list(shared)
+        # Same tokens, same chain: the child inherits the hashes (its shared blocks are already
+        # registered or will be by whichever of the two caches them first).
+        n = min(len(shared), len(parent.hashes))
+        child.hashes = parent.hashes[:n]
+        child.keys = parent.keys[:n]
         return list(shared)
 
     def reset_prefix_cache(self) -> bool:

@@ -136,3 +136,32 @@ def test_caching_disabled_registers_nothing() -> None:
     blocks = pool.get_new_blocks(1)
     assert pool.cache_full_blocks(blocks, [1], [_key(None, 3)], 0, 1)
     assert pool.get_cached_block(1, _key(None, 3)) is None
+
+
+def test_a_child_is_not_cached_under_a_parent_hash_that_now_means_other_content() -> None:
+    """Request R's first block x duplicated block a (so only a was cached). Once a is evicted,
+    hash 10 may be taken by other content; R's later child block must then stay uncached, or
+    a lookup through the new owner of hash 10 would reach R's child: a wrong hit."""
+    pool = BlockPool(4, hash_seed=0)
+    a, x, y = pool.get_new_blocks(3)
+    p, q, c = _key(None, 1, 1), _key(None, 2, 2), _key(10, 3, 3)
+    assert pool.cache_full_blocks([a], [10], [p], 0, 1)
+    assert pool.cache_full_blocks([x], [10], [p], 0, 1)  # duplicate: x stays uncached
+    pool.free_blocks([a])
+    assert pool.get_new_blocks(2) == [3, a]  # a's content is evicted; hash 10 is unowned
+    assert pool.cache_full_blocks([y], [10], [q], 0, 1)  # a colliding prefix takes hash 10
+    # R's second block (parent hash 10, parent content p) is refused.
+    assert not pool.cache_full_blocks([x, 3], [10, 20], [p, c], 1, 2)
+    assert not pool.is_cached(3)
+    assert pool.get_cached_block(20, c) is None
+
+
+def test_a_block_colliding_with_its_own_parent_is_not_cached() -> None:
+    pool = BlockPool(3, hash_seed=0)
+    x, y = pool.get_new_blocks(2)
+    parent, child = _key(None, 1, 1), _key(10, 2, 2)
+    # x holds the parent content but is not cached; its child hashes to the parent's hash.
+    assert not pool.cache_full_blocks([x, y], [10, 10], [parent, child], 1, 2)
+    assert not pool.is_cached(y)
+    pool.free_blocks([y, x])
+    assert pool.get_new_blocks(3) == [2, 1, 0]  # evicting cleanly: no stale entry to trip on

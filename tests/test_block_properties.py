@@ -8,7 +8,7 @@ machine uses a 2-bit hash so that collisions are everywhere.
 
 from __future__ import annotations
 
-from hypothesis import settings
+from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -57,12 +57,14 @@ class BlockManagerMachine(RuleBasedStateMachine):
         rid = self._new_id()
         hits, num_cached = self.kv.get_computed_blocks(rid, prompt, salt)
         assert num_cached == len(hits) * BS < len(prompt)
+        event(f"prefix hit of {len(hits)} blocks" if hits else "prefix miss")
         for i, block in enumerate(hits):
             assert self.content.get(block) == (salt, tuple(prompt[: (i + 1) * BS])), "wrong prefix hit"
         before = self._snapshot()
         num_new = min(chunk, len(prompt) - num_cached)
         new = self.kv.allocate_slots(rid, num_new, num_cached, hits)
         if new is None:
+            event("admission refused")
             assert self._snapshot() == before, "a failed allocation changed state"
             self.kv.free(rid)  # stays waiting, then is aborted: drops its hash state
             return
@@ -106,8 +108,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.live)
     @rule(data=st.data())
     def fork(self, data: st.DataObject) -> None:
-        parent = self.live[data.draw(st.sampled_from(sorted(self.live)))]
-        pid = next(r for r, s in self.live.items() if s is parent)
+        pid = data.draw(st.sampled_from(sorted(self.live)))
+        parent = self.live[pid]
         cid = self._new_id()
         shared = self.kv.fork(pid, cid, parent.computed)
         assert shared == self.kv.get_block_ids(pid)[: parent.computed // BS]

@@ -67,6 +67,14 @@ def test_cache_salt_and_parent_block_are_part_of_a_blocks_identity() -> None:
     assert kv.get_computed_blocks("Y", [5, 5, 5, 5] + PROMPT_A[4:10], "tenant-1") == ([3], 4)
 
 
+def test_a_request_that_skipped_the_lookup_gives_its_salt_to_cache_blocks() -> None:
+    kv = _manager()
+    assert kv.allocate_slots("A", 10, 0) == [0, 1, 2]
+    kv.cache_blocks("A", PROMPT_A, 10, cache_salt="tenant-1")
+    assert kv.get_computed_blocks("B", PROMPT_A, "tenant-1") == ([0, 1], 8)
+    assert kv.get_computed_blocks("C", PROMPT_A) == ([], 0)
+
+
 def test_decode_fast_path_new_blocks_and_caching_of_generated_tokens() -> None:
     kv = _manager()
     assert _admit(kv, "A", PROMPT_A) == [0, 1, 2]

@@ -8,10 +8,9 @@ import math
 import pytest
 import torch
 
-import worker.sampler as sampler_mod
 from common.sampling_params import SamplingParams
 from worker.sampler import (Sampler, SamplingRow, apply_penalties, compute_prompt_logprobs,
-                            fast_argmax)
+                            fast_argmax, fast_topk)
 
 V = 5000
 EOS = 7
@@ -70,13 +69,34 @@ def test_top_p_is_measured_after_top_k():
     assert support(known_logits(PEAKED), temperature=1.0, top_k=3, top_p=0.86) == {10, 20, 30}
 
 
-def test_top_p_wide_nucleus_falls_back_to_full_sort(monkeypatch):
-    torch.manual_seed(1)
-    logits = torch.randn(48, 700) * 2
-    rows = [row(seed=i, temperature=0.9, top_p=[0.3, 0.9, 0.99][i % 3]) for i in range(48)]
-    probed = Sampler()(logits, rows).token_ids       # nucleus found among the best 1024 (all)
-    monkeypatch.setattr(sampler_mod, "_TOP_P_PROBE", 4)  # most rows now miss: full-sort fallback
-    assert Sampler()(logits, rows).token_ids == probed
+def nucleus(logits_row: torch.Tensor, top_p: float) -> set[int]:
+    """The reference: sort, keep while the mass strictly ahead is below top_p."""
+    probs, ids = logits_row.softmax(-1).sort(descending=True)
+    return set(ids[(probs.cumsum(-1) - probs) < top_p].tolist())
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.7, 0.9])
+def test_top_p_by_rejection_matches_sorted_nucleus(top_p):
+    # Rows without top_k never sort: they draw and reject (module note). Same support and the same
+    # renormalised frequencies as the sort-based definition; top_k = V - 1 takes the sorting path.
+    logits = torch.randn(60, generator=torch.Generator().manual_seed(6)) * 1.5
+    want = nucleus(logits, top_p)
+    probs = logits.softmax(-1)
+    for extra in ({}, {"top_k": 59}):
+        rows = [row(seed=s, temperature=1.0, top_p=top_p, **extra) for s in range(4000)]
+        tokens = Sampler()(logits.expand(4000, -1).contiguous(), rows).token_ids
+        assert set(tokens) == want, extra
+        mass = sum(probs[t].item() for t in want)
+        for t in want:
+            assert abs(tokens.count(t) / 4000 - probs[t].item() / mass) < 0.03
+
+
+@pytest.mark.parametrize("k, vocab", [(1, 300), (50, 32000), (7, 32001), (100, 1000)])
+def test_fast_topk_matches_torch(k, vocab):
+    x = torch.randn(9, vocab, generator=torch.Generator().manual_seed(k))
+    vals, ids = fast_topk(x, k)
+    want_v, _ = x.topk(k, -1)
+    assert torch.equal(vals, want_v) and torch.equal(x.gather(1, ids), want_v)
 
 
 def test_top_k_support():
@@ -237,3 +257,17 @@ def test_bfloat16_logits_and_row_count_check():
     assert out.token_ids == logits.float().argmax(-1).tolist()
     with pytest.raises(ValueError):
         Sampler()(logits, [row()] * 2)
+
+
+def test_callers_logits_restored_after_overlapping_edits():
+    torch.manual_seed(7)
+    logits = torch.randn(2, 300)
+    original = logits.clone()
+    # token 9: biased, then banned (stop id below min_tokens), then repetition-penalised
+    rows = [row(prompt=[9, 9, 4], output=[9], logit_bias={9: 3.0, 4: -1.0}, min_tokens=5,
+                stop_token_ids=(9,), repetition_penalty=1.3, frequency_penalty=0.5, temperature=0.0),
+            row(output=[1, 1], presence_penalty=1.0)]
+    out = Sampler()(logits, rows)
+    assert torch.equal(logits, original)
+    edited = apply_penalties(original.clone(), rows)
+    assert out.token_ids[0] == edited[0].argmax().item() and edited[0, 9] == float("-inf")
