@@ -10,9 +10,16 @@ at least once), attention over long prompts reports TFLOP/s. Shapes: the `bench`
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# Run as a script, Python puts benchmarks/ first on sys.path, where benchmarks/kernels.py would
+# shadow the `kernels` package: the repository root goes there instead.
+if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 import argparse
 import json
-import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 

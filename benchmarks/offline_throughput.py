@@ -11,6 +11,14 @@ against a peak matmul rate measured in the same run.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# Run as a script, Python puts benchmarks/ first on sys.path, where benchmarks/kernels.py would
+# shadow the `kernels` package: the repository root goes there instead.
+if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 import argparse
 import random
 import tempfile

@@ -211,6 +211,14 @@ class Sampler:
         S, V = logits.shape
         if len(rows) != S:
             raise ValueError(f"{S} rows of logits for {len(rows)} sampling rows")
+        if logits.device.type != "cpu":
+            # NOTE: the bookkeeping tensors below live on the CPU. On an accelerator an
+            # all-greedy batch without penalties or logprobs takes its argmax on the device
+            # (S ints cross the bus); anything else samples from a host copy of the logits.
+            if all(r.params.temperature == 0 and r.params.logprobs is None
+                   and not _needs_penalties(r) for r in rows):
+                return SamplerOutput(logits.argmax(-1).tolist(), None, [None] * S)
+            logits = logits.float().cpu()
         work = logits.float().contiguous()
         lp_rows = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         raw_lp = work[lp_rows].log_softmax(-1) if lp_rows else None  # before any edit

@@ -23,17 +23,25 @@ class StepMismatchError(RuntimeError):
 
 @dataclass
 class SequenceState:
-    token_ids: list[int]
+    token_ids: list[int]             # prompt + output: what the model computes
     num_prompt_tokens: int
     num_computed_tokens: int
     block_ids: list[int]
     params: SamplingParams
     seed_offset: int
+    row: SamplingRow                 # the sampler's view, kept so a step copies no token list
 
     @classmethod
-    def from_new(cls, seq: NewSequence) -> "SequenceState":
-        return cls(list(seq.token_ids), seq.num_prompt_tokens, seq.num_computed_tokens,
-                   list(seq.block_ids), seq.params, seq.seed_offset)
+    def from_new(cls, seq: NewSequence, eos_token_ids: tuple[int, ...]) -> "SequenceState":
+        n = seq.num_prompt_tokens
+        row = SamplingRow(seq.params, list(seq.token_ids[:n]), list(seq.token_ids[n:]),
+                          seq.seed_offset, eos_token_ids)
+        return cls(list(seq.token_ids), n, seq.num_computed_tokens, list(seq.block_ids),
+                   seq.params, seq.seed_offset, row)
+
+    def append(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+        self.row.output_token_ids.append(token_id)
 
 
 class Worker:
@@ -56,7 +64,7 @@ class Worker:
             self.states.pop(seq_id, None)
         scheduled = []
         for seq in plan.new:
-            state = self.states[seq.seq_id] = SequenceState.from_new(seq)
+            state = self.states[seq.seq_id] = SequenceState.from_new(seq, self.eos_token_ids)
             scheduled.append((seq.seq_id, state, seq.num_scheduled_tokens))
         for seq in plan.running:
             state = self.states.get(seq.seq_id)
@@ -92,9 +100,7 @@ class Worker:
                 self._prompt_logprobs(out, seq_id, st, n, result.all_logits[i])
             st.num_computed_tokens += n
             if st.num_computed_tokens == len(st.token_ids):
-                rows.append(SamplingRow(st.params, st.token_ids[:st.num_prompt_tokens],
-                                        st.token_ids[st.num_prompt_tokens:], st.seed_offset,
-                                        self.eos_token_ids))
+                rows.append(st.row)
                 row_index.append(i)
                 row_ids.append((seq_id, st))
         if rows:
@@ -103,7 +109,7 @@ class Worker:
             sampled = self.sampler(logits, rows)
             for j, (seq_id, st) in enumerate(row_ids):
                 tok = sampled.token_ids[j]
-                st.token_ids.append(tok)
+                st.append(tok)
                 out.sampled[seq_id] = SampledToken(
                     tok, None if sampled.logprobs is None else sampled.logprobs[j],
                     sampled.top_logprobs[j])
