@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from kernels._triton import use_triton
+from kernels.paged_attention_cpu import paged_attention_decode_cpu
 from kernels.paged_attention_decode import paged_attention_decode_triton
 from kernels.paged_attention_prefill import paged_attention_prefill_triton
 
@@ -92,7 +93,12 @@ def paged_attention_decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                            sliding_window: int | None = None) -> torch.Tensor:
     """One query token per sequence. query: [S, Hq, D] -> [S, Hq, D]."""
-    fn = paged_attention_decode_triton if use_triton(query) else paged_attention_decode_ref
+    if use_triton(query):
+        fn = paged_attention_decode_triton
+    elif query.device.type == "cpu":
+        fn = paged_attention_decode_cpu   # the reference's math, arranged for memory traffic
+    else:
+        fn = paged_attention_decode_ref
     return fn(query, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window)
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from common.detokenize import IncrementalDetokenizer
 from common.model_config import ModelConfig
 from common.sampling_params import SamplingParams
@@ -19,7 +21,7 @@ from scheduler.scheduler import Scheduler, SchedulerConfig
 from tessera.outputs import CompletionOutput, RequestOutput
 from worker.kv_cache import kv_cache_bytes_per_block
 from worker.loader import parse_dtype
-from worker.runner import ModelRunner
+from worker.runner import ModelRunner, compute_dtype
 from worker.worker import Worker
 
 
@@ -70,7 +72,8 @@ class LLMEngine:
         limit = self.model_config.max_position_embeddings
         self.max_model_len = min(max_model_len or limit, limit)
         if num_kv_blocks is None:
-            per_block = kv_cache_bytes_per_block(self.model_config, block_size, parse_dtype(dtype))
+            kv_dtype = compute_dtype(parse_dtype(dtype), torch.device(device))
+            per_block = kv_cache_bytes_per_block(self.model_config, block_size, kv_dtype)
             num_kv_blocks = max(kv_cache_memory_bytes // per_block, 1)
         self.scheduler = Scheduler(SchedulerConfig(
             num_blocks=num_kv_blocks, block_size=block_size, max_num_seqs=max_num_seqs,

@@ -7,6 +7,8 @@ request state between calls: everything it needs arrives with the batch.
 
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +17,42 @@ from common.model_config import ModelConfig
 from worker.attn_metadata import build_attention_metadata
 from worker.kv_cache import allocate_kv_cache
 from worker.loader import load_model, parse_dtype
+
+
+logger = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype the model computes in for a requested dtype on a device.
+
+    NOTE: a CPU without native bf16/fp16 matrix instructions (AVX2-only, e.g. many EPYCs)
+    runs half-precision matmuls through slow emulation: 10-15x slower than float32 here. On
+    such CPUs a half-precision model is loaded and computed in float32 (more accurate and
+    faster; twice the memory). `TESSERA_CPU_HALF=native` keeps the requested dtype anyway.
+    """
+    import os
+
+    if device.type != "cpu" or dtype == torch.float32 or os.environ.get("TESSERA_CPU_HALF") == "native":
+        return dtype
+    flags = _cpu_flags()
+    native = ({"avx512_bf16", "amx_bf16"} if dtype == torch.bfloat16
+              else {"avx512_fp16", "amx_fp16"}) & flags
+    if native or not flags:
+        return dtype
+    logger.warning("this CPU has no native %s matmul: computing in float32", dtype)
+    return torch.float32
 
 
 @dataclass
@@ -39,8 +77,9 @@ class ModelRunner:
                  num_blocks: int = 256, block_size: int = 16,
                  device: str | torch.device = "cpu") -> None:
         self.config = config
-        self.dtype = parse_dtype(dtype)
         self.device = torch.device(device)
+        self.requested_dtype = parse_dtype(dtype)
+        self.dtype = compute_dtype(self.requested_dtype, self.device)
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.model = load_model(config, self.dtype, self.device)

@@ -1,0 +1,60 @@
+"""The CPU path of paged decode attention: the reference's math, arranged for memory traffic.
+
+On a CPU, decode attention is bound by reading the paged K/V (CPU_PERF_NOTES.md). The
+reference gathers K/V into fresh tensors and then permutes them for one big matmul, which
+touches every byte three or four times and pays page faults on each fresh allocation. Here:
+- the gather goes into scratch buffers reused from step to step (`index_select(out=)`);
+- no permute copies: for each KV head, the gathered [S, L, D] slice is a strided matrix BLAS
+  reads directly (row stride Hkv * D), so one batched matmul per head computes its scores;
+- the length / window mask is one additive bias per step, shared by all heads.
+It is checked against `paged_attention_decode_ref` in tests/test_paged_attention_cpu.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_scratch: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+
+def _buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A reusable scratch tensor of `shape`: grows to the largest step seen, never shrinks."""
+    numel = math.prod(shape)
+    buf = _scratch.get((name, dtype))
+    if buf is None or buf.numel() < numel:
+        buf = _scratch[(name, dtype)] = torch.empty(numel, dtype=dtype)
+    return buf[:numel].view(shape)
+
+
+def paged_attention_decode_cpu(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                               sliding_window: int | None = None) -> torch.Tensor:
+    """One query token per sequence. query: [S, Hq, D] -> [S, Hq, D] (same contract as the ref)."""
+    num_seqs, num_heads, head_dim = query.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    group = num_heads // num_kv_heads
+    dtype = query.dtype
+    num_blocks = -(-int(seq_lens.max()) // block_size)
+    length = num_blocks * block_size
+    index = block_tables[:, :num_blocks].reshape(-1)
+    shape = (num_seqs * num_blocks, block_size, num_kv_heads, head_dim)
+    keys = torch.index_select(k_cache, 0, index, out=_buffer("k", shape, k_cache.dtype))
+    values = torch.index_select(v_cache, 0, index, out=_buffer("v", shape, v_cache.dtype))
+    keys = keys.view(num_seqs, length, num_kv_heads, head_dim).to(dtype)
+    values = values.view(num_seqs, length, num_kv_heads, head_dim).to(dtype)
+
+    key_pos = torch.arange(length)
+    hidden = key_pos[None, :] >= seq_lens[:, None]
+    if sliding_window is not None:
+        hidden |= key_pos[None, :] < (seq_lens[:, None] - sliding_window)
+    bias = torch.zeros(num_seqs, 1, length, dtype=dtype).masked_fill_(hidden[:, None], float("-inf"))
+
+    q = query.view(num_seqs, num_kv_heads, group, head_dim)
+    out = torch.empty(num_kv_heads, num_seqs, group, head_dim, dtype=dtype)
+    for h in range(num_kv_heads):   # a loop over heads (8 or so), never over tokens
+        scores = torch.baddbmm(bias, q[:, h], keys[:, :, h].transpose(1, 2), alpha=scale)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
+        torch.bmm(probs, values[:, :, h], out=out[h])
+    return out.permute(1, 0, 2, 3).contiguous().view(num_seqs, num_heads, head_dim)
