@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from common.sampling_params import SamplingParams
 
 
-@dataclass
+@dataclass(slots=True)
 class NewSequence:
     seq_id: str
     token_ids: list[int]            # prompt + tokens generated so far (recompute after preemption)
@@ -26,7 +26,7 @@ class NewSequence:
     seed_offset: int = 0            # which of a request's n sequences: its own seeded stream
 
 
-@dataclass
+@dataclass(slots=True)
 class RunningSequence:
     seq_id: str
     num_computed_tokens: int
@@ -34,7 +34,7 @@ class RunningSequence:
     new_block_ids: list[int]
 
 
-@dataclass
+@dataclass(slots=True)
 class StepPlan:
     step_id: int
     new: list[NewSequence] = field(default_factory=list)
@@ -52,14 +52,14 @@ class StepPlan:
                 + sum(s.num_scheduled_tokens for s in self.running))
 
 
-@dataclass
+@dataclass(slots=True)
 class SampledToken:
     token_id: int
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class StepOutput:
     step_id: int
     # One entry per sequence that reached the end of its known tokens this step (a finished

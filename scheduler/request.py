@@ -45,6 +45,7 @@ class Request:
     all_token_ids: list[int] = field(default_factory=list)
     stop_reason: int | None = None   # the stop token id that finished it, if any
     known_to_workers: bool = False   # sent in full since its last (re)admission
+    num_slots: int = 0               # tokens its allocated blocks can hold
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.prompt_token_ids)

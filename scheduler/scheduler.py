@@ -33,7 +33,7 @@ class SchedulerConfig:
     hash_seed: int | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestEvent:
     """What one step produced for one request: new tokens (usually one) and, at the end, why."""
     request_id: str
@@ -95,13 +95,16 @@ class Scheduler:
         plan = StepPlan(step_id=self._step_id, finished_ids=self._finished_since_last_step)
         self._finished_since_last_step = []
         budget = self.config.max_num_batched_tokens
-        scheduled: list[Request] = []
         preempted = False
         i = 0
+        block_size = self.config.block_size
+        running_plan = plan.running
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            while True:
+            num_new = min(len(req.all_token_ids) - req.num_computed_tokens, budget)
+            # Fast path (most decodes): the request's blocks already hold the new tokens.
+            new_blocks = [] if req.num_computed_tokens + num_new <= req.num_slots else None
+            while new_blocks is None:
                 new_blocks = self.kv.allocate_slots(req.request_id, num_new,
                                                     req.num_computed_tokens)
                 if new_blocks is not None:
@@ -113,8 +116,13 @@ class Scheduler:
                     break
             if new_blocks is None:
                 break   # req itself was the victim: nothing after it is left either
-            self._add_to_plan(plan, req, num_new, new_blocks)
-            scheduled.append(req)
+            if new_blocks:
+                req.num_slots += len(new_blocks) * block_size
+            if req.known_to_workers:
+                running_plan.append(RunningSequence(req.request_id, req.num_computed_tokens,
+                                                    num_new, new_blocks))
+            else:
+                self._add_to_plan(plan, req, num_new, new_blocks)
             budget -= num_new
             i += 1
         # New work only when nothing had to be preempted (it would just thrash).
@@ -135,6 +143,7 @@ class Scheduler:
                 req.num_computed_tokens = 0
                 break
             heapq.heappop(self.waiting)
+            req.num_slots = len(new_blocks) * self.config.block_size   # hits included
             req.status = RequestStatus.RUNNING
             bisect.insort(self.running, req, key=lambda r: r.sort_key)
             self._add_to_plan(plan, req, num_new, new_blocks)
@@ -157,6 +166,7 @@ class Scheduler:
     def _preempt(self, req: Request, plan: StepPlan) -> None:
         self.running.remove(req)
         self.kv.free(req.request_id)
+        req.num_slots = 0
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
         req.num_preemptions += 1
@@ -171,29 +181,41 @@ class Scheduler:
 
     # ---- update -------------------------------------------------------------------------
     def update(self, plan: StepPlan, output: StepOutput) -> list[RequestEvent]:
+        # NOTE: the hottest Python of a step (every running request, every step): keep the
+        # per-sequence work to a few attribute reads; anything rare goes behind one test.
         events: list[RequestEvent] = []
         sampled = output.sampled
+        prompt_logprobs = output.prompt_logprobs
+        requests = self.requests
         cache = self.kv.cache_blocks
+        running = RequestStatus.RUNNING
+        max_len = self.config.max_model_len
+        finished: list[tuple[Request, RequestStatus]] = []
         for seq in (*plan.new, *plan.running):
-            req = self.requests.get(seq.seq_id)
-            if req is None or req.status != RequestStatus.RUNNING:
+            seq_id = seq.seq_id
+            req = requests.get(seq_id)
+            if req is None or req.status is not running:
                 continue   # aborted while the step ran
             req.num_computed_tokens += seq.num_scheduled_tokens
-            cache(req.request_id, req.all_token_ids, req.num_computed_tokens)
-            tok = sampled.get(seq.seq_id)
-            prompt_lp = output.prompt_logprobs.get(seq.seq_id)
+            cache(seq_id, req.all_token_ids, req.num_computed_tokens)
+            tok = sampled.get(seq_id)
+            prompt_lp = prompt_logprobs.get(seq_id) if prompt_logprobs else None
             if tok is None:
                 if prompt_lp:
-                    events.append(RequestEvent(req.request_id, [], None, None, prompt_lp))
+                    events.append(RequestEvent(seq_id, [], None, None, prompt_lp))
                 continue
-            req.append_token(tok.token_id)
-            status = req.check_stop(self.config.max_model_len)
-            lp = None if tok.logprob is None else [(tok.token_id, tok.logprob, tok.top_logprobs)]
+            token_id = tok.token_id
+            req.append_token(token_id)
+            status = req.check_stop(max_len)
+            reason = None
             if status is not None:
-                self.running.remove(req)
-                self._finish(req, status)
-            events.append(RequestEvent(req.request_id, [tok.token_id], req.finish_reason, lp,
-                                       prompt_lp))
+                finished.append((req, status))
+                reason = status.value
+            lp = None if tok.logprob is None else [(token_id, tok.logprob, tok.top_logprobs)]
+            events.append(RequestEvent(seq_id, [token_id], reason, lp, prompt_lp))
+        for req, status in finished:
+            self.running.remove(req)
+            self._finish(req, status)
         return events
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
