@@ -92,6 +92,7 @@ def run_tessera(model_dir: str, prompts, out_len: int, dtype: str, device: str, 
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     elapsed = time.perf_counter() - t
     assert all(len(o.outputs[0].token_ids) == out_len for o in outs)
+    decode["compute_dtype"] = executor.worker.runner.dtype
     return len(prompts) * out_len / elapsed, decode
 
 
@@ -144,8 +145,10 @@ def main() -> None:
     rows = []
     for dtype in args.dtype:
         tdtype = getattr(torch, dtype)
-        peak = peak_matmul_flops(tdtype, args.device)
         ours, decode = run_tessera(model_dir, prompts, args.output_len, dtype, args.device, cfg)
+        # MFU against the peak of the dtype the engine computes in (float32 on a CPU without
+        # native half-precision matmuls, see worker/runner.py compute_dtype)
+        peak = peak_matmul_flops(decode["compute_dtype"], args.device)
         single = batched = float("nan")
         if not args.skip_hf:
             from transformers import AutoModelForCausalLM
@@ -159,11 +162,11 @@ def main() -> None:
         rows.append((dtype, ours, single, batched, mfu, peak, decode))
     print(f"\nworkload: {args.num_requests} requests, prompts U[16,512], {args.output_len} output tokens, "
           f"device {args.device}, torch threads {torch.get_num_threads()}")
-    print(f"{'dtype':9s} {'tessera tok/s':>13s} {'HF 1-at-a-time':>15s} {'HF batch':>9s} "
+    print(f"{'dtype':9s} {'computes in':>11s} {'tessera tok/s':>13s} {'HF 1-at-a-time':>15s} {'HF batch':>9s} "
           f"{'x 1-at-a-time':>13s} {'x batch':>8s} {'decode MFU':>10s} {'peak GFLOP/s':>12s} {'decode tok/s':>12s}")
     for dtype, ours, single, batched, mfu, peak, decode in rows:
         dec = decode["tokens"] / decode["time"] if decode["time"] else float("nan")
-        print(f"{dtype:9s} {ours:13.1f} {single:15.1f} {batched:9.1f} {ours / single:13.2f} "
+        print(f"{dtype:9s} {str(decode['compute_dtype'])[6:]:>11s} {ours:13.1f} {single:15.1f} {batched:9.1f} {ours / single:13.2f} "
               f"{ours / batched:8.2f} {mfu * 100:9.1f}% {peak / 1e9:12.0f} {dec:12.1f}")
 
 
