@@ -24,7 +24,10 @@ def _buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tens
     numel = math.prod(shape)
     buf = _scratch.get((name, dtype))
     if buf is None or buf.numel() < numel:
-        buf = _scratch[(name, dtype)] = torch.empty(numel, dtype=dtype)
+        # A normal tensor even when first needed under inference_mode: an inference tensor
+        # could not be written later by a caller outside it.
+        with torch.inference_mode(False):
+            buf = _scratch[(name, dtype)] = torch.empty(numel, dtype=dtype)
     return buf[:numel].view(shape)
 
 
