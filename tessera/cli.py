@@ -75,11 +75,50 @@ def _run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_worker(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "worker", help="run a worker service (model shard + KV cache, gRPC)",
+        description="Serve one model shard over gRPC (tessera.v1.Worker): Info, Warmup, "
+        "Execute, Reset. Its scheduler sends every step; the worker keeps no request state "
+        "the scheduler cannot resend.")
+    p.add_argument("--model", required=True, help="local Hugging Face model directory")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50061)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--kv-cache-memory-gb", type=float, default=2.0,
+                   help="KV cache budget on CPU, in GiB (default 2)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of GPU memory this worker may use (default 0.9)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=_run_worker)
+
+
+def _run_worker(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from worker.service import WorkerConfig, serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = WorkerConfig(model=args.model, dtype=args.dtype, device=args.device,
+                          block_size=args.block_size, host=args.host, port=args.port,
+                          kv_cache_memory_bytes=int(args.kv_cache_memory_gb * (1 << 30)),
+                          gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed)
+    try:
+        asyncio.run(serve(config))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tessera", description="Tessera LLM inference server")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_make_model(subparsers)
     _add_generate(subparsers)
+    _add_worker(subparsers)
     return parser
 
 

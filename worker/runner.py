@@ -81,9 +81,30 @@ class ModelRunner:
         self.requested_dtype = parse_dtype(dtype)
         self.dtype = compute_dtype(self.requested_dtype, self.device)
         self.block_size = block_size
-        self.num_blocks = num_blocks
         self.model = load_model(config, self.dtype, self.device)
-        self.kv_caches = allocate_kv_cache(config, num_blocks, block_size, self.dtype, self.device)
+        self.allocate_kv_cache(num_blocks)
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        """(Re)allocate the paged KV cache; 0 leaves none (a worker sizes it at warm-up)."""
+        self.kv_caches = []   # drop the old tensors before making new ones
+        self.num_blocks = num_blocks
+        self.kv_caches = allocate_kv_cache(self.config, num_blocks, self.block_size, self.dtype,
+                                           self.device)
+
+    def profile_run(self, num_tokens: int, num_seqs: int) -> None:
+        """One worst-case forward pass (num_tokens tokens over num_seqs prompt chunks) on a
+        temporary cache just large enough: warms the kernels and, on CUDA, shows the peak
+        activation memory a step needs before the KV cache takes the rest."""
+        num_seqs = max(1, min(num_seqs, num_tokens))
+        per_seq = -(-num_tokens // num_seqs)
+        blocks_per_seq = -(-per_seq // self.block_size)
+        saved = self.num_blocks
+        self.allocate_kv_cache(num_seqs * blocks_per_seq)
+        seqs = [SequenceInput([0] * per_seq, 0,
+                              list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)))
+                for i in range(num_seqs)]
+        self.execute(seqs)
+        self.allocate_kv_cache(saved)
 
     @torch.inference_mode()
     def execute(self, seqs: list[SequenceInput], all_logits: bool = False) -> RunnerOutput:

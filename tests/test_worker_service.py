@@ -1,0 +1,96 @@
+"""The worker service as a real process over real gRPC: warm-up sizes the KV cache, a step
+diff produces the same tokens as the in-process worker, and a mismatch is refused."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+
+from common.convert import step_output_from_proto, step_plan_to_proto
+from common.model_config import ModelConfig
+from common.proto.tessera.v1 import worker_pb2, worker_pb2_grpc
+from common.sampling_params import SamplingParams
+from common.step import NewSequence, RunningSequence, StepPlan
+from worker.runner import ModelRunner
+from worker.worker import Worker
+
+GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def worker_stub(tiny_model):
+    model_dir = str(tiny_model("llama"))
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tessera.cli", "worker", "--model", model_dir, "--port", str(port),
+         "--kv-cache-memory-gb", "0.001"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = worker_pb2_grpc.WorkerStub(channel)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            stub.Info(worker_pb2.InfoRequest(), timeout=1)
+            break
+        except grpc.RpcError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"worker did not start:\n{proc.stdout.read()}")
+            time.sleep(0.2)
+    yield model_dir, stub
+    channel.close()
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def _plans() -> list[StepPlan]:
+    prompt = list(range(30, 70))
+    return [
+        StepPlan(1, new=[NewSequence("a", prompt, 40, 0, 24, [3, 1], GREEDY),
+                         NewSequence("b", prompt[:5], 5, 0, 5, [0], GREEDY)]),
+        StepPlan(2, running=[RunningSequence("a", 24, 16, [2, 4]), RunningSequence("b", 5, 1, [])]),
+        StepPlan(3, running=[RunningSequence("a", 40, 1, []), RunningSequence("b", 6, 1, [])]),
+    ]
+
+
+def test_execute_matches_the_in_process_worker(worker_stub):
+    model_dir, stub = worker_stub
+    info = stub.Info(worker_pb2.InfoRequest())
+    assert info.block_size == 16 and info.layer_end == 2 and info.vocab_size == 512
+    warm = stub.Warmup(worker_pb2.WarmupRequest(max_num_batched_tokens=64, max_num_seqs=4))
+    assert warm.num_blocks == int(0.001 * (1 << 30)) // warm.block_bytes and warm.num_blocks > 8
+    local = Worker(ModelRunner(ModelConfig.from_dir(model_dir), num_blocks=8, block_size=16))
+    for plan in _plans():
+        remote = step_output_from_proto(stub.Execute(step_plan_to_proto(plan)))
+        expected = local.execute(plan)
+        assert {k: v.token_id for k, v in remote.sampled.items()} == \
+            {k: v.token_id for k, v in expected.sampled.items()}
+    assert set(remote.sampled) == {"a", "b"}
+
+
+def test_mismatch_is_failed_precondition_and_reset_recovers(worker_stub):
+    _, stub = worker_stub
+    stub.Warmup(worker_pb2.WarmupRequest(max_num_batched_tokens=64, max_num_seqs=4))
+    plans = _plans()
+    stub.Execute(step_plan_to_proto(plans[0]))
+    bad = StepPlan(2, running=[RunningSequence("a", 99, 1, [])])   # wrong computed count
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Execute(step_plan_to_proto(bad))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.RpcError) as err:   # step ids must increase
+        stub.Execute(step_plan_to_proto(plans[0]))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    stub.Reset(worker_pb2.ResetRequest())
+    out = step_output_from_proto(stub.Execute(step_plan_to_proto(plans[0])))
+    assert set(out.sampled) == {"b"}   # "a" is mid-prompt after 24 of 40 tokens

@@ -1,0 +1,124 @@
+"""The worker service (`tessera worker`): a gRPC server around the model runner.
+
+It holds a model shard and the KV cache tensors, nothing else: every sequence it knows was
+sent by its scheduler and is sent again in full after a Reset, so a restarted worker loses
+no request. A step runs in one worker thread (the model is not re-entrant); the event loop
+stays free to answer Info and health checks meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from common.convert import step_output_to_proto, step_plan_from_proto
+from common.model_config import ModelConfig
+from common.proto.tessera.v1 import worker_pb2, worker_pb2_grpc
+from worker.kv_cache import kv_cache_bytes_per_block
+from worker.runner import ModelRunner
+from worker.worker import StepMismatchError, Worker
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    model: str
+    dtype: str = "float32"
+    device: str = "cpu"
+    block_size: int = 16
+    host: str = "127.0.0.1"
+    port: int = 50061
+    kv_cache_memory_bytes: int = 2 << 30      # the KV budget on CPU
+    gpu_memory_utilization: float = 0.9       # the fraction of GPU memory this process may use
+    seed: int = 0
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.model_config = ModelConfig.from_dir(config.model)
+        runner = ModelRunner(self.model_config, config.dtype, num_blocks=0,
+                             block_size=config.block_size, device=config.device)
+        self.worker = Worker(runner, seed=config.seed)
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step")
+        self.warmed_up = False
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    async def Info(self, request, context) -> worker_pb2.InfoResponse:
+        cfg = self.model_config
+        return worker_pb2.InfoResponse(
+            model=self.config.model, dtype=str(self.worker.runner.dtype).removeprefix("torch."),
+            block_size=self.config.block_size, tp_rank=0, tp_size=1, pp_rank=0, pp_size=1,
+            layer_start=0, layer_end=cfg.num_layers, max_model_len=cfg.max_position_embeddings,
+            vocab_size=cfg.vocab_size)
+
+    def _warmup(self, max_tokens: int, max_seqs: int) -> tuple[int, int]:
+        runner = self.worker.runner
+        runner.profile_run(max(1, max_tokens), max(1, max_seqs))
+        per_block = kv_cache_bytes_per_block(self.model_config, self.config.block_size,
+                                             runner.dtype)
+        if runner.device.type == "cuda":
+            # What the activations of a worst-case step did not use, within our share.
+            free, total = torch.cuda.mem_get_info(runner.device)
+            used_by_others = total - free
+            budget = int(total * self.config.gpu_memory_utilization) - used_by_others
+        else:
+            budget = self.config.kv_cache_memory_bytes
+        num_blocks = max(budget // per_block, 0)
+        runner.allocate_kv_cache(num_blocks)
+        self.worker.reset()
+        return num_blocks, per_block
+
+    async def Warmup(self, request, context) -> worker_pb2.WarmupResponse:
+        num_blocks, per_block = await self._run(
+            self._warmup, request.max_num_batched_tokens or 2048, request.max_num_seqs or 256)
+        if num_blocks == 0:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                "no memory left for a single KV block")
+        self.warmed_up = True
+        logger.info("warm: %d KV blocks of %d bytes", num_blocks, per_block)
+        return worker_pb2.WarmupResponse(num_blocks=num_blocks, block_bytes=per_block)
+
+    async def Execute(self, request, context) -> worker_pb2.StepOutput:
+        if not self.warmed_up:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "Warmup first")
+        try:
+            plan = step_plan_from_proto(request)
+            out = await self._run(self.worker.execute, plan)
+        except StepMismatchError as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return step_output_to_proto(out)
+
+    async def Reset(self, request, context) -> worker_pb2.ResetResponse:
+        await self._run(self.worker.reset)
+        return worker_pb2.ResetResponse()
+
+
+async def serve(config: WorkerConfig, ready: asyncio.Event | None = None) -> None:
+    """Run the worker service until cancelled."""
+    servicer = WorkerServicer(config)
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20),
+                                      ("grpc.max_send_message_length", 64 << 20)])
+    worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
+    address = f"{config.host}:{config.port}"
+    if server.add_insecure_port(address) == 0:
+        raise OSError(f"cannot listen on {address}")
+    await server.start()
+    logger.info("worker serving %s on %s", config.model, address)
+    print(f"worker ready on {address}", flush=True)
+    if ready is not None:
+        ready.set()
+    try:
+        await server.wait_for_termination()
+    finally:
+        await server.stop(grace=1)
