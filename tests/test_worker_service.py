@@ -16,6 +16,10 @@ from common.model_config import ModelConfig
 from common.proto.tessera.v1 import worker_pb2, worker_pb2_grpc
 from common.sampling_params import SamplingParams
 from common.step import NewSequence, RunningSequence, StepPlan
+from scheduler.executor import GrpcExecutor
+from scheduler.request import Request
+from scheduler.scheduler import Scheduler, SchedulerConfig
+from tessera import LLM
 from worker.runner import ModelRunner
 from worker.worker import Worker
 
@@ -48,6 +52,7 @@ def worker_stub(tiny_model):
                 proc.kill()
                 raise RuntimeError(f"worker did not start:\n{proc.stdout.read()}")
             time.sleep(0.2)
+    stub.address = f"127.0.0.1:{port}"
     yield model_dir, stub
     channel.close()
     proc.terminate()
@@ -94,3 +99,25 @@ def test_mismatch_is_failed_precondition_and_reset_recovers(worker_stub):
     stub.Reset(worker_pb2.ResetRequest())
     out = step_output_from_proto(stub.Execute(step_plan_to_proto(plans[0])))
     assert set(out.sampled) == {"b"}   # "a" is mid-prompt after 24 of 40 tokens
+
+
+def test_scheduler_core_drives_the_remote_worker_like_the_offline_engine(worker_stub):
+    """The service's loop without Redis: schedule -> GrpcExecutor.execute -> update."""
+    model_dir, stub = worker_stub
+    executor = GrpcExecutor([stub.address])
+    num_blocks = executor.warmup(max_num_batched_tokens=64, max_num_seqs=8)
+    sched = Scheduler(SchedulerConfig(num_blocks=min(num_blocks, 24), block_size=16,
+                                      max_num_batched_tokens=64, max_model_len=512))
+    prompts = [list(range(5, 5 + n)) for n in (3, 40, 90, 17)]
+    for i, p in enumerate(prompts):
+        sched.add_request(Request(str(i), p, GREEDY))
+    tokens: dict[str, list[int]] = {}
+    while sched.has_unfinished:
+        plan = sched.schedule()
+        for ev in sched.update(plan, executor.execute(plan)):
+            tokens.setdefault(ev.request_id, []).extend(ev.new_token_ids)
+    executor.close()
+    expected = LLM(model_dir, num_kv_blocks=64).generate(
+        [{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
+    assert [tokens[str(i)] for i in range(len(prompts))] == [o.outputs[0].token_ids for o in expected]
+    assert sched.kv.num_blocks_in_use == 0
