@@ -179,6 +179,17 @@ class Scheduler:
         # always the last running request and planning walks the list from the front.
         heapq.heappush(self.waiting, (req.sort_key, req))
 
+    def reset_workers(self) -> None:
+        """The workers lost their state (Reset, restart): every running request is preempted,
+        so it is sent again in full and recomputed from its prompt and generated tokens."""
+        plan = StepPlan(step_id=self._step_id)
+        for req in list(reversed(self.running)):
+            self._preempt(req, plan)
+        for _, req in self.waiting:
+            req.known_to_workers = False
+        self._finished_since_last_step = []
+        self._step_id = 0
+
     # ---- update -------------------------------------------------------------------------
     def update(self, plan: StepPlan, output: StepOutput) -> list[RequestEvent]:
         # NOTE: the hottest Python of a step (every running request, every step): keep the

@@ -113,12 +113,53 @@ def _run_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_scheduler(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "scheduler", help="run a scheduler service (continuous batching over a worker group)",
+        description="Claim a worker group by a lease in Redis, size the KV pool from the "
+        "workers' warm-up, and serve the model's request stream.")
+    p.add_argument("--model", required=True, help="local Hugging Face model directory")
+    p.add_argument("--workers", required=True, help="comma-separated worker gRPC addresses")
+    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model's name in the API and in Redis keys (default: directory name)")
+    p.add_argument("--group", default="0", help="worker group name (one active scheduler each)")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--step-timeout", type=float, default=30.0, help="seconds per step")
+    p.set_defaults(handler=_run_scheduler)
+
+
+def _run_scheduler(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from scheduler.service import SchedulerServiceConfig, serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = SchedulerServiceConfig(
+        model=args.model, workers=tuple(a for a in args.workers.split(",") if a),
+        redis_url=args.redis_url, served_model_name=args.served_model_name, group=args.group,
+        block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+        enable_prefix_caching=not args.no_prefix_caching, step_timeout_s=args.step_timeout)
+    try:
+        asyncio.run(serve(config))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tessera", description="Tessera LLM inference server")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_make_model(subparsers)
     _add_generate(subparsers)
     _add_worker(subparsers)
+    _add_scheduler(subparsers)
     return parser
 
 

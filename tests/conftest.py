@@ -30,3 +30,20 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModelFactory:
         return cache[key]
 
     return factory
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory):
+    """URL of a private redis-server for the whole session (no persistence, free port).
+
+    Tests sharing it keep apart by using their own model names / request ids.
+    """
+    from redis_server import redis_server_path, start_redis_server
+
+    if redis_server_path() is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    server = start_redis_server(tmp_path_factory.mktemp("redis"))
+    try:
+        yield server.url
+    finally:
+        server.stop()

@@ -1,0 +1,135 @@
+"""The gateway's side of Redis: submit a request, relay its output events, cancel it.
+
+The gateway holds no request state of its own: everything a client needs to resume (the
+request id and the index of the last event it saw) lives in Redis, so any gateway replica can
+serve a reconnecting client (DESIGN.md §4).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import redis.asyncio as aioredis
+
+from common import redis_schema as schema
+from common.redis_schema import OutputEvent, QueuedRequest, RedisLimits
+
+
+class RequestNotFound(KeyError):
+    """The request id is unknown, or its record expired (the resume window has passed)."""
+
+
+class EventsLost(RuntimeError):
+    """Events between the client's last index and the next stored one are gone (trimmed)."""
+
+
+# One round trip, atomic: a retried submission either sees the first one's id or enqueues,
+# never both, and a record exists before anyone can learn the id (events() relies on it).
+_SUBMIT = """
+if ARGV[1] == '1' then
+  if not redis.call('SET', KEYS[1], ARGV[2], 'NX', 'PX', ARGV[3]) then
+    return redis.call('GET', KEYS[1])
+  end
+end
+local nrec = tonumber(ARGV[4])
+redis.call('HSET', KEYS[2], unpack(ARGV, 5, 4 + nrec))
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.call('XADD', KEYS[3], '*', unpack(ARGV, 5 + nrec))
+return ARGV[2]
+"""
+
+
+def _text(v: str | bytes) -> str:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+class RequestSubmitter:
+    """Enqueue requests, stream their events, cancel them: the gateway's Redis client.
+
+    Each ``events`` iterator holds one pooled connection while it blocks in XREAD, so size the
+    client's ``max_connections`` for the number of concurrent streams.
+    """
+
+    def __init__(self, client: aioredis.Redis, limits: RedisLimits = RedisLimits()) -> None:
+        self.redis = client
+        self.limits = limits
+        self._submit = client.register_script(_SUBMIT)
+
+    async def submit(self, queued: QueuedRequest) -> str:
+        """Enqueue ``queued``; returns its request id.
+
+        With an idempotency key, a second submission by the same tenant with the same key
+        (while the first's record lives) returns the first request's id and enqueues nothing.
+        """
+        has_idem = queued.idempotency_key is not None
+        idem = schema.idempotency_key(queued.tenant, queued.idempotency_key or "")
+        record = {"state": schema.STATE_QUEUED, "model": queued.model, "tenant": queued.tenant,
+                  "n": queued.params.n, "disconnect": queued.disconnect,
+                  "queued_at": time.time()}
+        rec_args = [str(x) for kv in record.items() for x in kv]
+        entry_args = [x for kv in queued.to_fields().items() for x in kv]
+        rid = await self._submit(
+            keys=[idem, schema.request_record(queued.request_id),
+                  schema.requests_stream(queued.model)],
+            args=["1" if has_idem else "0", queued.request_id, self.limits.record_ttl_ms,
+                  len(rec_args), *rec_args, *entry_args])
+        return _text(rid)
+
+    async def events(self, request_id: str, last_index: int = -1,
+                     block_ms: int = 5000) -> AsyncIterator[OutputEvent]:
+        """The request's events after ``last_index``, in order, each exactly once.
+
+        Ends after the final event (all sequences finished) or an error event. Raises
+        RequestNotFound when the request is unknown or expired, EventsLost when the next
+        stored event is not ``last_index + 1``.
+        """
+        out = schema.output_stream(request_id)
+        rec = schema.request_record(request_id)
+        seen = last_index
+        block: int | None = None   # the first read does not block: it answers "is it there?"
+        over = False
+        while True:
+            reply = await self.redis.xread({out: f"0-{seen + 1}"}, count=256, block=block)
+            entries = reply[0][1] if reply else []
+            for _, fields in entries:
+                ev = OutputEvent.from_fields(fields)
+                if ev.index <= seen:
+                    continue   # a duplicate (cannot happen with index ids; cheap to be sure)
+                if ev.index != seen + 1:
+                    raise EventsLost(f"request {request_id}: expected event {seen + 1}, "
+                                     f"got {ev.index}")
+                seen = ev.index
+                yield ev
+                if ev.final or ev.error is not None:
+                    return
+            if entries:
+                block = None if over else block_ms
+                continue
+            if over:
+                return   # over, and nothing after ``seen`` is left (expired or trimmed)
+            state = await self.redis.hget(rec, "state")
+            if state is None:
+                raise RequestNotFound(request_id)
+            # The final XADD precedes the state change in the scheduler's pipeline: once the
+            # state is terminal, one more non-blocking read sees everything there will be.
+            over = _text(state) in schema.TERMINAL_STATES
+            block = None if over else block_ms
+
+    async def cancel(self, request_id: str) -> bool:
+        """Ask the schedulers to stop a request; False when it is unknown or already over.
+
+        Two writes: the record's ``cancelled`` flag (seen by a scheduler that reads the request
+        later, from the queue or by claiming it) and an entry on the model's cancels stream
+        (seen by the scheduler running it, at its next step).
+        """
+        rec = schema.request_record(request_id)
+        model, state = await self.redis.hmget(rec, ["model", "state"])
+        if model is None or state is None or _text(state) in schema.TERMINAL_STATES:
+            return False
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(rec, "cancelled", "1")
+        pipe.xadd(schema.cancels_stream(_text(model)), {"request_id": request_id},
+                  maxlen=self.limits.cancels_maxlen, approximate=True)
+        await pipe.execute()
+        return True

@@ -1,0 +1,164 @@
+"""The scheduler service's engine loop: Redis intake -> schedule -> execute -> update -> publish.
+
+    plan = scheduler.schedule(); output = executor.execute(plan)
+    events = scheduler.update(plan, output); publish(events)
+
+Around that core: intake reads new requests from Redis only while the block manager can take
+them (back-pressure stays visible as queue depth), cancels are drained once per step, a
+request is acknowledged in the same pipeline as its final event, and a worker that stops
+answering fails the in-flight requests with an error event while the loop keeps running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from common.redis_schema import OutputEvent, QueuedRequest
+from scheduler.executor import Executor, WorkerMismatch, WorkerUnavailable
+from scheduler.queue import RequestQueue
+from scheduler.request import Request
+from scheduler.scheduler import RequestEvent, Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _InFlight:
+    """A user request: its stream entry, its n sequences, its next event index."""
+    entry_id: str
+    queued: QueuedRequest
+    next_index: int = 0
+    unfinished: set[int] = field(default_factory=set)
+
+
+def _seq_id(request_id: str, k: int, n: int) -> str:
+    return request_id if n == 1 else f"{request_id}#{k}"
+
+
+class EngineLoop:
+    def __init__(self, scheduler: Scheduler, executor: Executor, queue: RequestQueue,
+                 eos_token_ids: tuple[int, ...] = (), idle_block_ms: int = 100) -> None:
+        self.scheduler = scheduler
+        self.executor = executor
+        self.queue = queue
+        self.eos_token_ids = eos_token_ids
+        self.idle_block_ms = idle_block_ms
+        self.inflight: dict[str, _InFlight] = {}
+        self._owner: dict[str, tuple[_InFlight, int]] = {}   # sequence id -> (request, k)
+        self.stopped = asyncio.Event()
+        self.steps = 0
+        self._pending_errors: list[tuple[_InFlight, str]] = []
+
+    # ---- intake -------------------------------------------------------------------------
+    def _admission_room(self) -> int:
+        """How many new requests to read: none while earlier ones still wait for blocks."""
+        s = self.scheduler
+        if s.num_waiting or s.kv.num_free_blocks == 0:
+            return 0
+        return max(s.config.max_num_seqs - s.num_running, 0)
+
+    async def _intake(self, block_ms: int | None) -> None:
+        room = self._admission_room()
+        if room == 0:
+            return
+        for entry_id, queued in await self.queue.read_new(room, block_ms):
+            self._add(entry_id, queued)
+
+    def _add(self, entry_id: str, queued: QueuedRequest) -> None:
+        n = queued.params.n
+        req = _InFlight(entry_id, queued, unfinished=set(range(n)))
+        try:
+            for k in range(n):
+                seq_id = _seq_id(queued.request_id, k, n)
+                self.scheduler.add_request(Request(
+                    seq_id, list(queued.prompt_token_ids), queued.params,
+                    priority=queued.priority, eos_token_ids=self.eos_token_ids, seed_offset=k))
+                self._owner[seq_id] = (req, k)
+        except ValueError as e:   # e.g. a prompt the gateway should not have let through
+            for k in range(n):
+                self.scheduler.abort(_seq_id(queued.request_id, k, n))
+                self._owner.pop(_seq_id(queued.request_id, k, n), None)
+            req.unfinished.clear()
+            self._pending_errors.append((req, str(e)))
+            return
+        self.inflight[queued.request_id] = req
+
+    # ---- the loop -----------------------------------------------------------------------
+    async def run(self) -> None:
+        while not self.stopped.is_set():
+            idle = not self.scheduler.has_unfinished
+            await self._intake(self.idle_block_ms if idle else None)
+            await self._apply_cancels()
+            for req, message in self._pending_errors:
+                await self._fail([req], message)
+            self._pending_errors = []
+            if not self.scheduler.has_unfinished:
+                continue
+            await self.step()
+
+    async def step(self) -> None:
+        plan = self.scheduler.schedule()
+        if plan.num_sequences == 0:
+            await asyncio.sleep(0.01)   # everything waits for blocks that aborts will free
+            return
+        try:
+            output = await asyncio.to_thread(self.executor.execute, plan)
+        except WorkerMismatch as e:
+            logger.warning("worker out of step (%s): reset and recompute every sequence", e)
+            await asyncio.to_thread(self.executor.reset)
+            self.scheduler.reset_workers()
+            return
+        except WorkerUnavailable as e:
+            logger.error("worker group unavailable: %s", e)
+            await self._fail(list(self.inflight.values()), f"worker unavailable: {e}")
+            self.scheduler.reset_workers()
+            return
+        self.steps += 1
+        await self._publish(self.scheduler.update(plan, output))
+
+    async def _publish(self, events: list[RequestEvent]) -> None:
+        out: list[tuple[str, OutputEvent]] = []
+        acks: list[str] = []
+        for ev in events:
+            owner = self._owner.get(ev.request_id)
+            if owner is None:
+                continue
+            req, k = owner
+            if ev.finish_reason is not None:
+                req.unfinished.discard(k)
+                del self._owner[ev.request_id]
+            final = not req.unfinished
+            out.append((req.queued.request_id, OutputEvent(
+                req.next_index, ev.new_token_ids, seq_index=k, finish_reason=ev.finish_reason,
+                final=final, logprobs=ev.logprobs, prompt_logprobs=ev.prompt_logprobs)))
+            req.next_index += 1
+            if final:
+                acks.append(req.entry_id)
+                del self.inflight[req.queued.request_id]
+        await self.queue.publish(out, acks=acks)
+
+    def _end(self, req: _InFlight, reason: str, error: str | None = None) -> OutputEvent:
+        """Abort what is left of a request and make its final event."""
+        rid, n = req.queued.request_id, req.queued.params.n
+        for k in sorted(req.unfinished):
+            self.scheduler.abort(_seq_id(rid, k, n))
+            self._owner.pop(_seq_id(rid, k, n), None)
+        req.unfinished.clear()
+        self.inflight.pop(rid, None)
+        event = OutputEvent(req.next_index, [], finish_reason=reason, final=True, error=error)
+        req.next_index += 1
+        return event
+
+    async def _apply_cancels(self) -> None:
+        cancelled = [self.inflight[rid] for rid in await self.queue.drain_cancels()
+                     if rid in self.inflight]
+        if cancelled:
+            await self.queue.publish([(r.queued.request_id, self._end(r, "abort")) for r in cancelled],
+                                     acks=[r.entry_id for r in cancelled])
+
+    async def _fail(self, requests: list[_InFlight], message: str) -> None:
+        await self.queue.publish(
+            [(r.queued.request_id, self._end(r, "error", message)) for r in requests],
+            acks=[r.entry_id for r in requests])

@@ -1,0 +1,253 @@
+"""The scheduler's side of Redis: intake through the consumer group, output, cancels.
+
+Durability rules (DESIGN.md §4) this module carries out:
+- a request leaves the stream only when it finished: ``ack`` (XACK + XDEL) comes after its
+  final event is written, in the same pipeline when ``publish(..., acks=...)`` is used;
+- an un-acked request of a dead scheduler is taken over by ``claim_stale`` (XAUTOCLAIM), so a
+  live scheduler must ``touch`` its in-flight entries more often than the claim idle time;
+- a step's events go out in one pipeline, and an event Redis already has is rejected by id,
+  so a recovering scheduler never delivers a token twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from common import redis_schema as schema
+from common.redis_schema import MalformedEntry, OutputEvent, QueuedRequest, RedisLimits
+
+logger = logging.getLogger(__name__)
+
+Entry = tuple[str, QueuedRequest]   # (stream entry id, request)
+
+
+@dataclass(frozen=True)
+class GroupStats:
+    waiting: int   # in the stream, not yet delivered to any scheduler (queue depth)
+    pending: int   # delivered to a scheduler and not yet finished (in flight)
+
+
+def _text(v: str | bytes) -> str:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+class RequestQueue:
+    """One scheduler's view of its model's request stream, output streams and cancels."""
+
+    def __init__(self, client: aioredis.Redis, model: str, consumer: str,
+                 limits: RedisLimits = RedisLimits()) -> None:
+        self.redis = client
+        self.model = model
+        self.consumer = consumer                  # unique per scheduler process
+        self.limits = limits
+        self.stream = schema.requests_stream(model)
+        self.group = schema.SCHEDULERS_GROUP
+        self._cancels = schema.cancels_stream(model)
+        self._cancel_cursor: str | None = None
+        self._claim_cursor = "0-0"
+
+    # ---- intake -----------------------------------------------------------------------------
+    async def ensure_group(self) -> None:
+        """Create the stream and consumer group if missing (idempotent), and start the cancel
+        cursor at the current end of the cancels stream."""
+        try:
+            await self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        except ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+        await self._init_cancel_cursor()
+
+    async def read_new(self, max_count: int, block_ms: int | None = None) -> list[Entry]:
+        """Up to ``max_count`` requests never delivered to any scheduler.
+
+        Ask only for what the block manager can admit: the rest stays in Redis, visible as
+        queue depth (back-pressure). ``block_ms`` None or <= 0 does not block (Redis's BLOCK 0
+        would block forever). Malformed or already cancelled requests are finished here and
+        not returned.
+        """
+        if max_count <= 0:
+            return []
+        block = block_ms if block_ms and block_ms > 0 else None
+        reply = await self.redis.xreadgroup(self.group, self.consumer, {self.stream: ">"},
+                                            count=max_count, block=block)
+        raw = [(entry_id, fields) for _, entries in (reply or []) for entry_id, fields in entries]
+        return await self._admit(raw)
+
+    async def claim_stale(self, min_idle_ms: int, count: int = 100) -> list[Entry]:
+        """Take over requests another scheduler read and has not touched for ``min_idle_ms``.
+
+        The caller recovers each one: ``read_emitted`` gives the events already published; it
+        recomputes prompt + emitted tokens and continues the indices (or just acks it if the
+        last emitted event is final). Successive calls walk the pending list with a cursor.
+        """
+        reply = await self.redis.xautoclaim(self.stream, self.group, self.consumer,
+                                            min_idle_time=min_idle_ms,
+                                            start_id=self._claim_cursor, count=count)
+        self._claim_cursor = _text(reply[0])
+        # Entries deleted while pending come back as None (Redis drops them from the PEL).
+        raw = [(eid, fields) for eid, fields in reply[1] if fields]
+        return await self._admit(raw)
+
+    async def touch(self, entry_ids: Sequence[str]) -> None:
+        """Reset the idle time of this scheduler's in-flight entries, so that a peer's
+        ``claim_stale`` does not take over requests that are merely long-running."""
+        if entry_ids:
+            await self.redis.xclaim(self.stream, self.group, self.consumer, 0,
+                                    list(entry_ids), justid=True)
+
+    async def _admit(self, raw: list[tuple[Any, Any]]) -> list[Entry]:
+        """Decode entries, mark them running under this consumer, and finish at once the
+        malformed ones and those cancelled while they waited."""
+        good: list[Entry] = []
+        doomed: list[tuple[str, str, str | None, str | None]] = []  # id, req id, reason, error
+        for entry_id, fields in raw:
+            entry_id = _text(entry_id)
+            try:
+                good.append((entry_id, QueuedRequest.from_fields(fields)))
+            except MalformedEntry as e:
+                logger.warning("malformed request entry %s: %s", entry_id, e)
+                doomed.append((entry_id, e.request_id or "", None, str(e)))
+        if good:
+            now = time.time()
+            pipe = self.redis.pipeline(transaction=False)
+            for _, q in good:
+                rec = schema.request_record(q.request_id)
+                pipe.hget(rec, "cancelled")
+                pipe.hset(rec, mapping={"state": schema.STATE_RUNNING, "owner": self.consumer,
+                                        "started_at": now})
+                pipe.pexpire(rec, self.limits.record_ttl_ms)
+            flags = (await pipe.execute())[::3]
+            kept = []
+            for (entry_id, q), flag in zip(good, flags):
+                if flag:
+                    doomed.append((entry_id, q.request_id, "abort", None))
+                else:
+                    kept.append((entry_id, q))
+            good = kept
+        if doomed:
+            await self._terminate(doomed)
+        return good
+
+    async def _terminate(self, doomed: list[tuple[str, str, str | None, str | None]]) -> None:
+        """Publish a final event (abort or error) after the request's last one, then ack."""
+        named = [d for d in doomed if d[1]]   # without a request id nobody can be told
+        pipe = self.redis.pipeline(transaction=False)
+        for _, request_id, _, _ in named:
+            pipe.xrevrange(schema.output_stream(request_id), count=1)
+        lasts = await pipe.execute() if named else []
+        events = []
+        for (_, request_id, reason, error), last in zip(named, lasts):
+            index = OutputEvent.from_fields(last[0][1]).index + 1 if last else 0
+            events.append((request_id, OutputEvent(index, [], finish_reason=reason, final=True,
+                                                   error=error)))
+        await self.publish(events, acks=[entry_id for entry_id, *_ in doomed])
+
+    async def ack(self, entry_ids: str | Sequence[str]) -> None:
+        """Finished: drop the entries from the pending list and the stream (XACK + XDEL), so the
+        stream holds exactly the waiting and in-flight requests."""
+        ids = [entry_ids] if isinstance(entry_ids, str) else list(entry_ids)
+        if ids:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.xack(self.stream, self.group, *ids)
+            pipe.xdel(self.stream, *ids)
+            await pipe.execute()
+
+    # ---- output -----------------------------------------------------------------------------
+    async def publish(self, events: Sequence[tuple[str, OutputEvent]],
+                      acks: Sequence[str] = ()) -> None:
+        """Write one step's events (and ack the entries of finished requests) in ONE pipeline.
+
+        A final event expires the out stream and the record after ``finished_ttl_s`` (the
+        resume window) and records the outcome. ``acks`` run after every XADD of the batch:
+        Redis executes a pipeline in order, so a request is never acked before its final event
+        is stored. An event whose index Redis already holds is skipped (no double delivery).
+        """
+        if not events and not acks:
+            return
+        limits = self.limits
+        pipe = self.redis.pipeline(transaction=False)
+        now = time.time()
+        for request_id, ev in events:
+            out = schema.output_stream(request_id)
+            pipe.xadd(out, ev.to_fields(), id=ev.stream_id, maxlen=limits.output_maxlen,
+                      approximate=True)
+            if ev.index == 0:   # an abandoned stream must not live forever
+                pipe.pexpire(out, limits.record_ttl_ms)
+            if ev.final:
+                rec = schema.request_record(request_id)
+                state = schema.STATE_FAILED if ev.error is not None else schema.STATE_FINISHED
+                pipe.hset(rec, mapping={"state": state, "finished_at": now,
+                                        "finish_reason": ev.finish_reason or ""})
+                pipe.pexpire(rec, limits.finished_ttl_ms)
+                pipe.pexpire(out, limits.finished_ttl_ms)
+        if acks:
+            pipe.xack(self.stream, self.group, *acks)
+            pipe.xdel(self.stream, *acks)
+        results = await pipe.execute(raise_on_error=False)
+        for r in results:
+            if isinstance(r, ResponseError):
+                if "equal or smaller" in str(r):
+                    logger.debug("event already published, skipped: %s", r)
+                    continue
+                raise r
+
+    async def read_emitted(self, request_id: str) -> list[OutputEvent]:
+        """The events already published for a request, in index order (recovery)."""
+        entries = await self.redis.xrange(schema.output_stream(request_id))
+        return [OutputEvent.from_fields(fields) for _, fields in entries]
+
+    # ---- cancels ----------------------------------------------------------------------------
+    # NOTE: a plain XREAD with a cursor per scheduler, not a consumer group. Every scheduler
+    # must see every cancel (each acts on the ids it owns, ignores the rest); one shared group
+    # would hand each cancel to one scheduler only, and a group per scheduler leaves groups of
+    # dead schedulers behind. A cursor is never behind what a running step adds, so nothing
+    # added between drains is lost. A cancel that lands before a scheduler owns the request
+    # (still queued, or owned by one that dies) is caught by the record's ``cancelled`` flag,
+    # which _admit checks when the request is read or claimed.
+    async def _init_cancel_cursor(self) -> None:
+        last = await self.redis.xrevrange(self._cancels, count=1)
+        self._cancel_cursor = _text(last[0][0]) if last else "0-0"
+
+    async def drain_cancels(self, batch: int = 1000) -> list[str]:
+        """Request ids cancelled since the last drain (call once per step; never blocks)."""
+        if self._cancel_cursor is None:
+            await self._init_cancel_cursor()
+        ids: dict[str, None] = {}
+        while True:
+            reply = await self.redis.xread({self._cancels: self._cancel_cursor}, count=batch)
+            entries = reply[0][1] if reply else []
+            for entry_id, fields in entries:
+                self._cancel_cursor = _text(entry_id)
+                rid = fields.get(b"request_id", fields.get("request_id"))
+                if rid:
+                    ids[_text(rid)] = None
+            if len(entries) < batch:
+                return list(ids)
+
+    # ---- metrics ----------------------------------------------------------------------------
+    async def consumer_lag(self) -> GroupStats:
+        """Waiting (undelivered) and pending (in-flight) counts of the scheduler group."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xinfo_groups(self.stream)
+        pipe.xlen(self.stream)
+        groups, length = await pipe.execute()
+        for g in groups:
+            if _text(g["name"]) == self.group:
+                pending = int(g["pending"])
+                lag = g.get("lag")
+                # Redis answers nil lag when deletions make it unknowable; since finished
+                # entries are deleted, length - pending counts the waiting ones exactly.
+                waiting = int(lag) if lag is not None else max(length - pending, 0)
+                return GroupStats(waiting=waiting, pending=pending)
+        return GroupStats(waiting=length, pending=0)
+
+    async def queue_depth(self) -> int:
+        """Requests waiting in Redis for a scheduler to admit them."""
+        return (await self.consumer_lag()).waiting
