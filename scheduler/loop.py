@@ -31,6 +31,7 @@ class _InFlight:
     queued: QueuedRequest
     next_index: int = 0
     unfinished: set[int] = field(default_factory=set)
+    siblings_added: bool = False
 
 
 def _seq_id(request_id: str, k: int, n: int) -> str:
@@ -67,23 +68,25 @@ class EngineLoop:
             self._add(entry_id, queued)
 
     def _add(self, entry_id: str, queued: QueuedRequest) -> None:
-        n = queued.params.n
-        req = _InFlight(entry_id, queued, unfinished=set(range(n)))
+        req = _InFlight(entry_id, queued, unfinished={0})
         try:
-            for k in range(n):
-                seq_id = _seq_id(queued.request_id, k, n)
-                self.scheduler.add_request(Request(
-                    seq_id, list(queued.prompt_token_ids), queued.params,
-                    priority=queued.priority, eos_token_ids=self.eos_token_ids, seed_offset=k))
-                self._owner[seq_id] = (req, k)
+            self._add_sequence(req, 0)
         except ValueError as e:   # e.g. a prompt the gateway should not have let through
-            for k in range(n):
-                self.scheduler.abort(_seq_id(queued.request_id, k, n))
-                self._owner.pop(_seq_id(queued.request_id, k, n), None)
             req.unfinished.clear()
             self._pending_errors.append((req, str(e)))
             return
         self.inflight[queued.request_id] = req
+
+    def _add_sequence(self, req: _InFlight, k: int) -> None:
+        """Sequence k of a request. Sequences 1.. join once sequence 0 has computed (and
+        cached) the prompt, so the n sequences share its KV blocks through the prefix cache."""
+        q = req.queued
+        seq_id = _seq_id(q.request_id, k, q.params.n)
+        self.scheduler.add_request(Request(
+            seq_id, list(q.prompt_token_ids), q.params, priority=q.priority,
+            eos_token_ids=self.eos_token_ids, seed_offset=k))
+        self._owner[seq_id] = (req, k)
+        req.unfinished.add(k)
 
     # ---- the loop -----------------------------------------------------------------------
     async def run(self) -> None:
@@ -126,6 +129,11 @@ class EngineLoop:
             if owner is None:
                 continue
             req, k = owner
+            n = req.queued.params.n
+            if n > 1 and not req.siblings_added and ev.new_token_ids:
+                req.siblings_added = True
+                for j in range(1, n):
+                    self._add_sequence(req, j)
             if ev.finish_reason is not None:
                 req.unfinished.discard(k)
                 del self._owner[ev.request_id]
