@@ -72,6 +72,11 @@ def group_lease(model: str, group: str) -> str:
     return f"{PREFIX}lease:{model}:{group}"
 
 
+def scheduler_stats(model: str, group: str) -> str:
+    """Hash a group's scheduler rewrites every step: running, waiting, KV blocks in use/total."""
+    return f"{PREFIX}stats:{model}:{group}"
+
+
 def idempotency_key(tenant: str, key: str) -> str:
     """Maps (tenant, client's Idempotency-Key) to a request id.
 

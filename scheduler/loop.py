@@ -40,12 +40,14 @@ def _seq_id(request_id: str, k: int, n: int) -> str:
 
 class EngineLoop:
     def __init__(self, scheduler: Scheduler, executor: Executor, queue: RequestQueue,
-                 eos_token_ids: tuple[int, ...] = (), idle_block_ms: int = 100) -> None:
+                 eos_token_ids: tuple[int, ...] = (), idle_block_ms: int = 100,
+                 stats_key: str | None = None) -> None:
         self.scheduler = scheduler
         self.executor = executor
         self.queue = queue
         self.eos_token_ids = eos_token_ids
         self.idle_block_ms = idle_block_ms
+        self.stats_key = stats_key
         self.inflight: dict[str, _InFlight] = {}
         self._owner: dict[str, tuple[_InFlight, int]] = {}   # sequence id -> (request, k)
         self.stopped = asyncio.Event()
@@ -145,7 +147,15 @@ class EngineLoop:
             if final:
                 acks.append(req.entry_id)
                 del self.inflight[req.queued.request_id]
-        await self.queue.publish(out, acks=acks)
+        await self.queue.publish(out, acks=acks, stats=self._stats())
+
+    def _stats(self) -> tuple[str, dict] | None:
+        if self.stats_key is None:
+            return None
+        s = self.scheduler
+        return self.stats_key, {"running": s.num_running, "waiting": s.num_waiting,
+                                "kv_blocks_in_use": s.kv.num_blocks_in_use,
+                                "kv_blocks": s.config.num_blocks, "steps": self.steps}
 
     def _end(self, req: _InFlight, reason: str, error: str | None = None) -> OutputEvent:
         """Abort what is left of a request and make its final event."""
@@ -164,9 +174,9 @@ class EngineLoop:
                      if rid in self.inflight]
         if cancelled:
             await self.queue.publish([(r.queued.request_id, self._end(r, "abort")) for r in cancelled],
-                                     acks=[r.entry_id for r in cancelled])
+                                     acks=[r.entry_id for r in cancelled], stats=self._stats())
 
     async def _fail(self, requests: list[_InFlight], message: str) -> None:
         await self.queue.publish(
             [(r.queued.request_id, self._end(r, "error", message)) for r in requests],
-            acks=[r.entry_id for r in requests])
+            acks=[r.entry_id for r in requests], stats=self._stats())

@@ -103,8 +103,8 @@ class RequestQueue:
                                     list(entry_ids), justid=True)
 
     async def _admit(self, raw: list[tuple[Any, Any]]) -> list[Entry]:
-        """Decode entries, mark them running under this consumer, and finish at once the
-        malformed ones and those cancelled while they waited."""
+        """Decode entries and mark them running under this consumer; finish at once the
+        malformed ones and those cancelled while they waited; ack those already finished."""
         good: list[Entry] = []
         doomed: list[tuple[str, str, str | None, str | None]] = []  # id, req id, reason, error
         for entry_id, fields in raw:
@@ -115,22 +115,33 @@ class RequestQueue:
                 logger.warning("malformed request entry %s: %s", entry_id, e)
                 doomed.append((entry_id, e.request_id or "", None, str(e)))
         if good:
-            now = time.time()
+            # Read the records before claiming them: a claimed request may have finished
+            # already (its scheduler died between the final event and the ack).
             pipe = self.redis.pipeline(transaction=False)
             for _, q in good:
-                rec = schema.request_record(q.request_id)
-                pipe.hget(rec, "cancelled")
-                pipe.hset(rec, mapping={"state": schema.STATE_RUNNING, "owner": self.consumer,
-                                        "started_at": now})
-                pipe.pexpire(rec, self.limits.record_ttl_ms)
-            flags = (await pipe.execute())[::3]
-            kept = []
-            for (entry_id, q), flag in zip(good, flags):
-                if flag:
+                pipe.hmget(schema.request_record(q.request_id), ["cancelled", "state"])
+            records = await pipe.execute()
+            kept, done = [], []
+            for (entry_id, q), (cancelled, state) in zip(good, records):
+                if state is not None and _text(state) in schema.TERMINAL_STATES:
+                    done.append(entry_id)
+                elif cancelled:
                     doomed.append((entry_id, q.request_id, "abort", None))
                 else:
                     kept.append((entry_id, q))
             good = kept
+            now = time.time()
+            pipe = self.redis.pipeline(transaction=False)
+            for _, q in good:
+                rec = schema.request_record(q.request_id)
+                pipe.hset(rec, mapping={"state": schema.STATE_RUNNING, "owner": self.consumer,
+                                        "started_at": now})
+                pipe.pexpire(rec, self.limits.record_ttl_ms)
+            if done:
+                pipe.xack(self.stream, self.group, *done)
+                pipe.xdel(self.stream, *done)
+            if good or done:
+                await pipe.execute()
         if doomed:
             await self._terminate(doomed)
         return good
@@ -161,7 +172,7 @@ class RequestQueue:
 
     # ---- output -----------------------------------------------------------------------------
     async def publish(self, events: Sequence[tuple[str, OutputEvent]],
-                      acks: Sequence[str] = ()) -> None:
+                      acks: Sequence[str] = (), stats: tuple[str, dict] | None = None) -> None:
         """Write one step's events (and ack the entries of finished requests) in ONE pipeline.
 
         A final event expires the out stream and the record after ``finished_ttl_s`` (the
@@ -169,7 +180,7 @@ class RequestQueue:
         Redis executes a pipeline in order, so a request is never acked before its final event
         is stored. An event whose index Redis already holds is skipped (no double delivery).
         """
-        if not events and not acks:
+        if not events and not acks and stats is None:
             return
         limits = self.limits
         pipe = self.redis.pipeline(transaction=False)
@@ -190,6 +201,8 @@ class RequestQueue:
         if acks:
             pipe.xack(self.stream, self.group, *acks)
             pipe.xdel(self.stream, *acks)
+        if stats is not None:   # (key, mapping): the scheduler's gauges ride the same round trip
+            pipe.hset(stats[0], mapping=stats[1])
         results = await pipe.execute(raise_on_error=False)
         for r in results:
             if isinstance(r, ResponseError):

@@ -90,7 +90,8 @@ async def serve(config: SchedulerServiceConfig) -> None:
             enable_prefix_caching=config.enable_prefix_caching))
         queue = RequestQueue(client, config.model_name, consumer)
         await queue.ensure_group()
-        loop = EngineLoop(scheduler, executor, queue, model_config.eos_token_ids)
+        loop = EngineLoop(scheduler, executor, queue, model_config.eos_token_ids,
+                          stats_key=schema.scheduler_stats(config.model_name, config.group))
         print(f"scheduler ready: model {config.model_name}, group {config.group}, "
               f"{num_blocks} KV blocks, workers {','.join(config.workers)}", flush=True)
         renew = asyncio.create_task(lease.renew_forever(loop.stopped))

@@ -98,6 +98,19 @@ def test_n_sequences_and_cancel(stack):
     long = SamplingParams(temperature=0, max_tokens=1000, ignore_eos=True)
     [(tokens, events)] = asyncio.run(_run(redis_url, name, [list(range(30))], long, cancel_after=3))
     assert events[-1].finish_reason == "abort" and events[-1].final and len(tokens) < 1000
+    # the cancelled request's KV blocks are free again (the scheduler's per-step gauges)
+    stats = asyncio.run(_stats(redis_url, name))
+    assert stats[b"kv_blocks_in_use"] == b"0" and stats[b"running"] == b"0"
+
+
+async def _stats(redis_url, name):
+    from common.redis_schema import scheduler_stats
+
+    client = aioredis.from_url(redis_url)
+    try:
+        return await client.hgetall(scheduler_stats(name, "0"))
+    finally:
+        await client.aclose()
 
 
 def test_dead_worker_fails_requests_and_scheduler_survives(stack):
