@@ -18,7 +18,8 @@ n sequences usually share one). benchmarks/step_proto_overhead.py measures it.
 
 from __future__ import annotations
 
-from dataclasses import fields
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 
 from common.proto.tessera.v1 import generate_pb2, worker_pb2
 from common.sampling_params import SamplingParams
@@ -28,6 +29,11 @@ __all__ = [
     "sampling_params_to_proto", "sampling_params_from_proto",
     "step_plan_to_proto", "step_plan_from_proto",
     "step_output_to_proto", "step_output_from_proto",
+    "Choice", "GenerateResult", "StreamChunk", "ModelInfo", "GenerateCall",
+    "generate_request_to_proto", "generate_request_from_proto",
+    "generate_result_to_proto", "generate_result_from_proto",
+    "stream_chunk_to_proto", "stream_chunk_from_proto",
+    "prompt_to_proto", "prompt_from_proto", "model_info_to_proto", "model_info_from_proto",
 ]
 
 # The proto field names equal the dataclass field names (tests/test_proto.py checks both
@@ -197,3 +203,169 @@ def step_output_from_proto(msg: worker_pb2.StepOutput) -> StepOutput:
             start = end
         prompt_logprobs[seq_id] = positions
     return StepOutput(msg.step_id, sampled, prompt_logprobs)
+
+
+# --- Public API (tessera.v1.Generate) -------------------------------------------------------
+# The gateway's servicer and tessera.client both speak these dataclasses; the messages stay
+# here. A prompt is text, token ids, or chat messages ({"role", "content"} mappings).
+Prompt = str | list[int] | list[dict[str, str]]
+# Per generated token: (token id, its logprob, top-N [(id, logprob)]), as CompletionOutput.
+TokenLogprobs = list[tuple[int, float, list[tuple[int, float]]]]
+
+_FINISH_TO_PROTO = {None: generate_pb2.FINISH_REASON_UNSPECIFIED,
+                    "stop": generate_pb2.FINISH_REASON_STOP,
+                    "length": generate_pb2.FINISH_REASON_LENGTH,
+                    "abort": generate_pb2.FINISH_REASON_ABORT,
+                    "error": generate_pb2.FINISH_REASON_ERROR}
+_FINISH_FROM_PROTO = {v: k for k, v in _FINISH_TO_PROTO.items()}
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One of the n choices: in full in a GenerateResult, or what it added in a StreamChunk."""
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: TokenLogprobs | None = None
+    finish_reason: str | None = None    # "stop", "length", "abort", "error"; None: running
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    request_id: str
+    choices: list[Choice]
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class StreamChunk:
+    request_id: str
+    index: int                           # event index: strictly increasing, the resume cursor
+    choices: list[Choice]
+    usage: tuple[int, int] | None = None  # (prompt, completion) tokens, on the final chunk
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    id: str
+    max_model_len: int
+    created: int
+
+
+@dataclass(frozen=True)
+class GenerateCall:
+    """A GenerateRequest as the gateway acts on it (params already validated)."""
+    model: str
+    prompt: Prompt | None                # None only on a resume
+    params: SamplingParams
+    request_id: str = ""
+    idempotency_key: str = ""
+    last_event_index: int | None = None
+    priority: int = 0
+    disconnect: str = "cancel"           # or "continue" (redis_schema's DISCONNECT_*)
+
+
+def prompt_to_proto(msg: generate_pb2.GenerateRequest | generate_pb2.TokenizeRequest,
+                    prompt: Prompt | Sequence[Mapping[str, str]]) -> None:
+    """Set the prompt oneof of ``msg`` (GenerateRequest or TokenizeRequest)."""
+    if isinstance(prompt, str):
+        msg.text = prompt
+    elif prompt and all(isinstance(m, Mapping) for m in prompt):
+        msg.chat.messages.extend(generate_pb2.ChatMessage(role=m["role"], content=m["content"])
+                                 for m in prompt)
+    elif hasattr(msg, "token_ids"):
+        msg.token_ids.ids.extend(prompt)
+    else:
+        raise ValueError("prompt must be text or chat messages")
+
+
+def prompt_from_proto(msg: generate_pb2.GenerateRequest | generate_pb2.TokenizeRequest
+                      ) -> Prompt | None:
+    which = msg.WhichOneof("prompt" if isinstance(msg, generate_pb2.GenerateRequest) else "input")
+    if which == "text":
+        return msg.text
+    if which == "token_ids":
+        return list(msg.token_ids.ids)
+    if which == "chat":
+        return [{"role": m.role, "content": m.content} for m in msg.chat.messages]
+    return None
+
+
+def generate_request_to_proto(call: GenerateCall) -> generate_pb2.GenerateRequest:
+    msg = generate_pb2.GenerateRequest(
+        model=call.model, params=sampling_params_to_proto(call.params),
+        request_id=call.request_id, idempotency_key=call.idempotency_key,
+        priority=call.priority,
+        disconnect_policy=(generate_pb2.DISCONNECT_POLICY_CONTINUE
+                           if call.disconnect == "continue" else generate_pb2.DISCONNECT_POLICY_CANCEL))
+    if call.prompt is not None:
+        prompt_to_proto(msg, call.prompt)
+    if call.last_event_index is not None:
+        msg.last_event_index = call.last_event_index
+    return msg
+
+
+def generate_request_from_proto(msg: generate_pb2.GenerateRequest) -> GenerateCall:
+    """Raises ValueError naming the field for invalid sampling params."""
+    return GenerateCall(
+        model=msg.model, prompt=prompt_from_proto(msg),
+        params=sampling_params_from_proto(msg.params), request_id=msg.request_id,
+        idempotency_key=msg.idempotency_key,
+        last_event_index=msg.last_event_index if msg.HasField("last_event_index") else None,
+        priority=msg.priority,
+        disconnect=("continue" if msg.disconnect_policy == generate_pb2.DISCONNECT_POLICY_CONTINUE
+                    else "cancel"))
+
+
+def _fill_choice(msg: generate_pb2.Choice | generate_pb2.ChoiceDelta, c: Choice) -> None:
+    msg.index, msg.text = c.index, c.text
+    msg.token_ids.extend(c.token_ids)
+    msg.finish_reason = _FINISH_TO_PROTO.get(c.finish_reason, generate_pb2.FINISH_REASON_ERROR)
+    for token_id, lp, top in c.logprobs or ():
+        msg.logprobs.add(token_id=token_id, logprob=lp, top_logprobs=[
+            generate_pb2.TopLogprob(token_id=i, logprob=v) for i, v in top])
+
+
+def _choice_from(msg: generate_pb2.Choice | generate_pb2.ChoiceDelta) -> Choice:
+    # A message cannot tell "logprobs not asked for" from "none in this delta"; None for both.
+    logprobs = [(e.token_id, e.logprob, [(t.token_id, t.logprob) for t in e.top_logprobs])
+                for e in msg.logprobs] or None
+    return Choice(msg.index, msg.text, list(msg.token_ids), logprobs,
+                  _FINISH_FROM_PROTO.get(msg.finish_reason, "error"))
+
+
+def generate_result_to_proto(r: GenerateResult) -> generate_pb2.GenerateResponse:
+    msg = generate_pb2.GenerateResponse(request_id=r.request_id, usage=generate_pb2.Usage(
+        prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens))
+    for c in r.choices:
+        _fill_choice(msg.choices.add(), c)
+    return msg
+
+
+def generate_result_from_proto(msg: generate_pb2.GenerateResponse) -> GenerateResult:
+    return GenerateResult(msg.request_id, [_choice_from(c) for c in msg.choices],
+                          msg.usage.prompt_tokens, msg.usage.completion_tokens)
+
+
+def stream_chunk_to_proto(chunk: StreamChunk) -> generate_pb2.GenerateStreamResponse:
+    msg = generate_pb2.GenerateStreamResponse(request_id=chunk.request_id, index=chunk.index)
+    for c in chunk.choices:
+        _fill_choice(msg.choices.add(), c)
+    if chunk.usage is not None:
+        msg.usage.prompt_tokens, msg.usage.completion_tokens = chunk.usage
+    return msg
+
+
+def stream_chunk_from_proto(msg: generate_pb2.GenerateStreamResponse) -> StreamChunk:
+    usage = ((msg.usage.prompt_tokens, msg.usage.completion_tokens)
+             if msg.HasField("usage") else None)
+    return StreamChunk(msg.request_id, msg.index, [_choice_from(c) for c in msg.choices], usage)
+
+
+def model_info_to_proto(m: ModelInfo) -> generate_pb2.ModelInfo:
+    return generate_pb2.ModelInfo(id=m.id, max_model_len=m.max_model_len, created=m.created)
+
+
+def model_info_from_proto(msg: generate_pb2.ModelInfo) -> ModelInfo:
+    return ModelInfo(msg.id, msg.max_model_len, msg.created)

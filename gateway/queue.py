@@ -7,6 +7,7 @@ serve a reconnecting client (DESIGN.md §4).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -89,7 +90,13 @@ class RequestSubmitter:
         seen = last_index
         block: int | None = None   # the first read does not block: it answers "is it there?"
         over = False
+        task = asyncio.current_task()
         while True:
+            # NOTE: asyncio.wait_for before Python 3.12 can swallow a cancellation (CPython
+            # gh-86296) and redis-py sends through it; the task then stays "cancelling" and,
+            # without this check, would go on reading a stream its client has left.
+            if task is not None and getattr(task, "cancelling", lambda: 0)():
+                raise asyncio.CancelledError
             reply = await self.redis.xread({out: f"0-{seen + 1}"}, count=256, block=block)
             entries = reply[0][1] if reply else []
             for _, fields in entries:

@@ -60,6 +60,7 @@ class Lease:
             await asyncio.sleep(self.ttl_ms / 3000)
             holder = await self.client.get(self.key)
             if holder is None or (holder.decode() if isinstance(holder, bytes) else holder) != self.owner:
+                logger.error("lost the lease %s (now held by %r): stopping", self.key, holder)
                 lost.set()
                 return
             await self.client.pexpire(self.key, self.ttl_ms)
@@ -80,6 +81,9 @@ async def serve(config: SchedulerServiceConfig) -> None:
                   config.lease_ms)
     logger.info("waiting for the lease of group %s", config.group)
     await lease.acquire()
+    lost = asyncio.Event()
+    # Renew from the start: warming the workers up can take longer than the lease lives.
+    renew = asyncio.create_task(lease.renew_forever(lost))
     executor = GrpcExecutor(list(config.workers), step_timeout_s=config.step_timeout_s)
     try:
         num_blocks = await asyncio.to_thread(executor.warmup, config.max_num_batched_tokens,
@@ -94,12 +98,10 @@ async def serve(config: SchedulerServiceConfig) -> None:
                           stats_key=schema.scheduler_stats(config.model_name, config.group))
         print(f"scheduler ready: model {config.model_name}, group {config.group}, "
               f"{num_blocks} KV blocks, workers {','.join(config.workers)}", flush=True)
-        renew = asyncio.create_task(lease.renew_forever(loop.stopped))
-        try:
-            await loop.run()
-        finally:
-            renew.cancel()
+        loop.stopped = lost
+        await loop.run()
     finally:
+        renew.cancel()
         executor.close()
         await lease.release()
         await client.aclose()

@@ -153,6 +153,86 @@ def _run_scheduler(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_gateway(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "gateway", help="run a gateway (OpenAI-compatible HTTP + tessera.v1 gRPC)",
+        description="Serve the public APIs of one model: validate, tokenize and enqueue "
+        "requests in Redis, relay the scheduler's tokens as text. Stateless: run as many "
+        "as you like.")
+    p.add_argument("--model", required=True, help="local Hugging Face model directory")
+    p.add_argument("--served-model-name", default=None,
+                   help="model name in the APIs (default: the directory's name)")
+    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=50051)
+    p.add_argument("--max-body-bytes", type=int, default=4 << 20,
+                   help="largest request body / gRPC message accepted (default 4 MiB)")
+    p.set_defaults(handler=_run_gateway)
+
+
+def _run_gateway(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from gateway.service import GatewayConfig, run_until_signal
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = GatewayConfig(model=args.model, served_model_name=args.served_model_name,
+                           redis_url=args.redis_url, host=args.host, http_port=args.http_port,
+                           grpc_port=args.grpc_port, max_body_bytes=args.max_body_bytes)
+    asyncio.run(run_until_signal(config))
+    return 0
+
+
+def _add_serve(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve", help="start the whole stack on one machine (redis, worker, scheduler, gateway)",
+        description="Start a private redis-server (unless --redis-url), a worker, a scheduler "
+        "and a gateway as separate processes; print the endpoints; stop them all on Ctrl-C.")
+    p.add_argument("--model", required=True, help="local Hugging Face model directory")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=50051)
+    p.add_argument("--redis-url", default=None, help="use this Redis instead of a private one")
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--kv-cache-memory-gb", default="2", help="worker KV budget on CPU (GiB)")
+    p.add_argument("--max-num-seqs", default="256")
+    p.add_argument("--max-num-batched-tokens", default="2048")
+    p.set_defaults(handler=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from tessera.launcher import ServeConfig, serve
+
+    return serve(ServeConfig(
+        model=args.model, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
+        redis_url=args.redis_url, served_model_name=args.served_model_name, dtype=args.dtype,
+        worker_args=["--kv-cache-memory-gb", args.kv_cache_memory_gb],
+        scheduler_args=["--max-num-seqs", args.max_num_seqs,
+                        "--max-num-batched-tokens", args.max_num_batched_tokens]))
+
+
+def _add_bench(subparsers: argparse._SubParsersAction) -> None:
+    from tessera.bench_serve import add_arguments
+
+    p = subparsers.add_parser("bench", help="benchmarks against a running server")
+    sub = p.add_subparsers(dest="bench_command", metavar="KIND", required=True)
+    serve_p = sub.add_parser(
+        "serve", help="load-generate over the OpenAI streaming endpoint",
+        description="Send random prompts to /v1/completions (streaming) and report request "
+        "and token throughput, TTFT, TPOT, ITL and end-to-end latency (vLLM's definitions).")
+    add_arguments(serve_p)
+    serve_p.set_defaults(handler=_run_bench_serve)
+
+
+def _run_bench_serve(args: argparse.Namespace) -> int:
+    from tessera.bench_serve import main as bench_main
+
+    return bench_main(args)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tessera", description="Tessera LLM inference server")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -160,6 +240,9 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_generate(subparsers)
     _add_worker(subparsers)
     _add_scheduler(subparsers)
+    _add_gateway(subparsers)
+    _add_serve(subparsers)
+    _add_bench(subparsers)
     return parser
 
 

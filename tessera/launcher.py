@@ -91,12 +91,12 @@ class Stack:
                 proc.kill()
         shutil.rmtree(self._tmp, ignore_errors=True)
 
-    def wait_any(self) -> str | None:
-        """Blocks until a process exits; returns its name."""
+    def wait_any(self) -> tuple[str, int]:
+        """Blocks until a process exits; returns its name and exit status."""
         while True:
             for name, proc in self.procs:
                 if proc.poll() is not None:
-                    return name
+                    return name, proc.returncode
             time.sleep(0.5)
 
 
@@ -127,8 +127,8 @@ def serve(config: ServeConfig) -> int:
               f"  gRPC         {config.host}:{config.grpc_port}\n"
               f"  Redis        {redis_url}\n"
               f"Ctrl-C stops everything.", flush=True)
-        died = stack.wait_any()
-        print(f"{died} exited; stopping the stack", file=sys.stderr)
+        died, code = stack.wait_any()
+        print(f"{died} exited with status {code}; stopping the stack", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 0

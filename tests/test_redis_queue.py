@@ -132,6 +132,16 @@ def test_unacked_request_is_claimed_by_a_peer_after_idle(redis_url: str) -> None
                                                        final=True))], acks=[claimed_id])
         assert [e.token_ids for e in await collect(sub, q.request_id)] == [[5], [6], [7]]
         assert await peer.consumer_lag() == GroupStats(waiting=0, pending=0)
+        # Died after its final event but before the ack: the claimer only acks it.
+        q2 = make_request(model)
+        await sub.submit(q2)
+        await dead.read_new(max_count=1)
+        await dead.publish([(q2.request_id, OutputEvent(0, [1], finish_reason="stop",
+                                                        final=True))])
+        await asyncio.sleep(0.15)
+        assert await peer.claim_stale(min_idle_ms=100) == []
+        assert await peer.consumer_lag() == GroupStats(waiting=0, pending=0)
+        assert await client.hget(schema.request_record(q2.request_id), "state") == b"finished"
         await client.aclose()
     run(main())
 

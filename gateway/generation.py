@@ -1,0 +1,299 @@
+"""The gateway's core, shared by the gRPC and the OpenAI face: validate, enqueue, relay.
+
+A request turns into a QueuedRequest of token ids (validated here, so both faces give the
+same answer to the same mistake); the scheduler's token-id events turn back into per-choice
+text deltas. Text is the gateway's job (DESIGN.md §2): one IncrementalDetokenizer per choice
+holds back a possible stop string, and when a stop string ends a choice, the choice is done;
+once every choice is done the request is cancelled so the scheduler frees its KV blocks.
+
+NOTE: nothing here logs prompt or output text: it is user content.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pathlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import jinja2
+import redis.asyncio as aioredis
+
+from common import redis_schema as schema
+from common.convert import Choice, GenerateResult, ModelInfo, StreamChunk
+from common.detokenize import IncrementalDetokenizer
+from common.model_config import ModelConfig
+from common.redis_schema import OutputEvent, QueuedRequest
+from common.sampling_params import SamplingParams
+from common.tokenizer import Tokenizer
+from gateway.queue import EventsLost, RequestNotFound, RequestSubmitter
+
+logger = logging.getLogger(__name__)
+
+
+class GatewayError(Exception):
+    """A request the gateway refuses or could not serve; each face maps ``status`` to its own
+    error shape (HTTP status + OpenAI error body, or a gRPC status code)."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+    @property
+    def type(self) -> str:
+        return _ERROR_TYPES.get(self.status, "server_error")
+
+
+_ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error",
+                413: "invalid_request_error", 503: "service_unavailable"}
+
+
+def invalid(message: str, param: str | None = None, code: str | None = None) -> GatewayError:
+    return GatewayError(400, message, param, code)
+
+
+@dataclass
+class GatewayState:
+    """Everything a gateway replica holds: the model's tokenizer and limits, and Redis.
+
+    No request state: a request lives in Redis, so any replica can serve any client.
+    """
+    tokenizer: Tokenizer
+    model_name: str
+    max_model_len: int
+    vocab_size: int
+    redis: aioredis.Redis
+    max_body_bytes: int = 4 << 20
+    created: int = field(default_factory=lambda: int(time.time()))
+    _background: set[asyncio.Task] = field(default_factory=set, repr=False)
+
+    def __post_init__(self) -> None:
+        self.submitter = RequestSubmitter(self.redis)
+
+    @classmethod
+    def load(cls, model_dir: str | pathlib.Path, model_name: str, redis: aioredis.Redis,
+             max_body_bytes: int = 4 << 20, max_model_len: int | None = None) -> GatewayState:
+        config = ModelConfig.from_dir(model_dir)
+        tokenizer = Tokenizer.from_dir(model_dir)
+        limit = max_model_len or config.max_position_embeddings
+        if not 0 < limit <= config.max_position_embeddings:
+            raise ValueError(f"max_model_len must be in [1, {config.max_position_embeddings}]")
+        # Ids past the model's embedding rows would crash a worker: the model's size rules.
+        return cls(tokenizer, model_name, limit, config.vocab_size, redis, max_body_bytes)
+
+    @property
+    def model_info(self) -> ModelInfo:
+        return ModelInfo(self.model_name, self.max_model_len, self.created)
+
+    # ---- validation ---------------------------------------------------------------------
+    def check_model(self, name: str | None) -> None:
+        if name and name != self.model_name:
+            raise GatewayError(404, f"The model `{name}` does not exist.", "model",
+                               "model_not_found")
+
+    @staticmethod
+    def make_params(**kwargs: object) -> SamplingParams:
+        """SamplingParams, with its ValueError (which starts with the field name) as a 400."""
+        try:
+            return SamplingParams(**kwargs)
+        except (ValueError, TypeError) as e:
+            raise invalid(str(e), str(e).split(" ", 1)[0]) from None
+
+    def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+            bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+            if bad is not None:
+                raise invalid(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})",
+                              "prompt")
+        if not ids:
+            raise invalid("the prompt is empty", "prompt")
+        return ids
+
+    def render_chat(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        if not messages:
+            raise invalid("messages must not be empty", "messages")
+        try:
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                     tokenize=True)
+        except (jinja2.TemplateError, ValueError) as e:
+            # The template's own message (e.g. "roles must alternate"), never the text.
+            raise invalid(f"chat template: {e}", "messages") from None
+        return self.encode_prompt(ids)
+
+    def default_max_tokens(self, num_prompt_tokens: int) -> int:
+        """What is left of the context (vLLM's chat default); >= 1 so check_length refuses."""
+        return max(self.max_model_len - num_prompt_tokens, 1)
+
+    def check_length(self, num_prompt_tokens: int, max_tokens: int, param: str = "prompt") -> None:
+        total = num_prompt_tokens + max_tokens
+        if total > self.max_model_len:
+            raise invalid(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                f"you requested {total} tokens ({num_prompt_tokens} in the prompt, {max_tokens} "
+                f"for the completion). Please reduce the prompt or max_tokens.", param,
+                "context_length_exceeded")
+
+    # ---- running ------------------------------------------------------------------------
+    async def start(self, prompt_token_ids: list[int], params: SamplingParams, *,
+                    request_id: str = "", idempotency_key: str | None = None,
+                    priority: int = 0, disconnect: str = schema.DISCONNECT_CANCEL,
+                    tenant: str = "") -> Generation:
+        """Enqueue a validated request and return its relay."""
+        self.check_length(len(prompt_token_ids), params.max_tokens)
+        queued = QueuedRequest(
+            request_id=request_id or uuid.uuid4().hex, model=self.model_name,
+            prompt_token_ids=prompt_token_ids, params=params, priority=priority,
+            arrival_time=time.time(), tenant=tenant, idempotency_key=idempotency_key or None,
+            disconnect=disconnect)
+        rid = await self.submitter.submit(queued)
+        return Generation(self, rid, prompt_token_ids, params, disconnect)
+
+    async def is_ready(self) -> bool:
+        """A scheduler holds a lease for this model (so queued requests will be served)."""
+        async for _ in self.redis.scan_iter(match=schema.group_lease(self.model_name, "*"),
+                                            count=1000):
+            return True
+        return False
+
+    def cancel_soon(self, request_id: str) -> None:
+        """Cancel from a context that is itself being cancelled (a client that went away):
+        an await there would be cancelled too, so the cancel runs as its own task."""
+        task = asyncio.get_running_loop().create_task(self.submitter.cancel(request_id))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+class _ChoiceState:
+    def __init__(self, index: int, detok: IncrementalDetokenizer, with_logprobs: bool) -> None:
+        self.index = index
+        self.detok = detok
+        self.text: list[str] = []
+        self.token_ids: list[int] = []
+        self.logprobs: list | None = [] if with_logprobs else None
+        self.finish_reason: str | None = None
+
+    def result(self) -> Choice:
+        return Choice(self.index, "".join(self.text), self.token_ids, self.logprobs, self.finish_reason)
+
+
+class Generation:
+    """Relays one request's output events as per-choice deltas (``StreamChunk``s).
+
+    Iterate ``chunks()`` once; ``result()`` then holds the full choices. With ``last_index``
+    (a resume) the events up to it rebuild the text state without being yielded again.
+    A relay that stops before the end (the client went away) cancels the request on
+    ``close()`` unless its disconnect policy is ``continue``.
+    """
+
+    def __init__(self, state: GatewayState, request_id: str, prompt_token_ids: list[int],
+                 params: SamplingParams, disconnect: str = schema.DISCONNECT_CANCEL,
+                 last_index: int = -1) -> None:
+        self.state = state
+        self.request_id = request_id
+        self.prompt_token_ids = prompt_token_ids
+        self.params = params
+        self.disconnect = disconnect
+        self.done = False
+        self._last_index = last_index
+        self._choices = [
+            _ChoiceState(i, IncrementalDetokenizer(
+                state.tokenizer, prompt_token_ids, skip_special_tokens=params.skip_special_tokens,
+                stop=params.stop, include_stop_str_in_output=params.include_stop_str_in_output),
+                params.logprobs is not None)
+            for i in range(params.n)]
+        self.prompt_logprobs: list | None = [None] if params.prompt_logprobs is not None else None
+
+    @property
+    def usage(self) -> tuple[int, int]:
+        return len(self.prompt_token_ids), sum(len(c.token_ids) for c in self._choices)
+
+    def result(self) -> GenerateResult:
+        return GenerateResult(self.request_id, [c.result() for c in self._choices], *self.usage)
+
+    async def collect(self) -> GenerateResult:
+        async for _ in self.chunks():
+            pass
+        return self.result()
+
+    async def chunks(self) -> AsyncIterator[StreamChunk]:
+        """One chunk per event that changed something; the last one carries usage."""
+        try:
+            async for ev in self.state.submitter.events(self.request_id):
+                if ev.error is not None:
+                    logger.warning("request %s failed: %s", self.request_id, ev.error)
+                    raise GatewayError(500, f"generation failed: {ev.error}")
+                deltas = self._apply(ev)
+                if all(c.finish_reason is not None for c in self._choices):
+                    self.done = True
+                    if not ev.final:   # ended by stop strings: free the scheduler's blocks
+                        await self.state.submitter.cancel(self.request_id)
+                if ev.index > self._last_index and (deltas or self.done):
+                    yield StreamChunk(self.request_id, ev.index, deltas,
+                                      self.usage if self.done else None)
+                if self.done:
+                    return
+            raise GatewayError(500, "the request's output ended early")
+        except RequestNotFound:
+            raise GatewayError(404, f"request {self.request_id} is unknown or expired") from None
+        except EventsLost as e:
+            raise GatewayError(500, str(e)) from None
+
+    def _apply(self, ev: OutputEvent) -> list[Choice]:
+        """Fold one event into its choice; returns the deltas of the choices that changed."""
+        if ev.prompt_logprobs and self.prompt_logprobs is not None and ev.seq_index == 0:
+            self.prompt_logprobs.extend(ev.prompt_logprobs)
+        if not 0 <= ev.seq_index < len(self._choices):
+            raise GatewayError(500, f"event for sequence {ev.seq_index} of {len(self._choices)}")
+        deltas = []
+        c = self._choices[ev.seq_index]
+        if c.finish_reason is None:   # else: tokens made before the scheduler saw our cancel
+            d = c.detok.add_tokens(ev.token_ids)
+            ids = list(ev.token_ids[:d.num_tokens])   # nothing past a stop string
+            lps = [(t, lp, [(i, v) for i, v in top])
+                   for t, lp, top in (ev.logprobs or [])[:len(ids)]]
+            text = d.text
+            if c.detok.stopped is not None:
+                c.finish_reason = "stop"
+            elif ev.finish_reason is not None:
+                text += self._flush(c, ev.finish_reason)
+            c.text.append(text)
+            c.token_ids.extend(ids)
+            if c.logprobs is not None:
+                c.logprobs.extend(lps)
+            if text or ids or c.finish_reason:
+                deltas.append(Choice(c.index, text, ids, lps if c.logprobs is not None else None,
+                                     c.finish_reason))
+        if ev.final:
+            # The request is over (e.g. aborted as a whole): close every choice still open.
+            for other in self._choices:
+                if other.finish_reason is None:
+                    text = self._flush(other, ev.finish_reason or "abort")
+                    other.text.append(text)
+                    deltas.append(Choice(other.index, text, [],
+                                         [] if other.logprobs is not None else None,
+                                         other.finish_reason))
+        return deltas
+
+    @staticmethod
+    def _flush(c: _ChoiceState, reason: str) -> str:
+        """The scheduler ended the choice: release the held-back text (a stop string that
+        completes in it still makes the reason "stop")."""
+        text = c.detok.flush()
+        c.finish_reason = "stop" if c.detok.stopped else reason
+        return text
+
+    def close(self) -> None:
+        """The consumer stopped early: cancel unless the client asked to continue."""
+        if not self.done and self.disconnect != schema.DISCONNECT_CONTINUE:
+            self.done = True
+            self.state.cancel_soon(self.request_id)

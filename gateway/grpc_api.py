@@ -1,0 +1,137 @@
+"""The gRPC face of the gateway: tessera.v1.Generate, grpc.health.v1 and server reflection.
+
+Same core as the HTTP face (gateway.generation), so both answer the same request the same
+way; HTTP 400 / 404 / 413 / 503 / 500 become INVALID_ARGUMENT / NOT_FOUND /
+RESOURCE_EXHAUSTED / UNAVAILABLE / INTERNAL. Messages are converted in common.convert only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from common import convert
+from common import redis_schema as schema
+from common.proto.tessera.v1 import generate_pb2, generate_pb2_grpc
+from gateway.generation import GatewayError, GatewayState, Generation, invalid
+
+logger = logging.getLogger(__name__)
+
+_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
+          413: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}
+SERVICE_NAME = generate_pb2.DESCRIPTOR.services_by_name["Generate"].full_name
+
+
+class GenerateServicer(generate_pb2_grpc.GenerateServicer):
+    """tessera.v1.Generate on a GatewayState."""
+
+    def __init__(self, state: GatewayState) -> None:
+        self.state = state
+
+    async def _abort(self, context: grpc.aio.ServicerContext, e: GatewayError) -> None:
+        await context.abort(_CODES.get(e.status, grpc.StatusCode.INTERNAL), e.message)
+
+    def _prompt_ids(self, prompt: convert.Prompt | None) -> list[int]:
+        if prompt is None:
+            raise invalid("a prompt is required (text, token_ids or chat)", "prompt")
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+            return self.state.render_chat(prompt)
+        return self.state.encode_prompt(prompt)
+
+    async def _open(self, request: generate_pb2.GenerateRequest) -> Generation:
+        """Validate and enqueue, or reattach to a running request (last_event_index set)."""
+        try:
+            call = convert.generate_request_from_proto(request)
+        except ValueError as e:
+            raise invalid(str(e), str(e).split(" ", 1)[0]) from None
+        state = self.state
+        state.check_model(call.model)
+        if call.disconnect not in (schema.DISCONNECT_CANCEL, schema.DISCONNECT_CONTINUE):
+            raise invalid(f"unknown disconnect policy {call.disconnect}", "disconnect_policy")
+        if call.last_event_index is not None:
+            if not call.request_id:
+                raise invalid("a resume (last_event_index) needs the request_id", "request_id")
+            # NOTE: the prompt is optional on a resume; sent again, it gives the detokenizer
+            # the same context as the first relay (and usage its prompt count).
+            ids = self._prompt_ids(call.prompt) if call.prompt is not None else []
+            return Generation(state, call.request_id, ids, call.params, call.disconnect,
+                              call.last_event_index)
+        return await state.start(self._prompt_ids(call.prompt), call.params,
+                                 request_id=call.request_id,
+                                 idempotency_key=call.idempotency_key or None,
+                                 priority=call.priority, disconnect=call.disconnect)
+
+    async def Generate(self, request: generate_pb2.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> generate_pb2.GenerateResponse:
+        gen = None
+        try:
+            gen = await self._open(request)
+            result = await gen.collect()
+        except GatewayError as e:
+            await self._abort(context, e)
+        finally:   # cancelled (the client went away) or failed: stop the generation
+            if gen is not None:
+                gen.close()
+        return convert.generate_result_to_proto(result)
+
+    async def GenerateStream(self, request: generate_pb2.GenerateRequest,
+                             context: grpc.aio.ServicerContext
+                             ) -> AsyncIterator[generate_pb2.GenerateStreamResponse]:
+        gen = None
+        try:
+            gen = await self._open(request)
+            async for chunk in gen.chunks():
+                yield convert.stream_chunk_to_proto(chunk)
+        except GatewayError as e:
+            await self._abort(context, e)
+        finally:
+            if gen is not None:
+                gen.close()
+
+    async def Tokenize(self, request: generate_pb2.TokenizeRequest,
+                       context: grpc.aio.ServicerContext) -> generate_pb2.TokenizeResponse:
+        try:
+            self.state.check_model(request.model)
+            ids = self._prompt_ids(convert.prompt_from_proto(request))
+        except GatewayError as e:
+            await self._abort(context, e)
+        return generate_pb2.TokenizeResponse(token_ids=ids)
+
+    async def ListModels(self, request: generate_pb2.ListModelsRequest,
+                         context: grpc.aio.ServicerContext) -> generate_pb2.ListModelsResponse:
+        return generate_pb2.ListModelsResponse(
+            models=[convert.model_info_to_proto(self.state.model_info)])
+
+    async def Cancel(self, request: generate_pb2.CancelRequest,
+                     context: grpc.aio.ServicerContext) -> generate_pb2.CancelResponse:
+        if not request.request_id:
+            await self._abort(context, invalid("request_id is required", "request_id"))
+        # Unknown or finished ids are not an error: a cancel races with the generation's end.
+        await self.state.submitter.cancel(request.request_id)
+        return generate_pb2.CancelResponse()
+
+
+async def create_server(state: GatewayState, address: str) -> tuple[grpc.aio.Server, int]:
+    """A started-to-be grpc.aio server bound to ``address``; returns it and the bound port.
+
+    The receive limit is the HTTP face's body limit: gRPC answers RESOURCE_EXHAUSTED itself
+    for a larger message, before any of our code runs.
+    """
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", state.max_body_bytes)])
+    generate_pb2_grpc.add_GenerateServicer_to_server(GenerateServicer(state), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    # Liveness: this process answers. Readiness (a scheduler holds a lease) is /ready's job.
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot bind the gRPC server to {address}")
+    return server, port

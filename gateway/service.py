@@ -1,0 +1,94 @@
+"""Gateway process entry: the HTTP (uvicorn) and gRPC (grpc.aio) faces in one event loop.
+
+Stateless: every replica serves any request (its state is in Redis), so a deployment scales
+gateways by count alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import pathlib
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+import uvicorn
+
+from gateway.generation import GatewayState
+from gateway.grpc_api import create_server
+from gateway.openai_api import create_app
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    model: str                              # local HF model directory (tokenizer, config)
+    served_model_name: str | None = None    # default: the directory's basename
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    host: str = "127.0.0.1"
+    http_port: int = 8000                   # 0: any free port (the ready line names it)
+    grpc_port: int = 50051
+    max_body_bytes: int = 4 << 20
+    max_model_len: int | None = None        # default: the model's max_position_embeddings
+    max_redis_connections: int = 1024       # each open stream holds one while it waits
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or pathlib.Path(self.model).resolve().name
+
+
+async def serve(config: GatewayConfig) -> None:
+    """Serve until cancelled; prints "gateway ready http://HOST:PORT grpc HOST:PORT" once
+    both faces listen. ``run_until_signal`` wraps it for a process of its own."""
+    redis = aioredis.from_url(config.redis_url, max_connections=config.max_redis_connections)
+    state = GatewayState.load(config.model, config.model_name, redis,
+                              max_body_bytes=config.max_body_bytes,
+                              max_model_len=config.max_model_len)
+    grpc_server, grpc_port = await create_server(state, f"{config.host}:{config.grpc_port}")
+    http = uvicorn.Server(uvicorn.Config(create_app(state), host=config.host,
+                                         port=config.http_port, log_level="warning",
+                                         access_log=False, lifespan="off"))
+    # uvicorn would take over SIGINT/SIGTERM and re-raise them after its own shutdown, which
+    # skips ours (gRPC, Redis); the caller owns signals and cancels serve() instead.
+    http.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
+    await grpc_server.start()
+    http_task = asyncio.create_task(http.serve())
+    try:
+        while not http.started:
+            if http_task.done():   # failed to bind: surface uvicorn's error
+                await http_task
+                raise OSError(f"the HTTP server did not start on {config.host}:{config.http_port}")
+            await asyncio.sleep(0.02)
+        http_port = http.servers[0].sockets[0].getsockname()[1]
+        print(f"gateway ready http://{config.host}:{http_port} grpc {config.host}:{grpc_port}",
+              flush=True)
+        logger.info("serving model %s", config.model_name)
+        await http_task
+    finally:
+        http.should_exit = True
+        await asyncio.shield(_stop(http_task, grpc_server, redis))
+
+
+async def _stop(http_task: asyncio.Task, grpc_server: object, redis: aioredis.Redis) -> None:
+    try:
+        await asyncio.wait_for(http_task, 5)
+    except (asyncio.TimeoutError, asyncio.CancelledError, Exception):   # noqa: BLE001
+        pass
+    await grpc_server.stop(grace=2)   # type: ignore[attr-defined]
+    await redis.aclose()
+
+
+async def run_until_signal(config: GatewayConfig) -> None:
+    """``serve`` until SIGINT or SIGTERM, then shut down in order (main thread only)."""
+    import signal
+
+    task = asyncio.ensure_future(serve(config))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
