@@ -1,0 +1,147 @@
+"""End to end through `tessera serve`: real redis-server, worker, scheduler and gateway
+processes, driven over HTTP (the official `openai` package) and gRPC (our client library)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import redis
+
+from common.redis_schema import scheduler_stats
+from redis_server import free_port, redis_server_path
+from tessera import LLM, SamplingParams
+
+PROMPTS = ["The quick brown fox", "def main():\n    return", "Once upon a time, in a land far"]
+MAX_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model):
+    if redis_server_path() is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    model_dir = str(tiny_model("llama"))
+    http, grpc_port = free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tessera.cli", "serve", "--model", model_dir, "--http-port",
+         str(http), "--grpc-port", str(grpc_port), "--kv-cache-memory-gb", "0.05",
+         "--max-num-batched-tokens", "256"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, deadline = [], time.monotonic() + 180
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if "Ctrl-C" in line or (not line and proc.poll() is not None):
+            break
+    if proc.poll() is not None:
+        raise RuntimeError("tessera serve failed:\n" + "".join(lines))
+    redis_url = next(l.split()[-1] for l in lines if l.strip().startswith("Redis"))
+    yield model_dir, os.path.basename(model_dir), f"http://127.0.0.1:{http}", \
+        f"127.0.0.1:{grpc_port}", redis_url
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0, "serve stops every process cleanly on SIGTERM"
+
+
+@pytest.fixture(scope="module")
+def offline(served):
+    model_dir = served[0]
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    return [o.outputs[0].text for o in LLM(model_dir, num_kv_blocks=64).generate(PROMPTS, params,
+                                                                                use_tqdm=False)]
+
+
+def test_openai_completions_chat_and_streaming(served, offline):
+    from openai import OpenAI
+
+    _, name, base, _, _ = served
+    client = OpenAI(base_url=base + "/v1", api_key="none")
+    assert [m.id for m in client.models.list().data] == [name]
+    for prompt, expected in zip(PROMPTS, offline):
+        out = client.completions.create(model=name, prompt=prompt, max_tokens=MAX_TOKENS,
+                                        temperature=0, extra_body={"ignore_eos": True})
+        assert out.choices[0].text == expected and out.usage.completion_tokens == MAX_TOKENS
+        stream = client.completions.create(model=name, prompt=prompt, max_tokens=MAX_TOKENS,
+                                           temperature=0, stream=True, extra_body={"ignore_eos": True})
+        assert "".join(c.choices[0].text for c in stream if c.choices) == expected
+    chat = client.chat.completions.create(
+        model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=5, temperature=0)
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens <= 5
+    with pytest.raises(Exception) as err:
+        client.completions.create(model="no-such-model", prompt="x", max_tokens=2)
+    assert getattr(err.value, "status_code", None) == 404
+
+
+def test_grpc_client_matches_http(served, offline):
+    from tessera.client import TesseraClient
+
+    _, _, _, grpc_address, _ = served
+    client = TesseraClient(grpc_address)
+    result = client.generate(PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    assert result.choices[0].text == offline[0]
+
+
+def test_64_concurrent_streams_and_disconnect_frees_blocks(served):
+    _, name, base, _, redis_url = served
+
+    async def stream(client, i):
+        body = {"model": name, "prompt": [5 + i % 50] * (8 + i), "max_tokens": 8,
+                "temperature": 0, "ignore_eos": True, "stream": True}
+        text, done = "", False
+        async with client.stream("POST", base + "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                done = done or line == "data: [DONE]"
+        return done
+
+    async def run_all():
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=80)) as c:
+            return await asyncio.gather(*(stream(c, i) for i in range(64)))
+
+    assert all(asyncio.run(run_all()))
+
+    async def abandon():   # read a few chunks of a long stream, then hang up
+        async with httpx.AsyncClient(timeout=60) as c:
+            body = {"model": name, "prompt": "a long one", "max_tokens": 1000, "ignore_eos": True,
+                    "stream": True}
+            async with c.stream("POST", base + "/v1/completions", json=body) as r:
+                n = 0
+                async for _ in r.aiter_lines():
+                    n += 1
+                    if n > 6:
+                        break
+
+    asyncio.run(abandon())
+    r = redis.Redis.from_url(redis_url)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        stats = r.hgetall(scheduler_stats(name, "0"))
+        if stats.get(b"running") == b"0" and stats.get(b"kv_blocks_in_use") == b"0":
+            break
+        time.sleep(0.2)
+    assert stats[b"running"] == b"0" and stats[b"kv_blocks_in_use"] == b"0"
+
+
+@pytest.mark.parametrize("body,status", [
+    (b"{not json", 400),
+    (b'{"model": "M", "prompt": "x", "max_tokens": -1}', 400),
+    (b'{"model": "M", "prompt": "x", "top_p": 7}', 400),
+    (b'{"model": "M", "prompt": 5}', 400),
+    (b'{"model": "M", "prompt": "x", "max_tokens": 100000}', 400),
+    (b'{"model": "nope", "prompt": "x"}', 404),
+    (b'{"model": "M", "prompt": "' + b"x" * (5 << 20) + b'"}', 413),
+])
+def test_bad_input_gets_an_openai_error_and_the_stack_keeps_serving(served, body, status):
+    _, name, base, _, _ = served
+    r = httpx.post(base + "/v1/completions", content=body.replace(b'"M"', f'"{name}"'.encode()),
+                   headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == status
+    assert set(r.json()["error"]) >= {"message", "type", "param", "code"}
+    ok = httpx.post(base + "/v1/completions", json={"model": name, "prompt": "x", "max_tokens": 2},
+                    timeout=30)
+    assert ok.status_code == 200
