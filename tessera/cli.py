@@ -92,6 +92,10 @@ def _add_worker(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="fraction of GPU memory this worker may use (default 0.9)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--redis-url", default=None,
+                   help="register in this Redis with a heartbeat key (optional)")
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--worker-id", default=None, help="default: HOSTNAME-PID")
     p.set_defaults(handler=_run_worker)
 
 
@@ -105,7 +109,9 @@ def _run_worker(args: argparse.Namespace) -> int:
     config = WorkerConfig(model=args.model, dtype=args.dtype, device=args.device,
                           block_size=args.block_size, host=args.host, port=args.port,
                           kv_cache_memory_bytes=int(args.kv_cache_memory_gb * (1 << 30)),
-                          gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed)
+                          gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed,
+                          redis_url=args.redis_url, served_model_name=args.served_model_name,
+                          worker_id=args.worker_id)
     try:
         asyncio.run(serve(config))
     except KeyboardInterrupt:

@@ -113,7 +113,8 @@ def serve(config: ServeConfig) -> int:
         redis_url = config.redis_url or stack.start_redis()
         worker_port = free_port()
         stack.start("worker", [*tessera, "worker", "--model", config.model, "--dtype", config.dtype,
-                               "--port", str(worker_port), *config.worker_args], "worker ready")
+                               "--port", str(worker_port), "--redis-url", redis_url,
+                               "--served-model-name", name, *config.worker_args], "worker ready")
         stack.start("scheduler", [*tessera, "scheduler", "--model", config.model,
                                   "--workers", f"127.0.0.1:{worker_port}", "--redis-url", redis_url,
                                   "--served-model-name", name, *config.scheduler_args],

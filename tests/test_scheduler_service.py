@@ -10,9 +10,10 @@ import time
 import uuid
 
 import pytest
+import redis
 import redis.asyncio as aioredis
 
-from common.redis_schema import QueuedRequest
+from common.redis_schema import QueuedRequest, worker_heartbeat, workers_registry
 from common.sampling_params import SamplingParams
 from gateway.queue import RequestSubmitter
 from redis_server import free_port
@@ -43,7 +44,8 @@ def stack(tiny_model, redis_url):
     name = f"svc-{uuid.uuid4().hex[:8]}"
     port = free_port()
     worker = _start(["worker", "--model", model_dir, "--port", str(port),
-                     "--kv-cache-memory-gb", "0.01"], "worker ready")
+                     "--kv-cache-memory-gb", "0.01", "--redis-url", redis_url,
+                     "--served-model-name", name, "--worker-id", "w0"], "worker ready")
     sched = _start(["scheduler", "--model", model_dir, "--workers", f"127.0.0.1:{port}",
                     "--redis-url", redis_url, "--served-model-name", name,
                     "--max-num-batched-tokens", "128", "--step-timeout", "5"], "scheduler ready")
@@ -115,8 +117,15 @@ async def _stats(redis_url, name):
 
 def test_dead_worker_fails_requests_and_scheduler_survives(stack):
     _, name, redis_url, worker, sched = stack
+    r = redis.Redis.from_url(redis_url)
+    heartbeat = worker_heartbeat(name, "w0")
+    assert r.get(heartbeat) is not None and r.hexists(workers_registry(name), "w0")
     worker.kill()
     worker.wait()
+    deadline = time.monotonic() + 10          # the heartbeat key expires (TTL 5 s)
+    while r.get(heartbeat) is not None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert r.get(heartbeat) is None
     [(tokens, events)] = asyncio.run(_run(redis_url, name, [list(range(20))], GREEDY))
     assert events[-1].error and "worker unavailable" in events[-1].error
     assert sched.poll() is None, "the scheduler keeps running"

@@ -9,7 +9,10 @@ stays free to answer Info and health checks meanwhile.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -37,6 +40,14 @@ class WorkerConfig:
     kv_cache_memory_bytes: int = 2 << 30      # the KV budget on CPU
     gpu_memory_utilization: float = 0.9       # the fraction of GPU memory this process may use
     seed: int = 0
+    redis_url: str | None = None              # where to register (None: not registered)
+    served_model_name: str | None = None
+    worker_id: str | None = None
+    heartbeat_ttl_s: float = 5.0
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or os.path.basename(os.path.normpath(self.model))
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
@@ -104,6 +115,30 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         return worker_pb2.ResetResponse()
 
 
+async def heartbeat(config: WorkerConfig, address: str) -> None:
+    """Register in the model's worker registry and keep a heartbeat key alive: the key
+    vanishing (TTL) is how the rest of the system learns that this worker is gone."""
+    import redis.asyncio as aioredis
+
+    from common import redis_schema as schema
+
+    worker_id = config.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+    client = aioredis.from_url(config.redis_url)
+    key = schema.worker_heartbeat(config.model_name, worker_id)
+    ttl_ms = int(config.heartbeat_ttl_s * 1000)
+    try:
+        await client.hset(schema.workers_registry(config.model_name), worker_id, json.dumps(
+            {"address": address, "model": config.model, "device": config.device,
+             "tp_rank": 0, "tp_size": 1, "pp_rank": 0, "pp_size": 1}))
+        while True:
+            await client.set(key, address, px=ttl_ms)
+            await asyncio.sleep(config.heartbeat_ttl_s / 3)
+    finally:
+        await client.delete(key)
+        await client.hdel(schema.workers_registry(config.model_name), worker_id)
+        await client.aclose()
+
+
 async def serve(config: WorkerConfig, ready: asyncio.Event | None = None) -> None:
     """Run the worker service until cancelled."""
     servicer = WorkerServicer(config)
@@ -118,7 +153,10 @@ async def serve(config: WorkerConfig, ready: asyncio.Event | None = None) -> Non
     print(f"worker ready on {address}", flush=True)
     if ready is not None:
         ready.set()
+    beat = asyncio.create_task(heartbeat(config, address)) if config.redis_url else None
     try:
         await server.wait_for_termination()
     finally:
+        if beat is not None:
+            beat.cancel()
         await server.stop(grace=1)
