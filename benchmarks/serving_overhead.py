@@ -1,0 +1,247 @@
+"""Serving overhead: the full stack (`tessera serve`) against the in-process engine, in one run.
+
+Targets: the stack keeps at least 90% of in-process throughput, and adds under 5 ms to median
+TTFT at low load. Both sides run the same model, dtype, max_num_seqs, max_num_batched_tokens
+and KV budget (2 GiB), and are fed the exact same prompt token-id lists.
+
+1. Throughput, standard workload (`bench` model, 128 requests, prompts U[16, 512] seed 0, 128
+   output tokens, ignore_eos): `LLM.generate` on all of them, against all of them sent at once
+   to the stack's streaming /v1/completions. Output tok/s of each and the ratio.
+2. Low-load TTFT: N sequential requests (distinct prompts of 64 tokens). Stack: request sent ->
+   first streamed chunk carrying a choice (a token that decodes to no text yet still counts).
+   In-process: wall time of `LLM.generate` with max_tokens=1 on the same prompt. Medians.
+
+The stack is started by this script (`python -m tessera.cli serve`) after the in-process
+engine is released, and always stopped with SIGTERM. The HTTP client runs in this process, on
+the same cores as the stack: that cost is part of what is measured. Timings are reported,
+never asserted.
+
+    python benchmarks/serving_overhead.py [--model DIR | --preset bench] [--num-requests 128]
+        [--output-len 128] [--ttft-requests 20] [--ttft-output-len 16]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Run as a script, Python puts benchmarks/ first on sys.path, where benchmarks/kernels.py would
+# shadow the `kernels` package: the repository root goes there instead.
+if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+
+import httpx
+
+from common.model_config import ModelConfig
+from tessera import LLM, SamplingParams
+from tessera.launcher import free_port
+
+READY = "Ctrl-C stops everything."
+
+
+def workload(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    """The standard workload of offline_throughput.py: prompt lengths U[16, 512]."""
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(rng.randint(16, 512))] for _ in range(n)]
+
+
+def fixed_prompts(n: int, length: int, vocab: int, seed: int = 1) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(length)] for _ in range(n)]
+
+
+# ---------------------------------------------------------------------------- in-process
+
+def in_process(args, model_dir: str, prompts, ttft_prompts, warm_prompts):
+    llm = LLM(model_dir, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens)
+    # the worker's own warm-up (one worst-case step), then the warm-up requests of both sides
+    llm.engine.executor.worker.runner.profile_run(args.max_num_batched_tokens, args.max_num_seqs)
+    warm = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": p} for p in warm_prompts], warm, use_tqdm=False)
+    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    t = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    elapsed = time.perf_counter() - t
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    ttfts = []
+    for p in ttft_prompts:
+        t = time.perf_counter()
+        llm.generate([{"prompt_token_ids": p}], one, use_tqdm=False)
+        ttfts.append(time.perf_counter() - t)
+    del llm, outs
+    gc.collect()
+    return tokens / elapsed, ttfts
+
+
+# ---------------------------------------------------------------------------- the stack
+
+def start_stack(args, model_dir: str) -> tuple[subprocess.Popen, str]:
+    http_port, grpc_port = free_port(), free_port()
+    argv = [sys.executable, "-m", "tessera.cli", "serve", "--model", model_dir,
+            "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--dtype", args.dtype,
+            "--max-num-seqs", str(args.max_num_seqs),
+            "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + args.start_timeout
+    tail: list[str] = []
+    try:
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                break
+            tail = (tail + [line])[-20:]
+            if READY in line:
+                # keep draining its output so a full pipe never blocks it
+                threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
+                return proc, f"http://127.0.0.1:{http_port}"
+    finally:
+        if not tail or READY not in tail[-1]:
+            stop_stack(proc)
+    raise RuntimeError("the stack did not become ready:\n" + "".join(tail))
+
+
+def stop_stack(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)        # serve stops its children on SIGTERM
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)     # its own session: only the processes it started
+        proc.wait()
+
+
+async def stream_one(client: httpx.AsyncClient, url: str, body: dict) -> tuple[float, int]:
+    """Returns (seconds to the first chunk with a choice, completion tokens from usage)."""
+    start = time.perf_counter()
+    ttft, tokens = None, 0
+    async with client.stream("POST", url, json=body) as resp:
+        if resp.status_code != 200:
+            raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}")
+        async for line in resp.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            chunk = json.loads(data)
+            if ttft is None and chunk.get("choices"):
+                ttft = time.perf_counter() - start
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    if ttft is None:
+        raise RuntimeError("no token received")
+    return ttft, tokens
+
+
+def body(name: str, prompt: list[int], max_tokens: int) -> dict:
+    return {"model": name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+
+
+async def stack_runs(args, base_url: str, name: str, prompts, ttft_prompts, warm_prompts):
+    url = base_url + "/v1/completions"
+    timeout = httpx.Timeout(args.timeout, connect=10.0)
+    limits = httpx.Limits(max_connections=len(prompts) + 1, max_keepalive_connections=len(prompts) + 1)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+        # the same warm-up as the in-process side
+        await asyncio.gather(*(stream_one(client, url, body(name, p, 4)) for p in warm_prompts))
+        t = time.perf_counter()
+        res = await asyncio.gather(*(stream_one(client, url, body(name, p, args.output_len))
+                                     for p in prompts))
+        elapsed = time.perf_counter() - t
+        tokens = sum(n for _, n in res)
+        ttfts = []
+        for p in ttft_prompts:
+            ttft, _ = await stream_one(client, url, body(name, p, args.ttft_output_len))
+            ttfts.append(ttft)
+    return tokens / elapsed, tokens, ttfts
+
+
+# ---------------------------------------------------------------------------- main
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", help="model directory (default: make one with --preset in a temp dir)")
+    ap.add_argument("--preset", default="bench", help="make-model preset when --model is not given")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--num-requests", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--ttft-requests", type=int, default=20)
+    ap.add_argument("--ttft-prompt-len", type=int, default=64)
+    ap.add_argument("--ttft-output-len", type=int, default=16, help="max_tokens of stack TTFT requests")
+    ap.add_argument("--start-timeout", type=float, default=300.0, help="seconds for the stack to start")
+    ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per HTTP request")
+    args = ap.parse_args()
+
+    model_dir = args.model
+    if model_dir is None:
+        from tessera.make_model import make_model
+        model_dir = str(make_model(tempfile.mkdtemp() + f"/{args.preset}", "llama", preset=args.preset))
+    model_dir = os.path.abspath(model_dir)
+    name = os.path.basename(os.path.normpath(model_dir))
+    vocab = ModelConfig.from_dir(model_dir).vocab_size
+    prompts = workload(args.num_requests, vocab)
+    ttft_prompts = fixed_prompts(args.ttft_requests, args.ttft_prompt_len, vocab)
+    warm_prompts = fixed_prompts(4, 32, vocab, seed=2)    # no prefix shared with the others
+
+    print(f"in-process: {args.num_requests} requests x {args.output_len} tokens ...", flush=True)
+    local_tps, local_ttfts = in_process(args, model_dir, prompts, ttft_prompts, warm_prompts)
+    print("starting the stack ...", flush=True)
+    proc, base_url = start_stack(args, model_dir)
+    try:
+        print(f"stack at {base_url}: {args.num_requests} requests at once ...", flush=True)
+        stack_tps, stack_tokens, stack_ttfts = asyncio.run(
+            stack_runs(args, base_url, name, prompts, ttft_prompts, warm_prompts))
+    finally:
+        stop_stack(proc)
+    expected = args.num_requests * args.output_len
+    if stack_tokens != expected:
+        print(f"warning: the stack returned {stack_tokens} output tokens, expected {expected}")
+
+    ratio = stack_tps / local_tps
+    local_med = statistics.median(local_ttfts) * 1e3
+    stack_med = statistics.median(stack_ttfts) * 1e3
+    added = stack_med - local_med
+    print(f"\nmodel {name} ({model_dir}), dtype {args.dtype}, max_num_seqs {args.max_num_seqs}, "
+          f"max_num_batched_tokens {args.max_num_batched_tokens}, {os.cpu_count()} CPUs")
+    print(f"throughput: {args.num_requests} requests, prompts U[16,512], {args.output_len} output "
+          f"tokens, all at once; TTFT: {args.ttft_requests} sequential requests, "
+          f"{args.ttft_prompt_len}-token prompts")
+    rows = [
+        ("in-process output tok/s", f"{local_tps:.1f}", ""),
+        ("stack output tok/s", f"{stack_tps:.1f}", ""),
+        ("stack / in-process", f"{ratio * 100:.1f}%", ">= 90%"),
+        ("in-process median TTFT (ms)", f"{local_med:.2f}", ""),
+        ("stack median TTFT (ms)", f"{stack_med:.2f}", ""),
+        ("TTFT added by the stack (ms)", f"{added:+.2f}", "< 5 ms"),
+    ]
+    print(f"{'metric':30s} {'measured':>10s} {'target':>8s}  met")
+    for label, value, target in rows:
+        met = ""
+        if target == ">= 90%":
+            met = "yes" if ratio >= 0.9 else "no"
+        elif target == "< 5 ms":
+            met = "yes" if added < 5.0 else "no"
+        print(f"{label:30s} {value:>10s} {target:>8s}  {met}")
+
+
+if __name__ == "__main__":
+    main()
