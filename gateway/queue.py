@@ -78,8 +78,11 @@ class RequestSubmitter:
         return _text(rid)
 
     async def events(self, request_id: str, last_index: int = -1,
-                     block_ms: int = 5000) -> AsyncIterator[OutputEvent]:
+                     block_ms: int = 1000) -> AsyncIterator[OutputEvent]:
         """The request's events after ``last_index``, in order, each exactly once.
+
+        NOTE: ``block_ms`` must stay well under the client's socket timeout (redis-py 8
+        defaults to 5 s): a blocking XREAD answered just after it raises TimeoutError.
 
         Ends after the final event (all sequences finished) or an error event. Raises
         RequestNotFound when the request is unknown or expired, EventsLost when the next

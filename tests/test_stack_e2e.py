@@ -72,6 +72,12 @@ def test_openai_completions_chat_and_streaming(served, offline):
     chat = client.chat.completions.create(
         model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=5, temperature=0)
     assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens <= 5
+    chunks = list(client.chat.completions.create(
+        model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=5, temperature=0,
+        stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
+        chat.choices[0].message.content
     with pytest.raises(Exception) as err:
         client.completions.create(model="no-such-model", prompt="x", max_tokens=2)
     assert getattr(err.value, "status_code", None) == 404
