@@ -106,6 +106,16 @@ class EngineLoop:
     async def step(self) -> None:
         plan = self.scheduler.schedule()
         if plan.num_sequences == 0:
+            if self.scheduler.num_running == 0 and self.scheduler.num_waiting:
+                # Nothing runs and the head of the queue still does not fit: it never will.
+                head = self.scheduler.waiting[0][1].request_id
+                owner = self._owner.get(head)
+                if owner is not None:
+                    await self._fail([owner[0]], "the request does not fit in the KV cache "
+                                     f"({self.scheduler.config.num_blocks} blocks)")
+                else:
+                    self.scheduler.abort(head)
+                return
             await asyncio.sleep(0.01)   # everything waits for blocks that aborts will free
             return
         try:
