@@ -122,7 +122,7 @@ class Scheduler:
                 running_plan.append(RunningSequence(req.request_id, req.num_computed_tokens,
                                                     num_new, new_blocks))
             else:
-                self._add_to_plan(plan, req, num_new, new_blocks)
+                self._send_in_full(plan, req, num_new)
             budget -= num_new
             i += 1
         # New work only when nothing had to be preempted (it would just thrash).
@@ -146,16 +146,13 @@ class Scheduler:
             req.num_slots = len(new_blocks) * self.config.block_size   # hits included
             req.status = RequestStatus.RUNNING
             bisect.insort(self.running, req, key=lambda r: r.sort_key)
-            self._add_to_plan(plan, req, num_new, new_blocks)
+            self._send_in_full(plan, req, num_new)
             budget -= num_new
         return plan
 
-    def _add_to_plan(self, plan: StepPlan, req: Request, num_new: int,
-                     new_blocks: list[int]) -> None:
-        if req.known_to_workers:
-            plan.running.append(RunningSequence(req.request_id, req.num_computed_tokens,
-                                                num_new, new_blocks))
-            return
+    def _send_in_full(self, plan: StepPlan, req: Request, num_new: int) -> None:
+        """A request the workers do not know (new, or back after preemption): all its tokens
+        and its whole block table; later steps send only deltas."""
         req.known_to_workers = True
         plan.new.append(NewSequence(
             seq_id=req.request_id, token_ids=list(req.all_token_ids),

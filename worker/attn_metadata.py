@@ -50,9 +50,9 @@ def build_attention_metadata(query_lens: list[int], start_positions: list[int],
             raise ValueError(f"sequence {i} needs {-(-n // block_size)} blocks for {n} tokens, "
                              f"its block table has {len(table)}")
     max_blocks = max(len(t) for t in block_tables)
-    tables = torch.zeros(num_seqs, max_blocks, dtype=torch.int64)
-    for i, table in enumerate(block_tables):
-        tables[i, :len(table)] = torch.tensor(table, dtype=torch.int64)
+    # One tensor from padded lists: a torch.tensor per row costs ~5 µs each, every step.
+    tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in block_tables],
+                          dtype=torch.int64)
     lens = torch.tensor(query_lens, dtype=torch.int64)
     starts = torch.tensor(start_positions, dtype=torch.int64)
     seq_of_token = torch.repeat_interleave(torch.arange(num_seqs), lens)
