@@ -103,6 +103,8 @@ def step_plan_to_proto(plan: StepPlan) -> worker_pb2.StepInput:
         cols.num_scheduled_tokens.extend([r.num_scheduled_tokens for r in run])
         cols.num_new_blocks.extend([len(r.new_block_ids) for r in run])
         cols.new_block_ids.extend([b for r in run for b in r.new_block_ids])
+        cols.num_new_tokens.extend([len(r.new_token_ids) for r in run])
+        cols.new_token_ids.extend([t for r in run for t in r.new_token_ids])
     return msg
 
 
@@ -125,19 +127,32 @@ def step_plan_from_proto(msg: worker_pb2.StepInput) -> StepPlan:
 
 def _running_from_proto(cols: worker_pb2.RunningSequences) -> list[RunningSequence]:
     seq_ids = list(cols.seq_ids)
-    counts = list(cols.num_new_blocks)
-    blocks = list(cols.new_block_ids)
     n = len(seq_ids)
-    # Columns that disagree would silently misalign sequences and blocks: refuse them.
-    if not (len(cols.num_computed_tokens) == len(cols.num_scheduled_tokens) == len(counts) == n
-            and sum(counts) == len(blocks)):
-        raise ValueError("StepInput.running: columns of different lengths")
     computed, scheduled = list(cols.num_computed_tokens), list(cols.num_scheduled_tokens)
-    if not blocks:   # the common decode step: nobody crossed a block boundary
-        return [RunningSequence(i, c, s, []) for i, c, s in zip(seq_ids, computed, scheduled)]
+    blocks = _split_column(list(cols.num_new_blocks), list(cols.new_block_ids), n, "blocks")
+    tokens = _split_column(list(cols.num_new_tokens), list(cols.new_token_ids), n, "tokens")
+    # Columns that disagree would silently misalign sequences and blocks: refuse them.
+    if not len(computed) == len(scheduled) == n:
+        raise ValueError("StepInput.running: columns of different lengths")
+    return [RunningSequence(i, c, s, b, t)
+            for i, c, s, b, t in zip(seq_ids, computed, scheduled, blocks, tokens)]
+
+
+def _split_column(counts: list[int], flat: list[int], n: int, what: str) -> list[list[int]]:
+    """Row i's entries of a ragged column: the next counts[i] entries of flat."""
+    if len(counts) != n or sum(counts) != len(flat) or any(k < 0 for k in counts):
+        raise ValueError(f"StepInput.running: the new {what} columns do not match the rows")
+    if not flat:
+        return [[] for _ in range(n)]
+    if len(flat) == n:   # the common decode step: one each
+        return [[x] for x in flat] if all(k == 1 for k in counts) else _ragged(counts, flat)
+    return _ragged(counts, flat)
+
+
+def _ragged(counts: list[int], flat: list[int]) -> list[list[int]]:
     out, start = [], 0
-    for i, c, s, k in zip(seq_ids, computed, scheduled, counts):
-        out.append(RunningSequence(i, c, s, blocks[start:start + k]))
+    for k in counts:
+        out.append(flat[start:start + k])
         start += k
     return out
 

@@ -32,6 +32,9 @@ class RunningSequence:
     num_computed_tokens: int
     num_scheduled_tokens: int
     new_block_ids: list[int]
+    # Tokens sampled since the workers last saw this sequence (usually the one token of the
+    # last step): every rank of a group appends them, not only the rank that sampled them.
+    new_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)

@@ -46,6 +46,7 @@ class Request:
     stop_reason: int | None = None   # the stop token id that finished it, if any
     known_to_workers: bool = False   # sent in full since its last (re)admission
     num_slots: int = 0               # tokens its allocated blocks can hold
+    num_worker_tokens: int = 0       # of all_token_ids, how many the workers were sent
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.prompt_token_ids)

@@ -8,7 +8,10 @@ lowest-priority, latest-arrived running request is preempted: its blocks are fre
 waits again, to be recomputed from its prompt and the tokens it already produced.
 
 `schedule()` returns a StepPlan; `update(plan, output)` applies the workers' results and is
-the only loop over a step's outputs.
+the only loop over a step's outputs. With pipeline parallelism several steps are in flight at
+once: a request in a step not yet updated is skipped (and never preempted) by the next
+`schedule()`, so each step works on requests whose last token is known, and the steps'
+results are applied in the order they were planned.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ class Scheduler:
         self._step_id = 0
         self._finished_since_last_step: list[str] = []
         self.num_preemptions = 0
+        self.in_flight: set[str] = set()    # requests in a planned step not yet updated
 
     # ---- intake -------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -99,9 +103,14 @@ class Scheduler:
         i = 0
         block_size = self.config.block_size
         running_plan = plan.running
+        in_flight = self.in_flight
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = min(len(req.all_token_ids) - req.num_computed_tokens, budget)
+            if in_flight and req.request_id in in_flight:
+                i += 1
+                continue
+            tokens = req.all_token_ids
+            num_new = min(len(tokens) - req.num_computed_tokens, budget)
             # Fast path (most decodes): the request's blocks already hold the new tokens.
             new_blocks = [] if req.num_computed_tokens + num_new <= req.num_slots else None
             while new_blocks is None:
@@ -109,18 +118,23 @@ class Scheduler:
                                                     req.num_computed_tokens)
                 if new_blocks is not None:
                     break
-                victim = self.running[-1]
+                victim = self._victim(i)
+                if victim is None:
+                    break   # every later request is in flight: wait for their steps
                 self._preempt(victim, plan)
                 preempted = True
                 if victim is req:
                     break
             if new_blocks is None:
-                break   # req itself was the victim: nothing after it is left either
+                break   # req was preempted or cannot grow now: nothing after it runs either
             if new_blocks:
                 req.num_slots += len(new_blocks) * block_size
             if req.known_to_workers:
+                known = req.num_worker_tokens
+                new_tokens = tokens[known:] if len(tokens) > known else []
+                req.num_worker_tokens = len(tokens)
                 running_plan.append(RunningSequence(req.request_id, req.num_computed_tokens,
-                                                    num_new, new_blocks))
+                                                    num_new, new_blocks, new_tokens))
             else:
                 self._send_in_full(plan, req, num_new)
             budget -= num_new
@@ -150,10 +164,25 @@ class Scheduler:
             budget -= num_new
         return plan
 
+    def mark_in_flight(self, plan: StepPlan) -> None:
+        """The plan's requests stay out of later plans until `update(plan, ...)` (pipelining)."""
+        self.in_flight.update(s.seq_id for s in plan.new)
+        self.in_flight.update(s.seq_id for s in plan.running)
+
+    def _victim(self, i: int) -> Request | None:
+        """The request to preempt for running[i]: the last one not in flight (at index >= i,
+        since running[i] itself qualifies); None if running[i] is in flight."""
+        for j in range(len(self.running) - 1, i - 1, -1):
+            req = self.running[j]
+            if req.request_id not in self.in_flight:
+                return req
+        return None
+
     def _send_in_full(self, plan: StepPlan, req: Request, num_new: int) -> None:
         """A request the workers do not know (new, or back after preemption): all its tokens
         and its whole block table; later steps send only deltas."""
         req.known_to_workers = True
+        req.num_worker_tokens = len(req.all_token_ids)
         plan.new.append(NewSequence(
             seq_id=req.request_id, token_ids=list(req.all_token_ids),
             num_prompt_tokens=req.num_prompt_tokens, num_computed_tokens=req.num_computed_tokens,
@@ -186,6 +215,7 @@ class Scheduler:
             req.known_to_workers = False
         self._finished_since_last_step = []
         self._step_id = 0
+        self.in_flight.clear()
 
     # ---- update -------------------------------------------------------------------------
     def update(self, plan: StepPlan, output: StepOutput) -> list[RequestEvent]:
@@ -199,8 +229,11 @@ class Scheduler:
         running = RequestStatus.RUNNING
         max_len = self.config.max_model_len
         finished: list[tuple[Request, RequestStatus]] = []
+        in_flight = self.in_flight
         for seq in (*plan.new, *plan.running):
             seq_id = seq.seq_id
+            if in_flight:
+                in_flight.discard(seq_id)
             req = requests.get(seq_id)
             if req is None or req.status is not running:
                 continue   # aborted while the step ran

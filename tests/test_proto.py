@@ -106,7 +106,7 @@ def test_step_dataclasses_have_the_fields_convert_py_carries() -> None:
     assert [f.name for f in fields(NewSequence)] == [
         f.name for f in worker_pb2.NewSequence.DESCRIPTOR.fields]
     assert [f.name for f in fields(RunningSequence)] == [
-        "seq_id", "num_computed_tokens", "num_scheduled_tokens", "new_block_ids"]
+        "seq_id", "num_computed_tokens", "num_scheduled_tokens", "new_block_ids", "new_token_ids"]
     assert [f.name for f in fields(StepPlan)] == [
         "step_id", "new", "running", "finished_ids", "preempted_ids"]
     assert [f.name for f in fields(SampledToken)] == ["token_id", "logprob", "top_logprobs"]

@@ -64,8 +64,11 @@ def _plans() -> list[StepPlan]:
     return [
         StepPlan(1, new=[NewSequence("a", prompt, 40, 0, 24, [3, 1], GREEDY),
                          NewSequence("b", prompt[:5], 5, 0, 5, [0], GREEDY)]),
-        StepPlan(2, running=[RunningSequence("a", 24, 16, [2, 4]), RunningSequence("b", 5, 1, [])]),
-        StepPlan(3, running=[RunningSequence("a", 40, 1, []), RunningSequence("b", 6, 1, [])]),
+        # the tokens "sampled" in the previous step travel in the delta (any ids will do)
+        StepPlan(2, running=[RunningSequence("a", 24, 16, [2, 4]),
+                             RunningSequence("b", 5, 1, [], [11])]),
+        StepPlan(3, running=[RunningSequence("a", 40, 1, [], [12]),
+                             RunningSequence("b", 6, 1, [], [13])]),
     ]
 
 

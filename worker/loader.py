@@ -1,8 +1,9 @@
 """Load a model from a local Hugging Face directory, with errors that say exactly what is wrong.
 
-Tensors are read one at a time from `model.safetensors` or from the shards listed in
-`model.safetensors.index.json`, so peak memory is the model plus one tensor; each parallel
-layer copies only its own slice.
+Tensors are visited one at a time from `model.safetensors` or from the shards listed in
+`model.safetensors.index.json` as lazy slices: each parallel layer reads only its own part
+(`worker/lazy_tensor.py`), and a pipeline stage skips other stages' layers unread, so a rank's
+peak memory is its shard, never the whole model.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from safetensors import safe_open
 
 from common.model_config import ModelConfig, ModelConfigError
 from worker.layers.linear import WeightShapeError
+from worker.lazy_tensor import LazyTensor
 from worker.models.registry import MODELS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -55,11 +57,11 @@ def checkpoint_files(model_dir: str | Path) -> list[Path]:
     raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path}")
 
 
-def iter_checkpoint(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_checkpoint(model_dir: str | Path) -> Iterator[tuple[str, LazyTensor]]:
     for file in checkpoint_files(model_dir):
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                yield name, LazyTensor.from_safetensors(f, name)
 
 
 def load_weights(model: nn.Module, model_dir: str | Path) -> None:
@@ -75,7 +77,7 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> None:
                 continue
             param = params[name]
             try:
-                param.weight_loader(param, part.to(param.dtype), shard)
+                param.weight_loader(param, part, shard)   # copy_ casts the dtype
             except WeightShapeError as e:
                 raise CheckpointError(f"tensor {ckpt_name!r} has the wrong shape: {e}") from None
             loaded.add((name, shard))

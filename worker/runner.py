@@ -17,6 +17,7 @@ from common.model_config import ModelConfig
 from worker.attn_metadata import build_attention_metadata
 from worker.kv_cache import allocate_kv_cache
 from worker.loader import load_model, parse_dtype
+from worker.parallel import get_pp_stage
 
 
 logger = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ class SequenceInput:
 
 @dataclass
 class RunnerOutput:
-    logits: torch.Tensor                      # [S, vocab] float32, next-token logits
+    logits: torch.Tensor | None               # [S, vocab] float32 (None before the last stage)
     all_logits: list[torch.Tensor] | None     # per sequence [n_tokens, vocab] when asked
 
     @property
@@ -81,6 +82,7 @@ class ModelRunner:
         self.requested_dtype = parse_dtype(dtype)
         self.dtype = compute_dtype(self.requested_dtype, self.device)
         self.block_size = block_size
+        self.pp = get_pp_stage()
         self.model = load_model(config, self.dtype, self.device)
         self.allocate_kv_cache(num_blocks)
 
@@ -125,7 +127,15 @@ class ModelRunner:
                                         self.device)
         input_ids = torch.tensor([t for s in batch for t in s.token_ids], dtype=torch.int64,
                                  device=self.device)
-        hidden = self.model(input_ids, meta.positions, self.kv_caches, meta)
+        intermediate = None
+        if not self.pp.is_first:   # hidden states and residual from the previous stage
+            pair = self.pp.recv_prev((2, len(input_ids), self.config.hidden_size), self.dtype,
+                                     self.device)
+            intermediate = (pair[0], pair[1])
+        hidden = self.model(input_ids, meta.positions, self.kv_caches, meta, intermediate)
+        if not self.pp.is_last:
+            self.pp.send_next(torch.stack(hidden))
+            return RunnerOutput(logits=None, all_logits=None)
         last = meta.last_token_indices.to(self.device)
         logits = self.model.compute_logits(hidden.index_select(0, last)).float()
         inverse = torch.empty(len(order), dtype=torch.int64)

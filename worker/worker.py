@@ -39,14 +39,20 @@ class SequenceState:
         return cls(list(seq.token_ids), n, seq.num_computed_tokens, list(seq.block_ids),
                    seq.params, seq.seed_offset, row)
 
-    def append(self, token_id: int) -> None:
-        self.token_ids.append(token_id)
-        self.row.output_token_ids.append(token_id)
+    def extend(self, token_ids: list[int]) -> None:
+        self.token_ids.extend(token_ids)
+        self.row.output_token_ids.extend(token_ids)
 
 
 class Worker:
-    def __init__(self, runner: ModelRunner, seed: int = 0) -> None:
+    """One rank of a worker group. Every rank applies every plan (so all hold the same
+    sequence state and enter the same collectives); only the driver rank (last pipeline
+    stage, tensor-parallel rank 0) samples and returns tokens. A sampled token reaches the
+    other ranks, and the driver's own state, in the next plan's delta."""
+
+    def __init__(self, runner: ModelRunner, seed: int = 0, is_driver: bool = True) -> None:
         self.runner = runner
+        self.is_driver = is_driver
         self.sampler = Sampler(seed=seed)
         self.eos_token_ids = tuple(runner.config.eos_token_ids)
         self.states: dict[str, SequenceState] = {}
@@ -75,6 +81,8 @@ class Worker:
                     f"sequence {seq.seq_id!r}: scheduler says {seq.num_computed_tokens} tokens "
                     f"computed, worker has {state.num_computed_tokens}")
             state.block_ids.extend(seq.new_block_ids)
+            if seq.new_token_ids:
+                state.extend(seq.new_token_ids)
             scheduled.append((seq.seq_id, state, seq.num_scheduled_tokens))
         return scheduled
 
@@ -94,6 +102,10 @@ class Worker:
                              st.num_computed_tokens < st.num_prompt_tokens
                              for _, st, _ in scheduled)
         result = self.runner.execute(inputs, all_logits=want_prompt_lp)
+        if not self.is_driver:
+            for _, st, n in scheduled:
+                st.num_computed_tokens += n
+            return out
         rows, row_index, row_ids = [], [], []
         for i, (seq_id, st, n) in enumerate(scheduled):
             if want_prompt_lp and st.params.prompt_logprobs is not None:
@@ -109,7 +121,6 @@ class Worker:
             sampled = self.sampler(logits, rows)
             for j, (seq_id, st) in enumerate(row_ids):
                 tok = sampled.token_ids[j]
-                st.append(tok)
                 out.sampled[seq_id] = SampledToken(
                     tok, None if sampled.logprobs is None else sampled.logprobs[j],
                     sampled.top_logprobs[j])

@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from worker.layers.linear import check_shape
+from worker.lazy_tensor import as_tensor
 from worker.parallel import get_tp_group
 
 
@@ -28,8 +29,8 @@ class VocabParallelEmbedding(nn.Module):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         check_shape((self.vocab_size, param.shape[1]), loaded)
-        part = loaded[self.start:self.start + self.rows]
-        param.data[:part.shape[0]].copy_(part)
+        rows = max(0, min(self.rows, self.vocab_size - self.start))   # the last rank: fewer
+        param.data[:rows].copy_(as_tensor(loaded.narrow(0, self.start, rows)))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
@@ -55,6 +56,4 @@ class ParallelLMHead(VocabParallelEmbedding):
         logits = F.linear(hidden, self.weight)
         if self.tp.size == 1:
             return logits
-        parts = [torch.empty_like(logits) for _ in range(self.tp.size)]
-        torch.distributed.all_gather(parts, logits, group=self.tp.process_group)
-        return torch.cat(parts, dim=-1)[:, :self.vocab_size]
+        return self.tp.all_gather_last_dim(logits)[:, :self.vocab_size]

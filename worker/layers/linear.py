@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from worker.lazy_tensor import as_tensor
 from worker.parallel import get_tp_group
 
 
@@ -28,7 +29,7 @@ def check_shape(expected: tuple[int, ...], loaded: torch.Tensor) -> None:
 def replicated_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
     """Loader for a parameter every rank holds whole (norms, position tables, unsplit biases)."""
     check_shape(param.shape, loaded)
-    param.data.copy_(loaded)
+    param.data.copy_(as_tensor(loaded))
 
 
 class _Linear(nn.Module):
@@ -75,7 +76,7 @@ class ColumnParallelLinear(_Linear):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         local = param.shape[0]
         check_shape((local * self.tp.size, *param.shape[1:]), loaded)
-        param.data.copy_(loaded.narrow(0, self.tp.rank * local, local))
+        param.data.copy_(as_tensor(loaded.narrow(0, self.tp.rank * local, local)))
 
 
 class MergedColumnParallelLinear(_Linear):
@@ -92,7 +93,7 @@ class MergedColumnParallelLinear(_Linear):
         size = self.out_sizes[shard_id]
         offset = sum(self.out_sizes[:shard_id])
         check_shape((size * self.tp.size, *param.shape[1:]), loaded)
-        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, self.tp.rank * size, size))
+        param.data.narrow(0, offset, size).copy_(as_tensor(loaded.narrow(0, self.tp.rank * size, size)))
 
 
 class QKVParallelLinear(_Linear):
@@ -121,7 +122,7 @@ class QKVParallelLinear(_Linear):
         offset, size = self.sizes[shard_id]
         check_shape((self.full_rows[shard_id], *param.shape[1:]), loaded)
         rank = self.tp.rank if shard_id == "q" else self.tp.rank // self.kv_replicas
-        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, rank * size, size))
+        param.data.narrow(0, offset, size).copy_(as_tensor(loaded.narrow(0, rank * size, size)))
 
 
 class RowParallelLinear(_Linear):
@@ -149,4 +150,4 @@ class RowParallelLinear(_Linear):
             return
         local = param.shape[1]
         check_shape((param.shape[0], local * self.tp.size), loaded)
-        param.data.copy_(loaded.narrow(1, self.tp.rank * local, local))
+        param.data.copy_(as_tensor(loaded.narrow(1, self.tp.rank * local, local)))

@@ -15,6 +15,8 @@ from worker.layers.embed import ParallelLMHead, VocabParallelEmbedding
 from worker.layers.linear import (ColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
                                   check_shape, replicated_loader)
 from worker.layers.norm import LayerNorm
+from worker.layers.pipeline import layer_index, stage_layers
+from worker.parallel import get_pp_stage
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 # Old checkpoints store attention-mask buffers next to the weights.
@@ -82,18 +84,27 @@ class PositionEmbedding(nn.Module):
 
 
 class GPT2Model(nn.Module):
+    """Per pipeline stage as LlamaModel: embeddings first, ln_f last."""
+
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
         super().__init__()
-        self.wte = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype)
-        self.wpe = PositionEmbedding(cfg.max_position_embeddings, cfg.hidden_size, dtype)
-        self.h = nn.ModuleList(GPT2Block(cfg, dtype) for _ in range(cfg.num_layers))
-        self.ln_f = LayerNorm(cfg.hidden_size, cfg.norm_eps, dtype)
+        pp = get_pp_stage()
+        self.wte = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype) if pp.is_first else None
+        self.wpe = (PositionEmbedding(cfg.max_position_embeddings, cfg.hidden_size, dtype)
+                    if pp.is_first else None)
+        self.h, self.start, self.end = stage_layers(cfg.num_layers, lambda i: GPT2Block(cfg, dtype))
+        self.ln_f = LayerNorm(cfg.hidden_size, cfg.norm_eps, dtype) if pp.is_last else None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
-        x, residual = self.wte(input_ids) + self.wpe(positions), None
-        for block, kv_cache in zip(self.h, kv_caches):
+                kv_caches: list[KVCache], meta: AttentionMetadata, intermediate=None):
+        if intermediate is None:
+            x, residual = self.wte(input_ids) + self.wpe(positions), None
+        else:
+            x, residual = intermediate
+        for block, kv_cache in zip(self.h[self.start:self.end], kv_caches):
             x, residual = block(x, residual, kv_cache, meta)
+        if self.ln_f is None:
+            return x, residual
         return self.ln_f(x, residual)[0]
 
 
@@ -102,12 +113,14 @@ class GPT2LMHeadModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.transformer = GPT2Model(cfg, dtype)
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, dtype)
-        self.lm_head.tie_to(self.transformer.wte)
+        pp = get_pp_stage()
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, dtype) if pp.is_last else None
+        if pp.is_first and pp.is_last:
+            self.lm_head.tie_to(self.transformer.wte)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
-        return self.transformer(input_ids, positions, kv_caches, meta)
+                kv_caches: list[KVCache], meta: AttentionMetadata, intermediate=None):
+        return self.transformer(input_ids, positions, kv_caches, meta, intermediate)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
@@ -119,6 +132,17 @@ class GPT2LMHeadModel(nn.Module):
             return
         if not name.startswith("transformer."):
             name = "transformer." + name  # the original checkpoints have no prefix
+        t = self.transformer
+        if name.endswith(".wte.weight"):
+            if t.wte is not None:
+                yield name, None, tensor
+            if t.wte is None and self.lm_head is not None:
+                yield "lm_head.weight", None, tensor   # tied: a last stage without wte
+            return
+        layer = layer_index(name)
+        if ((layer is not None and not t.start <= layer < t.end)
+                or (".wpe." in name and t.wpe is None) or (".ln_f." in name and t.ln_f is None)):
+            return  # another pipeline stage's tensor
         conv1d = name.endswith(".weight") and any(
             f".{m}.weight" in name for m in ("c_attn", "c_proj", "c_fc"))
         if conv1d:

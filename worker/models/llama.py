@@ -18,6 +18,8 @@ from worker.layers.attention import Attention
 from worker.layers.embed import ParallelLMHead, VocabParallelEmbedding
 from worker.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from worker.layers.norm import RMSNorm
+from worker.layers.pipeline import layer_index, stage_layers
+from worker.parallel import get_pp_stage
 from worker.layers.rotary import RotaryEmbedding
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -81,19 +83,31 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    """A pipeline stage holds the embedding (first stage), its own layers, and the final
+    norm (last stage); `forward` returns the final hidden states on the last stage and the
+    (hidden, residual) pair to send on to the next stage elsewhere."""
+
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype)
+        pp = get_pp_stage()
+        self.embed_tokens = (VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype)
+                             if pp.is_first else None)
         rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope)
-        self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, i, rotary, dtype) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype)
+        self.layers, self.start, self.end = stage_layers(
+            cfg.num_layers, lambda i: LlamaDecoderLayer(cfg, i, rotary, dtype))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype) if pp.is_last else None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
-        x, residual = self.embed_tokens(input_ids), None
-        for layer, kv_cache in zip(self.layers, kv_caches):
+                kv_caches: list[KVCache], meta: AttentionMetadata,
+                intermediate: tuple[torch.Tensor, torch.Tensor] | None = None):
+        if intermediate is None:
+            x, residual = self.embed_tokens(input_ids), None
+        else:
+            x, residual = intermediate
+        for layer, kv_cache in zip(self.layers[self.start:self.end], kv_caches):
             x, residual = layer(positions, x, residual, kv_cache, meta)
+        if self.norm is None:
+            return x, residual
         return self.norm(x, residual)[0]
 
 
@@ -107,14 +121,16 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.model = LlamaModel(cfg, dtype)
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, dtype)
-        if cfg.tie_word_embeddings:
+        pp = get_pp_stage()
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, dtype) if pp.is_last else None
+        if cfg.tie_word_embeddings and pp.is_first and pp.is_last:
             self.lm_head.tie_to(self.model.embed_tokens)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
-        """Hidden states [T, hidden] of every token in the batch."""
-        return self.model(input_ids, positions, kv_caches, meta)
+                kv_caches: list[KVCache], meta: AttentionMetadata, intermediate=None):
+        """Hidden states [T, hidden] of every token in the batch (last stage), or the
+        (hidden, residual) pair for the next stage."""
+        return self.model(input_ids, positions, kv_caches, meta, intermediate)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
@@ -124,8 +140,20 @@ class LlamaForCausalLM(nn.Module):
         """Yields (parameter name, shard id, tensor) for one checkpoint tensor."""
         if name.endswith("rotary_emb.inv_freq"):
             return  # derived from the config; old checkpoints carry a copy
-        if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
+        if name == "lm_head.weight" and (self.cfg.tie_word_embeddings or self.lm_head is None):
             return  # some tied checkpoints store the shared matrix twice
+        if name.endswith("embed_tokens.weight"):
+            if self.model.embed_tokens is not None:
+                yield name, None, tensor
+            if self.cfg.tie_word_embeddings and self.lm_head is not None and \
+                    self.model.embed_tokens is None:
+                yield "lm_head.weight", None, tensor   # a last stage without the embedding
+            return
+        layer = layer_index(name)
+        if layer is not None and not self.model.start <= layer < self.model.end:
+            return  # another pipeline stage's layer
+        if name.endswith("norm.weight") and layer is None and self.model.norm is None:
+            return
         parts = name.split(".")
         for i, part in enumerate(parts):
             if part in self.packed_modules:
