@@ -72,6 +72,11 @@ def group_lease(model: str, group: str) -> str:
     return f"{PREFIX}lease:{model}:{group}"
 
 
+def group_rendezvous(model: str, group: str) -> str:
+    """host:port of a worker group's torch.distributed TCP store, published by its rank 0."""
+    return f"{PREFIX}rendezvous:{model}:{group}"
+
+
 def scheduler_stats(model: str, group: str) -> str:
     """Hash a group's scheduler rewrites every step: running, waiting, KV blocks in use/total."""
     return f"{PREFIX}stats:{model}:{group}"

@@ -1,13 +1,13 @@
 """How the scheduler runs a step: the Executor protocol and its gRPC implementation.
 
 The in-process executor (a local model runner) lives in `tessera/engine.py`, because the
-scheduler never imports worker code; this one talks to a worker group over gRPC. A group of
-one worker for now: the step goes to every worker, the sampled tokens come from the one
-that samples.
+scheduler never imports worker code; this one talks to a worker group of TP x PP workers
+over gRPC.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Protocol
 
 import grpc
@@ -31,6 +31,11 @@ class WorkerMismatch(RuntimeError):
 
 
 class GrpcExecutor:
+    """Drives one worker group: every call goes to every worker at once (their collectives
+    need all ranks), the first failure fails the call without waiting for the others (a rank
+    stuck on a dead peer would otherwise hold the step until its timeout), and the sampled
+    tokens come from the driver: the last pipeline stage's tensor-parallel rank 0."""
+
     def __init__(self, addresses: list[str], step_timeout_s: float = 30.0) -> None:
         if not addresses:
             raise ValueError("a worker group needs at least one worker address")
@@ -40,20 +45,32 @@ class GrpcExecutor:
             ("grpc.max_receive_message_length", 64 << 20),
             ("grpc.max_send_message_length", 64 << 20)]) for a in addresses]
         self._stubs = [worker_pb2_grpc.WorkerStub(c) for c in self._channels]
+        self.driver = len(addresses) - 1
+        self.pp_size = 1
 
-    def _call(self, method: str, request, timeout: float):
-        results = []
-        for address, stub in zip(self.addresses, self._stubs):
-            try:
-                results.append(getattr(stub, method)(request, timeout=timeout))
-            except grpc.RpcError as e:
-                if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                    raise WorkerMismatch(f"{address}: {e.details()}") from None
-                raise WorkerUnavailable(f"{address}: {e.code().name} {e.details()}") from None
-        return results
+    def submit(self, method: str, request, timeout: float,
+               wait_for_ready: bool = False) -> "GroupCall":
+        return GroupCall(self.addresses, [
+            getattr(stub, method).future(request, timeout=timeout, wait_for_ready=wait_for_ready)
+            for stub in self._stubs], timeout)
+
+    def _call(self, method: str, request, timeout: float) -> list:
+        return self.submit(method, request, timeout).result()
 
     def info(self, timeout: float = 10.0) -> list[worker_pb2.InfoResponse]:
-        return self._call("Info", worker_pb2.InfoRequest(), timeout)
+        """Every worker's shard (waiting up to `timeout` for workers still starting); checks
+        that they form one complete group and finds the driver."""
+        infos = self.submit("Info", worker_pb2.InfoRequest(), timeout, wait_for_ready=True).result()
+        tp, pp = infos[0].tp_size, infos[0].pp_size
+        ranks = sorted((i.pp_rank * tp + i.tp_rank, a) for i, a in zip(infos, self.addresses))
+        if any(i.tp_size != tp or i.pp_size != pp for i in infos) or \
+                [r for r, _ in ranks] != list(range(len(infos))) or tp * pp != len(infos):
+            shards = ", ".join(f"{a}: tp {i.tp_rank}/{i.tp_size} pp {i.pp_rank}/{i.pp_size}"
+                               for i, a in zip(infos, self.addresses))
+            raise ValueError(f"the workers do not form one {tp}x{pp} group: {shards}")
+        self.driver = next(k for k, i in enumerate(infos) if i.pp_rank == pp - 1 and i.tp_rank == 0)
+        self.pp_size = pp
+        return infos
 
     def warmup(self, max_num_batched_tokens: int, max_num_seqs: int,
                timeout: float = 600.0) -> int:
@@ -66,9 +83,59 @@ class GrpcExecutor:
         self._call("Reset", worker_pb2.ResetRequest(), timeout)
 
     def execute(self, plan: StepPlan) -> StepOutput:
-        outputs = self._call("Execute", step_plan_to_proto(plan), self.step_timeout_s)
-        return step_output_from_proto(outputs[-1])
+        return self.execute_async(plan).result()
+
+    def execute_async(self, plan: StepPlan) -> "PendingStep":
+        """Send a step to the group now; `.result()` waits for it (pipelining keeps several
+        in flight: the workers run them in step-id order)."""
+        return PendingStep(self.submit("Execute", step_plan_to_proto(plan), self.step_timeout_s),
+                           self.driver)
 
     def close(self) -> None:
         for c in self._channels:
             c.close()
+
+
+class GroupCall:
+    """One RPC to every worker of a group, completing when all answered or one failed."""
+
+    def __init__(self, addresses: list[str], futures: list, timeout: float) -> None:
+        self.addresses, self.futures, self.timeout = addresses, futures, timeout
+        self._lock = threading.Lock()
+        self._left = len(futures)
+        self._done = threading.Event()
+        for f in futures:
+            f.add_done_callback(self._on_done)
+
+    def _on_done(self, future) -> None:
+        with self._lock:
+            self._left -= 1
+            if self._left == 0 or future.exception() is not None:
+                self._done.set()
+
+    def result(self) -> list:
+        if not self._done.wait(self.timeout + 1.0):
+            self.cancel()
+            raise WorkerUnavailable(f"the worker group did not answer within {self.timeout} s")
+        failed = [(a, f.exception()) for a, f in zip(self.addresses, self.futures)
+                  if f.done() and f.exception() is not None]
+        if failed:
+            self.cancel()
+            # A mismatch only counts when nobody is gone: a dead peer makes others fail too.
+            if all(e.code() == grpc.StatusCode.FAILED_PRECONDITION for _, e in failed):
+                raise WorkerMismatch("; ".join(f"{a}: {e.details()}" for a, e in failed))
+            raise WorkerUnavailable("; ".join(f"{a}: {e.code().name} {e.details()}"
+                                              for a, e in failed))
+        return [f.result() for f in self.futures]
+
+    def cancel(self) -> None:
+        for f in self.futures:
+            f.cancel()
+
+
+class PendingStep:
+    def __init__(self, call: GroupCall, driver: int) -> None:
+        self.call, self.driver = call, driver
+
+    def result(self) -> StepOutput:
+        return step_output_from_proto(self.call.result()[self.driver])

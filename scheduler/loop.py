@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from dataclasses import dataclass, field
 
 from common.redis_schema import OutputEvent, QueuedRequest
@@ -34,6 +35,16 @@ class _InFlight:
     siblings_added: bool = False
 
 
+class _Deferred:
+    """A step for an executor that only runs synchronously: it runs when waited for."""
+
+    def __init__(self, executor: Executor, plan) -> None:
+        self.executor, self.plan = executor, plan
+
+    def result(self):
+        return self.executor.execute(self.plan)
+
+
 def _seq_id(request_id: str, k: int, n: int) -> str:
     return request_id if n == 1 else f"{request_id}#{k}"
 
@@ -41,9 +52,12 @@ def _seq_id(request_id: str, k: int, n: int) -> str:
 class EngineLoop:
     def __init__(self, scheduler: Scheduler, executor: Executor, queue: RequestQueue,
                  eos_token_ids: tuple[int, ...] = (), idle_block_ms: int = 100,
-                 stats_key: str | None = None) -> None:
+                 stats_key: str | None = None, pipeline_depth: int = 1) -> None:
         self.scheduler = scheduler
         self.executor = executor
+        # Steps in flight at once: a pipeline of P stages needs P to keep every stage busy.
+        self.pipeline_depth = pipeline_depth
+        self._pending: deque = deque()   # (plan, handle) in plan order
         self.queue = queue
         self.eos_token_ids = eos_token_ids
         self.idle_block_ms = idle_block_ms
@@ -93,45 +107,74 @@ class EngineLoop:
     # ---- the loop -----------------------------------------------------------------------
     async def run(self) -> None:
         while not self.stopped.is_set():
-            idle = not self.scheduler.has_unfinished
+            idle = not self.scheduler.has_unfinished and not self._pending
             await self._intake(self.idle_block_ms if idle else None)
             await self._apply_cancels()
             for req, message in self._pending_errors:
                 await self._fail([req], message)
             self._pending_errors = []
-            if not self.scheduler.has_unfinished:
+            if not self.scheduler.has_unfinished and not self._pending:
                 continue
             await self.step()
 
+    def _submit(self, plan):
+        if hasattr(self.executor, "execute_async"):
+            return self.executor.execute_async(plan)
+        return _Deferred(self.executor, plan)
+
     async def step(self) -> None:
-        plan = self.scheduler.schedule()
-        if plan.num_sequences == 0:
-            if self.scheduler.num_running == 0 and self.scheduler.num_waiting:
-                # Nothing runs and the head of the queue still does not fit: it never will.
-                head = self.scheduler.waiting[0][1].request_id
-                owner = self._owner.get(head)
-                if owner is not None:
-                    await self._fail([owner[0]], "the request does not fit in the KV cache "
-                                     f"({self.scheduler.config.num_blocks} blocks)")
-                else:
-                    self.scheduler.abort(head)
-                return
-            await asyncio.sleep(0.01)   # everything waits for blocks that aborts will free
+        """Fill the pipeline up to its depth, then wait for the oldest step and apply it."""
+        while len(self._pending) < self.pipeline_depth:
+            plan = self.scheduler.schedule()
+            if plan.num_sequences == 0:
+                if not self._pending:
+                    await self._nothing_to_run()
+                break
+            if self.pipeline_depth > 1:
+                self.scheduler.mark_in_flight(plan)
+            self._pending.append((plan, self._submit(plan)))
+        if not self._pending:
             return
+        plan, handle = self._pending.popleft()
         try:
-            output = await asyncio.to_thread(self.executor.execute, plan)
+            output = await asyncio.to_thread(handle.result)
         except WorkerMismatch as e:
             logger.warning("worker out of step (%s): reset and recompute every sequence", e)
+            await self._drain_pending()
             await asyncio.to_thread(self.executor.reset)
             self.scheduler.reset_workers()
             return
         except WorkerUnavailable as e:
             logger.error("worker group unavailable: %s", e)
+            await self._drain_pending()
             await self._fail(list(self.inflight.values()), f"worker unavailable: {e}")
             self.scheduler.reset_workers()
             return
         self.steps += 1
         await self._publish(self.scheduler.update(plan, output))
+
+    async def _drain_pending(self) -> None:
+        """Forget the steps still in flight (the group failed): wait them out briefly."""
+        while self._pending:
+            _, handle = self._pending.popleft()
+            try:
+                await asyncio.to_thread(handle.result)
+            except (WorkerMismatch, WorkerUnavailable):
+                pass
+
+    async def _nothing_to_run(self) -> None:
+        """No step could be planned and none is in flight."""
+        if self.scheduler.num_running == 0 and self.scheduler.num_waiting:
+            # Nothing runs and the head of the queue still does not fit: it never will.
+            head = self.scheduler.waiting[0][1].request_id
+            owner = self._owner.get(head)
+            if owner is not None:
+                await self._fail([owner[0]], "the request does not fit in the KV cache "
+                                 f"({self.scheduler.config.num_blocks} blocks)")
+            else:
+                self.scheduler.abort(head)
+            return
+        await asyncio.sleep(0.01)   # everything waits for blocks that aborts will free
 
     async def _publish(self, events: list[RequestEvent]) -> None:
         out: list[tuple[str, OutputEvent]] = []

@@ -162,6 +162,11 @@ class Scheduler:
             bisect.insort(self.running, req, key=lambda r: r.sort_key)
             self._send_in_full(plan, req, num_new)
             budget -= num_new
+        if not plan.new and not plan.running:
+            # Nothing to run: no step. Its id and its finished ids go to the next real plan
+            # (workers see step ids without gaps and learn every finished sequence).
+            self._step_id -= 1
+            self._finished_since_last_step = plan.finished_ids + self._finished_since_last_step
         return plan
 
     def mark_in_flight(self, plan: StepPlan) -> None:

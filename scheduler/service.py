@@ -39,6 +39,8 @@ class SchedulerServiceConfig:
     enable_prefix_caching: bool = True
     lease_ms: int = 5000
     step_timeout_s: float = 30.0
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
 
     @property
     def model_name(self) -> str:
@@ -86,6 +88,11 @@ async def serve(config: SchedulerServiceConfig) -> None:
     renew = asyncio.create_task(lease.renew_forever(lost))
     executor = GrpcExecutor(list(config.workers), step_timeout_s=config.step_timeout_s)
     try:
+        infos = await asyncio.to_thread(executor.info, 600.0)
+        tp, pp = infos[0].tp_size, infos[0].pp_size
+        if (tp, pp) != (config.tensor_parallel_size, config.pipeline_parallel_size):
+            raise ValueError(f"the workers form a {tp}x{pp} (TP x PP) group, the flags say "
+                             f"{config.tensor_parallel_size}x{config.pipeline_parallel_size}")
         num_blocks = await asyncio.to_thread(executor.warmup, config.max_num_batched_tokens,
                                              config.max_num_seqs)
         scheduler = Scheduler(SchedulerConfig(
@@ -95,9 +102,11 @@ async def serve(config: SchedulerServiceConfig) -> None:
         queue = RequestQueue(client, config.model_name, consumer)
         await queue.ensure_group()
         loop = EngineLoop(scheduler, executor, queue, model_config.eos_token_ids,
-                          stats_key=schema.scheduler_stats(config.model_name, config.group))
+                          stats_key=schema.scheduler_stats(config.model_name, config.group),
+                          pipeline_depth=pp)
         print(f"scheduler ready: model {config.model_name}, group {config.group}, "
-              f"{num_blocks} KV blocks, workers {','.join(config.workers)}", flush=True)
+              f"{num_blocks} KV blocks, {tp}x{pp} (TP x PP) workers {','.join(config.workers)}",
+              flush=True)
         loop.stopped = lost
         await loop.run()
     finally:

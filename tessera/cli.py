@@ -96,22 +96,44 @@ def _add_worker(subparsers: argparse._SubParsersAction) -> None:
                    help="register in this Redis with a heartbeat key (optional)")
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--worker-id", default=None, help="default: HOSTNAME-PID")
+    _add_parallel_sizes(p)
+    p.add_argument("--rank", default="0",
+                   help="this worker's rank in its group, pp_stage * tp_size + tp_rank; "
+                   "'hostname' takes the trailing ordinal of $HOSTNAME (StatefulSet pods)")
+    p.add_argument("--dist-init-addr", default=None, metavar="HOST:PORT",
+                   help="the group's torch.distributed TCP store, hosted by rank 0 (default: "
+                   "rank 0 publishes one in Redis)")
+    p.add_argument("--group", default="0", help="worker group name (default 0)")
+    p.add_argument("--dist-timeout", type=float, default=120.0,
+                   help="seconds a group waits to form, and a collective waits for a peer")
     p.set_defaults(handler=_run_worker)
+
+
+def _add_parallel_sizes(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="workers per pipeline stage, splitting each layer (default 1)")
+    p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
+                   help="pipeline stages, each holding a range of layers (default 1)")
 
 
 def _run_worker(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
+    from worker.group import rank_from_hostname
     from worker.service import WorkerConfig, serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rank = rank_from_hostname() if args.rank == "hostname" else int(args.rank)
     config = WorkerConfig(model=args.model, dtype=args.dtype, device=args.device,
                           block_size=args.block_size, host=args.host, port=args.port,
                           kv_cache_memory_bytes=int(args.kv_cache_memory_gb * (1 << 30)),
                           gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed,
                           redis_url=args.redis_url, served_model_name=args.served_model_name,
-                          worker_id=args.worker_id)
+                          worker_id=args.worker_id, tensor_parallel_size=args.tensor_parallel_size,
+                          pipeline_parallel_size=args.pipeline_parallel_size, rank=rank,
+                          dist_init_addr=args.dist_init_addr, group=args.group,
+                          dist_timeout_s=args.dist_timeout)
     try:
         asyncio.run(serve(config))
     except KeyboardInterrupt:
@@ -125,7 +147,8 @@ def _add_scheduler(subparsers: argparse._SubParsersAction) -> None:
         description="Claim a worker group by a lease in Redis, size the KV pool from the "
         "workers' warm-up, and serve the model's request stream.")
     p.add_argument("--model", required=True, help="local Hugging Face model directory")
-    p.add_argument("--workers", required=True, help="comma-separated worker gRPC addresses")
+    p.add_argument("--workers", required=True,
+                   help="comma-separated gRPC addresses of every worker of the group (any order)")
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     p.add_argument("--served-model-name", default=None,
                    help="the model's name in the API and in Redis keys (default: directory name)")
@@ -136,6 +159,7 @@ def _add_scheduler(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--step-timeout", type=float, default=30.0, help="seconds per step")
+    _add_parallel_sizes(p)
     p.set_defaults(handler=_run_scheduler)
 
 
@@ -151,7 +175,9 @@ def _run_scheduler(args: argparse.Namespace) -> int:
         redis_url=args.redis_url, served_model_name=args.served_model_name, group=args.group,
         block_size=args.block_size, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-        enable_prefix_caching=not args.no_prefix_caching, step_timeout_s=args.step_timeout)
+        enable_prefix_caching=not args.no_prefix_caching, step_timeout_s=args.step_timeout,
+        tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size)
     try:
         asyncio.run(serve(config))
     except KeyboardInterrupt:
@@ -206,6 +232,10 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--kv-cache-memory-gb", default="2", help="worker KV budget on CPU (GiB)")
     p.add_argument("--max-num-seqs", default="256")
     p.add_argument("--max-num-batched-tokens", default="2048")
+    _add_parallel_sizes(p)
+    p.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                   help="worker groups, each with its own scheduler, sharing the request "
+                   "stream (default 1)")
     p.set_defaults(handler=_run_serve)
 
 
@@ -217,7 +247,10 @@ def _run_serve(args: argparse.Namespace) -> int:
         redis_url=args.redis_url, served_model_name=args.served_model_name, dtype=args.dtype,
         worker_args=["--kv-cache-memory-gb", args.kv_cache_memory_gb],
         scheduler_args=["--max-num-seqs", args.max_num_seqs,
-                        "--max-num-batched-tokens", args.max_num_batched_tokens]))
+                        "--max-num-batched-tokens", args.max_num_batched_tokens],
+        tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size,
+        data_parallel_size=args.data_parallel_size))
 
 
 def _add_bench(subparsers: argparse._SubParsersAction) -> None:

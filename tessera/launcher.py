@@ -1,9 +1,10 @@
 """`tessera serve`: the whole topology as separate processes on one machine.
 
-A private `redis-server` on a free port (unless a Redis URL is given), one worker, one
-scheduler and one gateway: the same processes, with the same flags, that compose and
-Kubernetes run one per container. Each is started when the one before it is ready; the
-endpoints are printed once the gateway listens; Ctrl-C or SIGTERM stops every process.
+A private `redis-server` on a free port (unless a Redis URL is given); per data-parallel
+group, TP x PP workers (which meet at a TCP store on a free port) and one scheduler; one
+gateway: the same processes, with the same flags, that compose and Kubernetes run one per
+container. Each tier is started when the one before it is ready; the endpoints are printed
+once the gateway listens; Ctrl-C or SIGTERM stops every process.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ class ServeConfig:
     dtype: str = "float32"
     worker_args: list[str] = field(default_factory=list)
     scheduler_args: list[str] = field(default_factory=list)
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
 
 
 class Stack:
@@ -47,9 +51,16 @@ class Stack:
         self._tmp = tempfile.mkdtemp(prefix="tessera-")
 
     def start(self, name: str, argv: list[str], ready: str, timeout: float = 300) -> None:
+        self.wait_ready(name, self.spawn(name, argv), ready, timeout)
+
+    def spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
         self.procs.append((name, proc))
+        return proc
+
+    def wait_ready(self, name: str, proc: subprocess.Popen, ready: str,
+                   timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
         tail: list[str] = []
         while time.monotonic() < deadline:
@@ -100,8 +111,36 @@ class Stack:
             time.sleep(0.5)
 
 
+TESSERA = [sys.executable, "-m", "tessera.cli"]
+
+
+def start_group(stack: Stack, config: ServeConfig, name: str, redis_url: str, group: str) -> None:
+    """One worker group (TP x PP workers, all started before any can be ready: they meet
+    first) and its scheduler."""
+    tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
+    sizes = ["--tensor-parallel-size", str(tp), "--pipeline-parallel-size", str(pp)]
+    dist_addr = f"127.0.0.1:{free_port()}"
+    workers = []
+    for rank in range(tp * pp):
+        port = free_port()
+        label = f"worker{group}.{rank}" if tp * pp > 1 else f"worker{group}"
+        proc = stack.spawn(label, [
+            *TESSERA, "worker", "--model", config.model, "--dtype", config.dtype,
+            "--port", str(port), "--redis-url", redis_url, "--served-model-name", name,
+            *sizes, "--rank", str(rank), "--dist-init-addr", dist_addr, "--group", group,
+            *config.worker_args])
+        workers.append((label, proc, f"127.0.0.1:{port}"))
+    for label, proc, _ in workers:
+        stack.wait_ready(label, proc, "worker ready")
+    stack.start(f"scheduler{group}", [
+        *TESSERA, "scheduler", "--model", config.model,
+        "--workers", ",".join(a for _, _, a in workers), "--redis-url", redis_url,
+        "--served-model-name", name, "--group", group, *sizes, *config.scheduler_args],
+        "scheduler ready")
+
+
 def serve(config: ServeConfig) -> int:
-    tessera = [sys.executable, "-m", "tessera.cli"]
+    tessera = TESSERA
     name = config.served_model_name or os.path.basename(os.path.normpath(config.model))
     stack = Stack()
 
@@ -111,14 +150,8 @@ def serve(config: ServeConfig) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         redis_url = config.redis_url or stack.start_redis()
-        worker_port = free_port()
-        stack.start("worker", [*tessera, "worker", "--model", config.model, "--dtype", config.dtype,
-                               "--port", str(worker_port), "--redis-url", redis_url,
-                               "--served-model-name", name, *config.worker_args], "worker ready")
-        stack.start("scheduler", [*tessera, "scheduler", "--model", config.model,
-                                  "--workers", f"127.0.0.1:{worker_port}", "--redis-url", redis_url,
-                                  "--served-model-name", name, *config.scheduler_args],
-                    "scheduler ready")
+        for group in range(config.data_parallel_size):
+            start_group(stack, config, name, redis_url, str(group))
         stack.start("gateway", [*tessera, "gateway", "--model", config.model,
                                 "--served-model-name", name, "--redis-url", redis_url,
                                 "--host", config.host, "--http-port", str(config.http_port),

@@ -2,8 +2,14 @@
 
 It holds a model shard and the KV cache tensors, nothing else: every sequence it knows was
 sent by its scheduler and is sent again in full after a Reset, so a restarted worker loses
-no request. Steps run one at a time (the model is not re-entrant): on CPU on the event
+no request. Steps run one at a time and in step-id order (the model is not re-entrant, and
+the ranks of a group must enter their collectives in the same order): on CPU on the event
 loop's thread (see `_run` for why), on CUDA in one worker thread.
+
+In a group of TP x PP workers (`--tensor-parallel-size`, `--pipeline-parallel-size`,
+`--rank`), the ranks meet at a torch.distributed TCP store: `--dist-init-addr`, or the
+address rank 0 publishes in Redis. A collective that fails (a peer died) leaves the group
+unusable, so the worker answers UNAVAILABLE and exits; its supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -23,8 +29,10 @@ from common.convert import step_output_to_proto, step_plan_from_proto
 from common.model_config import ModelConfig
 from common.proto.tessera.v1 import worker_pb2, worker_pb2_grpc
 from worker.kv_cache import kv_cache_bytes_per_block
+from worker.parallel import get_pp_stage, get_tp_group
 from worker.runner import ModelRunner
 from worker.worker import StepMismatchError, Worker
+from worker.group import join_group
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +52,16 @@ class WorkerConfig:
     served_model_name: str | None = None
     worker_id: str | None = None
     heartbeat_ttl_s: float = 5.0
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    rank: int = 0                             # in the group: pp_stage * tp_size + tp_rank
+    dist_init_addr: str | None = None         # host:port of rank 0's TCP store
+    group: str = "0"                          # the worker group's name (Redis rendezvous)
+    dist_timeout_s: float = 120.0
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
     @property
     def model_name(self) -> str:
@@ -56,8 +74,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.model_config = ModelConfig.from_dir(config.model)
         runner = ModelRunner(self.model_config, config.dtype, num_blocks=0,
                              block_size=config.block_size, device=config.device)
-        self.worker = Worker(runner, seed=config.seed)
+        self.tp, self.pp = get_tp_group(), get_pp_stage()
+        self.worker = Worker(runner, seed=config.seed,
+                             is_driver=self.pp.is_last and self.tp.rank == 0)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step")
+        self._order = asyncio.Condition()
         self.warmed_up = False
 
     async def _run(self, fn, *args):
@@ -72,11 +93,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     async def Info(self, request, context) -> worker_pb2.InfoResponse:
         cfg = self.model_config
+        start, end = self.pp.layer_range(cfg.num_layers)
         return worker_pb2.InfoResponse(
             model=self.config.model, dtype=str(self.worker.runner.dtype).removeprefix("torch."),
-            block_size=self.config.block_size, tp_rank=0, tp_size=1, pp_rank=0, pp_size=1,
-            layer_start=0, layer_end=cfg.num_layers, max_model_len=cfg.max_position_embeddings,
-            vocab_size=cfg.vocab_size)
+            block_size=self.config.block_size, tp_rank=self.tp.rank, tp_size=self.tp.size,
+            pp_rank=self.pp.rank, pp_size=self.pp.size, layer_start=start, layer_end=end,
+            max_model_len=cfg.max_position_embeddings, vocab_size=cfg.vocab_size)
 
     def _warmup(self, max_tokens: int, max_seqs: int) -> tuple[int, int]:
         runner = self.worker.runner
@@ -95,9 +117,21 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.worker.reset()
         return num_blocks, per_block
 
+    async def _group_failed(self, context, e: Exception) -> None:
+        """A collective failed: a peer is gone and this process group cannot be repaired in
+        place. Answer, then exit so that the supervisor restarts the worker."""
+        logger.error("worker group broken (%s): exiting", e)
+        asyncio.get_running_loop().call_later(0.5, os._exit, 3)
+        await context.abort(grpc.StatusCode.UNAVAILABLE, f"worker group broken: {e}")
+
     async def Warmup(self, request, context) -> worker_pb2.WarmupResponse:
-        num_blocks, per_block = await self._run(
-            self._warmup, request.max_num_batched_tokens or 2048, request.max_num_seqs or 256)
+        try:
+            num_blocks, per_block = await self._run(
+                self._warmup, request.max_num_batched_tokens or 2048, request.max_num_seqs or 256)
+        except RuntimeError as e:
+            if self.config.world_size == 1:
+                raise
+            await self._group_failed(context, e)
         if num_blocks == 0:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 "no memory left for a single KV block")
@@ -110,15 +144,36 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "Warmup first")
         try:
             plan = step_plan_from_proto(request)
-            out = await self._run(self.worker.execute, plan)
+            out = await self._execute_in_order(plan)
         except StepMismatchError as e:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except RuntimeError as e:
+            if self.config.world_size == 1:
+                raise
+            await self._group_failed(context, e)
         return step_output_to_proto(out)
 
+    async def _execute_in_order(self, plan):
+        """Run steps strictly in step-id order: a pipelining scheduler has several in flight,
+        and every rank must run them (and their collectives) in the same order. A step whose
+        predecessor never arrives runs after a while anyway and fails the worker's checks."""
+        async with self._order:
+            try:
+                await asyncio.wait_for(self._order.wait_for(
+                    lambda: plan.step_id <= self.worker.last_step_id + 1), timeout=5.0)
+            except asyncio.TimeoutError:
+                pass
+            try:
+                return await self._run(self.worker.execute, plan)
+            finally:
+                self._order.notify_all()
+
     async def Reset(self, request, context) -> worker_pb2.ResetResponse:
-        await self._run(self.worker.reset)
+        async with self._order:
+            await self._run(self.worker.reset)
+            self._order.notify_all()
         return worker_pb2.ResetResponse()
 
 
@@ -134,9 +189,11 @@ async def heartbeat(config: WorkerConfig, address: str) -> None:
     key = schema.worker_heartbeat(config.model_name, worker_id)
     ttl_ms = int(config.heartbeat_ttl_s * 1000)
     try:
+        tp, pp = get_tp_group(), get_pp_stage()
         await client.hset(schema.workers_registry(config.model_name), worker_id, json.dumps(
             {"address": address, "model": config.model, "device": config.device,
-             "tp_rank": 0, "tp_size": 1, "pp_rank": 0, "pp_size": 1}))
+             "group": config.group, "rank": config.rank, "tp_rank": tp.rank, "tp_size": tp.size,
+             "pp_rank": pp.rank, "pp_size": pp.size}))
         while True:
             await client.set(key, address, px=ttl_ms)
             await asyncio.sleep(config.heartbeat_ttl_s / 3)
@@ -148,6 +205,8 @@ async def heartbeat(config: WorkerConfig, address: str) -> None:
 
 async def serve(config: WorkerConfig, ready: asyncio.Event | None = None) -> None:
     """Run the worker service until cancelled."""
+    if config.world_size > 1:
+        await join_group(config)
     servicer = WorkerServicer(config)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20),
                                       ("grpc.max_send_message_length", 64 << 20)])
@@ -157,7 +216,9 @@ async def serve(config: WorkerConfig, ready: asyncio.Event | None = None) -> Non
         raise OSError(f"cannot listen on {address}")
     await server.start()
     logger.info("worker serving %s on %s", config.model, address)
-    print(f"worker ready on {address}", flush=True)
+    shard = (f" (group {config.group}, rank {config.rank}: tp {servicer.tp.rank}/{servicer.tp.size}"
+             f", pp {servicer.pp.rank}/{servicer.pp.size})" if config.world_size > 1 else "")
+    print(f"worker ready on {address}{shard}", flush=True)
     if ready is not None:
         ready.set()
     beat = asyncio.create_task(heartbeat(config, address)) if config.redis_url else None

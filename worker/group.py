@@ -1,0 +1,84 @@
+"""How the workers of one group find each other: a torch.distributed TCP store hosted by rank 0.
+
+The store's address is given (`--dist-init-addr host:port`, e.g. the StatefulSet's pod 0 behind
+a headless Service) or, with a Redis URL and no address, rank 0 picks a free port, publishes
+`host:port` under the group's rendezvous key and the other ranks read it from there.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+
+from worker.parallel import default_backend, init_worker_group
+
+logger = logging.getLogger(__name__)
+
+
+def rank_from_hostname(hostname: str | None = None) -> int:
+    """A StatefulSet pod's ordinal: "workers-g0-3" -> 3."""
+    name = hostname or os.environ.get("HOSTNAME") or socket.gethostname()
+    tail = name.rsplit("-", 1)[-1]
+    if not tail.isdigit():
+        raise ValueError(f"--rank hostname: {name!r} does not end in -<ordinal>")
+    return int(tail)
+
+
+def _advertised_host(bind_host: str) -> str:
+    if bind_host not in ("0.0.0.0", "::", ""):
+        return bind_host
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return socket.gethostname()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def resolve_init_addr(config) -> str:
+    """host:port of the group's TCP store, from the flag or through Redis."""
+    if config.dist_init_addr:
+        return config.dist_init_addr
+    if not config.redis_url:
+        raise ValueError("a worker group needs --dist-init-addr or --redis-url to meet")
+    import redis
+
+    from common import redis_schema as schema
+
+    client = redis.Redis.from_url(config.redis_url)
+    key = schema.group_rendezvous(config.model_name, config.group)
+    try:
+        if config.rank == 0:
+            addr = f"{_advertised_host(config.host)}:{_free_port()}"
+            # Expires: a later group must not find a dead rank 0's address.
+            client.set(key, addr, ex=max(int(config.dist_timeout_s), 1))
+            return addr
+        deadline = time.monotonic() + config.dist_timeout_s
+        while time.monotonic() < deadline:
+            addr = client.get(key)
+            if addr is not None:
+                return addr.decode()
+            time.sleep(0.2)
+        raise TimeoutError(f"rank 0 of group {config.group} never published {key}")
+    finally:
+        client.close()
+
+
+async def join_group(config) -> None:
+    """Block until every rank of the group has joined (the model is built after this)."""
+    addr = resolve_init_addr(config)
+    backend = default_backend(config.device)
+    if backend == "nccl":
+        import torch
+
+        torch.cuda.set_device(torch.device(config.device))
+    logger.info("joining group %s as rank %d of %d at %s (%s)", config.group, config.rank,
+                config.world_size, addr, backend)
+    init_worker_group(config.tensor_parallel_size, config.pipeline_parallel_size, config.rank,
+                      f"tcp://{addr}", backend, config.dist_timeout_s)
