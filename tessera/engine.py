@@ -66,12 +66,23 @@ class LLMEngine:
                  num_kv_blocks: int | None = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, seed: int = 0,
-                 kv_cache_memory_bytes: int = 2 << 30, device: str = "cpu") -> None:
+                 kv_cache_memory_bytes: int = 2 << 30, device: str = "cpu",
+                 tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1) -> None:
         self.model_config = ModelConfig.from_dir(model)
         self.tokenizer = Tokenizer.from_dir(model)
         limit = self.model_config.max_position_embeddings
         self.max_model_len = min(max_model_len or limit, limit)
-        if num_kv_blocks is None:
+        self.worker_group = None
+        if tensor_parallel_size * pipeline_parallel_size > 1:
+            # A sharded model: worker processes, driven like the services drive them.
+            from tessera.worker_group import LocalWorkerGroup
+
+            self.worker_group = LocalWorkerGroup(
+                model, tensor_parallel_size, pipeline_parallel_size, dtype, block_size, device,
+                kv_cache_memory_bytes, seed)
+            warm = self.worker_group.warmup(max_num_batched_tokens, max_num_seqs)
+            num_kv_blocks = min(num_kv_blocks or warm, warm)
+        elif num_kv_blocks is None:
             kv_dtype = compute_dtype(parse_dtype(dtype), torch.device(device))
             per_block = kv_cache_bytes_per_block(self.model_config, block_size, kv_dtype)
             num_kv_blocks = max(kv_cache_memory_bytes // per_block, 1)
@@ -79,8 +90,11 @@ class LLMEngine:
             num_blocks=num_kv_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, max_model_len=self.max_model_len,
             enable_prefix_caching=enable_prefix_caching))
-        runner = ModelRunner(self.model_config, dtype, num_kv_blocks, block_size, device)
-        self.executor = LocalExecutor(Worker(runner, seed=seed))
+        if self.worker_group is not None:
+            self.executor = self.worker_group.executor
+        else:
+            runner = ModelRunner(self.model_config, dtype, num_kv_blocks, block_size, device)
+            self.executor = LocalExecutor(Worker(runner, seed=seed))
         self.tracked: dict[str, _Tracked] = {}
         self._child_of: dict[str, tuple[_Tracked, _Sequence]] = {}
 

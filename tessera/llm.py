@@ -22,15 +22,32 @@ class LLM:
     def __init__(self, model: str, dtype: str = "float32", block_size: int = 16,
                  num_kv_blocks: int | None = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
-                 enable_prefix_caching: bool = True, seed: int = 0, device: str = "cpu") -> None:
+                 enable_prefix_caching: bool = True, seed: int = 0, device: str = "cpu",
+                 tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
+                 kv_cache_memory_bytes: int = 2 << 30) -> None:
+        """tensor_parallel_size x pipeline_parallel_size > 1 runs the model sharded over that
+        many worker processes (gloo on CPU, NCCL on CUDA); `close()` stops them."""
         self.engine = LLMEngine(model, dtype=dtype, block_size=block_size,
                                 num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs,
                                 max_num_batched_tokens=max_num_batched_tokens,
                                 max_model_len=max_model_len,
                                 enable_prefix_caching=enable_prefix_caching, seed=seed,
-                                device=device)
+                                device=device, kv_cache_memory_bytes=kv_cache_memory_bytes,
+                                tensor_parallel_size=tensor_parallel_size,
+                                pipeline_parallel_size=pipeline_parallel_size)
         self.tokenizer = self.engine.tokenizer
         self._next_id = 0
+
+    def close(self) -> None:
+        """Stop the worker processes of a sharded model (also done at exit)."""
+        if self.engine.worker_group is not None:
+            self.engine.worker_group.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):

@@ -1,0 +1,157 @@
+"""Sharded and data-parallel serving through real processes: `tessera serve` with worker
+groups, and a group that loses a worker."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import httpx
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from common.redis_schema import QueuedRequest, scheduler_stats
+from gateway.queue import RequestSubmitter
+from redis_server import free_port, redis_server_path
+from tessera import LLM, SamplingParams
+
+PROMPTS = ["The quick brown fox", "def main():\n    return", "Once upon a time, in a land far",
+           "import numpy as np\n", "SELECT * FROM"]
+MAX_TOKENS = 10
+GREEDY = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+
+
+def _serve(model_dir: str, *flags: str):
+    if redis_server_path() is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    http = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tessera.cli", "serve", "--model", model_dir, "--http-port",
+         str(http), "--grpc-port", str(free_port()), "--kv-cache-memory-gb", "0.01", *flags],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines, deadline = [], time.monotonic() + 240
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if "Ctrl-C" in line or (not line and proc.poll() is not None):
+            break
+    if proc.poll() is not None:
+        raise RuntimeError("tessera serve failed:\n" + "".join(lines))
+    redis_url = next(l.split()[-1] for l in lines if l.strip().startswith("Redis"))
+    return proc, f"http://127.0.0.1:{http}", redis_url
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0, "serve stops every process cleanly"
+
+
+@pytest.fixture(scope="module")
+def offline(tiny_model):
+    model_dir = str(tiny_model("llama"))
+    outs = LLM(model_dir, num_kv_blocks=64).generate(PROMPTS, GREEDY, use_tqdm=False)
+    return model_dir, [o.outputs[0].text for o in outs]
+
+
+async def _complete_all(base: str, name: str, prompts: list[str]) -> list[str]:
+    async with httpx.AsyncClient(base_url=base, timeout=120) as client:
+        async def one(prompt: str) -> str:
+            r = await client.post("/v1/completions", json={
+                "model": name, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
+                "ignore_eos": True})
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["text"]
+        return await asyncio.gather(*(one(p) for p in prompts))
+
+
+@pytest.mark.parametrize("flags", [("-tp", "2"), ("-pp", "2"), ("-tp", "2", "-pp", "2")],
+                         ids=["tp2", "pp2", "tp2xpp2"])
+def test_sharded_serve_matches_the_single_worker_engine(offline, flags):
+    model_dir, expected = offline
+    proc, base, _ = _serve(model_dir, *flags)
+    try:
+        texts = asyncio.run(_complete_all(base, os.path.basename(model_dir), PROMPTS))
+        assert texts == expected
+    finally:
+        _stop(proc)
+
+
+def test_data_parallel_groups_share_the_request_stream(offline):
+    model_dir, expected = offline
+    name = os.path.basename(model_dir)
+    # max-num-seqs 8 per group: 40 requests cannot all land on one group at once.
+    proc, base, redis_url = _serve(model_dir, "-dp", "2", "--max-num-seqs", "8")
+    try:
+        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(40)]
+        texts = asyncio.run(_complete_all(base, name, prompts))
+        assert texts == [expected[i % len(PROMPTS)] for i in range(40)]
+        r = redis.Redis.from_url(redis_url)
+        steps = [int(r.hget(scheduler_stats(name, g), "steps") or 0) for g in ("0", "1")]
+        assert all(s > 0 for s in steps), f"both groups took work: steps {steps}"
+    finally:
+        _stop(proc)
+
+
+def _start(args: list[str], ready: str, timeout: float = 120) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "tessera.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        if ready in line:
+            return proc
+    proc.kill()
+    raise RuntimeError(f"{args[0]} did not start")
+
+
+async def _generate(redis_url: str, name: str, params: SamplingParams, on_first=None):
+    client = aioredis.from_url(redis_url)
+    sub = RequestSubmitter(client)
+    rid = await sub.submit(QueuedRequest(f"r-{uuid.uuid4().hex}", name, list(range(5, 25)), params))
+    events = []
+    async for ev in sub.events(rid, block_ms=200):
+        events.append(ev)
+        if on_first is not None and len(events) == 1:
+            on_first()
+    await client.aclose()
+    return events
+
+
+def test_a_dead_group_member_fails_requests_cleanly(tiny_model, redis_url):
+    model_dir = str(tiny_model("llama"))
+    name = f"dead-{uuid.uuid4().hex[:8]}"
+    addr, ports = f"127.0.0.1:{free_port()}", [free_port(), free_port()]
+    workers = [subprocess.Popen(
+        [sys.executable, "-m", "tessera.cli", "worker", "--model", model_dir, "--port", str(port),
+         "--kv-cache-memory-gb", "0.01", "--tensor-parallel-size", "2", "--rank", str(rank),
+         "--dist-init-addr", addr, "--dist-timeout", "20"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for rank, port in enumerate(ports)]
+    sched = _start(["scheduler", "--model", model_dir, "--redis-url", redis_url,
+                    "--served-model-name", name, "--tensor-parallel-size", "2", "--workers",
+                    ",".join(f"127.0.0.1:{p}" for p in ports), "--step-timeout", "10"],
+                   "scheduler ready")
+    try:
+        long = SamplingParams(temperature=0, max_tokens=1500, ignore_eos=True)
+        events = asyncio.run(asyncio.wait_for(
+            _generate(redis_url, name, long, on_first=workers[1].kill), 60))
+        assert events[-1].final and events[-1].finish_reason == "error"
+        assert "worker unavailable" in events[-1].error
+        assert sum(len(e.token_ids) for e in events) < 1500
+        # The surviving rank cannot repair its process group: it exits for a restart.
+        assert workers[0].wait(timeout=60) != 0
+        # The scheduler keeps running and answers new requests with an error, not a hang.
+        events = asyncio.run(asyncio.wait_for(_generate(redis_url, name, GREEDY), 60))
+        assert events[-1].finish_reason == "error"
+        assert sched.poll() is None
+    finally:
+        for p in (sched, *workers):
+            p.kill()
+            p.wait()
