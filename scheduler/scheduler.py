@@ -175,13 +175,14 @@ class Scheduler:
         self.in_flight.update(s.seq_id for s in plan.running)
 
     def _victim(self, i: int) -> Request | None:
-        """The request to preempt for running[i]: the last one not in flight (at index >= i,
-        since running[i] itself qualifies); None if running[i] is in flight."""
-        for j in range(len(self.running) - 1, i - 1, -1):
+        """The request to preempt so that running[i] can grow: the last one after it that is
+        not in flight, else running[i] itself; None (wait) when only in-flight ones follow,
+        since their steps end soon and give the choice back."""
+        for j in range(len(self.running) - 1, i, -1):
             req = self.running[j]
             if req.request_id not in self.in_flight:
                 return req
-        return None
+        return self.running[i] if len(self.running) == i + 1 else None
 
     def _send_in_full(self, plan: StepPlan, req: Request, num_new: int) -> None:
         """A request the workers do not know (new, or back after preemption): all its tokens

@@ -11,7 +11,7 @@ import atexit
 import weakref
 
 from scheduler.executor import GrpcExecutor
-from tessera.launcher import TESSERA, Stack, free_port
+from tessera.launcher import TESSERA, Stack, cpu_share, free_port
 
 
 class LocalWorkerGroup:
@@ -34,7 +34,8 @@ class LocalWorkerGroup:
                         "--seed", str(seed), "--tensor-parallel-size", str(tp),
                         "--pipeline-parallel-size", str(pp), "--rank", str(rank),
                         "--dist-init-addr", dist_addr]
-                workers.append((f"worker.{rank}", self.stack.spawn(f"worker.{rank}", argv),
+                env = cpu_share(tp * pp) if device == "cpu" else None
+                workers.append((f"worker.{rank}", self.stack.spawn(f"worker.{rank}", argv, env),
                                 f"127.0.0.1:{port}"))
             for name, proc, _ in workers:
                 self.stack.wait_ready(name, proc, "worker ready")

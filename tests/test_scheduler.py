@@ -151,3 +151,51 @@ def test_min_tokens_defers_eos():
     assert events[0].finish_reason is None   # the request is not cut short
     _, events = step(s, token=EOS)
     assert events[0].finish_reason == "stop"
+
+
+def _sample_all(s: Scheduler, plan, token: int) -> StepOutput:
+    out = StepOutput(plan.step_id)
+    for seq in (*plan.new, *plan.running):
+        r = s.requests[seq.seq_id]
+        if r.num_computed_tokens + seq.num_scheduled_tokens == r.num_tokens:
+            out.sampled[seq.seq_id] = SampledToken(token)
+    return out
+
+
+def test_pipelined_steps_hold_disjoint_requests_and_carry_sampled_tokens():
+    s = make(num_blocks=16, block_size=4, budget=8)
+    for i, rid in enumerate("ABCD"):
+        s.add_request(req(rid, 4, first=10 * i))
+    p1 = s.schedule()
+    s.mark_in_flight(p1)
+    p2 = s.schedule()
+    s.mark_in_flight(p2)
+    assert [n.seq_id for n in p1.new] == ["A", "B"] and [n.seq_id for n in p2.new] == ["C", "D"]
+    p3 = s.schedule()          # everything is in flight: no step, and no step id spent
+    assert p3.num_sequences == 0
+    s.update(p1, _sample_all(s, p1, 5))
+    p3 = s.schedule()
+    assert p3.step_id == 3 and [r.seq_id for r in p3.running] == ["A", "B"]
+    assert [r.new_token_ids for r in p3.running] == [[5], [5]]   # the token the last stage sampled
+    s.mark_in_flight(p3)
+    s.update(p2, _sample_all(s, p2, 6))
+    p4 = s.schedule()
+    assert [r.seq_id for r in p4.running] == ["C", "D"]
+    assert [r.new_token_ids for r in p4.running] == [[6], [6]]
+
+
+def test_an_in_flight_request_is_never_preempted():
+    s = make(num_blocks=4, block_size=4, budget=16)
+    s.add_request(req("A", 7, max_tokens=20))
+    s.add_request(req("B", 7, max_tokens=20, first=50))
+    for _ in range(2):
+        step(s)                # both at 8 tokens, each holding 2 of the 4 blocks
+    # Without pipelining A's next block would come from preempting B (the newest); with
+    # B's step still in the pipeline, A waits instead of evicting it.
+    s.in_flight.add("B")
+    plan = s.schedule()
+    assert plan.preempted_ids == [] and plan.num_sequences == 0
+    assert s.requests["B"].status == RequestStatus.RUNNING
+    s.in_flight.clear()
+    plan = s.schedule()
+    assert plan.preempted_ids == ["B"]
