@@ -126,16 +126,23 @@ async def _generate(redis_url: str, name: str, params: SamplingParams, on_first=
 
 
 def test_a_dead_group_member_fails_requests_cleanly(tiny_model, redis_url):
+    """A group meeting through Redis loses rank 1 mid-request: the request ends with an error
+    event, the survivor exits for a restart, and the scheduler keeps answering."""
     model_dir = str(tiny_model("llama"))
     name = f"dead-{uuid.uuid4().hex[:8]}"
-    addr, ports = f"127.0.0.1:{free_port()}", [free_port(), free_port()]
+    ports = [free_port(), free_port()]
+    # No --dist-init-addr: rank 0 publishes its TCP store's address in Redis (rank 1 starts
+    # first and waits for it).
     workers = [subprocess.Popen(
         [sys.executable, "-m", "tessera.cli", "worker", "--model", model_dir, "--port", str(port),
          "--kv-cache-memory-gb", "0.01", "--tensor-parallel-size", "2", "--rank", str(rank),
-         "--dist-init-addr", addr, "--dist-timeout", "20"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for rank, port in enumerate(ports)]
+         "--redis-url", redis_url, "--served-model-name", name, "--group", "g0",
+         "--dist-timeout", "20"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for rank, port in reversed(list(enumerate(ports)))][::-1]
     sched = _start(["scheduler", "--model", model_dir, "--redis-url", redis_url,
-                    "--served-model-name", name, "--tensor-parallel-size", "2", "--workers",
+                    "--served-model-name", name, "--group", "g0", "--tensor-parallel-size", "2",
+                    "--workers",
                     ",".join(f"127.0.0.1:{p}" for p in ports), "--step-timeout", "10"],
                    "scheduler ready")
     try:
