@@ -56,7 +56,7 @@ def test_default_profile_is_the_serve_topology():
     assert compose_stack.default_services(config) == ["redis", "model-init", "worker", "scheduler",
                                                       "gateway"]
     commands = {n: s["command"][:2] for n, s in config["services"].items()
-                if s["command"][0] == "tessera"}
+                if s.get("command", [""])[0] == "tessera"}
     assert commands == {"worker": ["tessera", "worker"], "worker-gpu": ["tessera", "worker"],
                         "scheduler": ["tessera", "scheduler"], "gateway": ["tessera", "gateway"]}
     gateway = config["services"]["gateway"]
@@ -124,7 +124,7 @@ def test_docker_compose_config_accepts_the_file_and_interpolates_as_the_test_doe
     ours = compose_stack.load(env)["services"]
     assert set(rendered) == set(ours)
     for name, service in ours.items():
-        assert [str(a) for a in rendered[name]["command"]] == service["command"], name
+        assert [str(a) for a in rendered[name].get("command", [])] == service.get("command", []), name
         if "healthcheck" in service:
             assert rendered[name]["healthcheck"]["test"] == service["healthcheck"]["test"], name
         assert (rendered[name].get("environment") or {}) == (service.get("environment") or {})
