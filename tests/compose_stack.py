@@ -150,9 +150,20 @@ class LocalStack:
         result = subprocess.run(argv, env=self.process_env(name), capture_output=True, timeout=30)
         return result.returncode == 0
 
+    def _died(self) -> str | None:
+        """A long-running service that exited (compose would restart it; here it is a failure)."""
+        for name, proc in self.procs.items():
+            if proc.poll() is not None and self.config["services"][name].get("restart") != "no":
+                return name
+        return None
+
     def wait(self, name: str, condition: str, deadline: float) -> None:
         proc = self.procs[name]
         while time.monotonic() < deadline:
+            died = self._died()
+            if died is not None and died != name:
+                raise RuntimeError(f"{died} exited with {self.procs[died].returncode} while "
+                                   f"waiting for {name}:\n" + self.log(died))
             if condition == "service_completed_successfully":
                 if proc.poll() is not None:
                     if proc.returncode == 0:

@@ -81,6 +81,9 @@ def test_healthcheck_is_healthy_only_when_every_url_answers_2xx(http_server, mon
     assert healthcheck.main([http_server + "/ready"]) == 0
     assert healthcheck.main([http_server + "/ready", http_server + "/not-ready"]) == 1
     assert healthcheck.main(["http://127.0.0.1:1/ready"]) == 1     # nothing listens
+    port = int(http_server.rsplit(":", 1)[1])
+    assert healthcheck.main([f"tcp://127.0.0.1:{port}"]) == 0
+    assert healthcheck.main([http_server + "/ready", "tcp://127.0.0.1:1"]) == 1
     assert healthcheck.main([]) == 0                                # no check applies
     monkeypatch.setenv("TESSERA_HEALTH_URL", http_server + "/not-ready")
     assert healthcheck.main([]) == 1

@@ -117,8 +117,10 @@ def test_the_worker_group_is_one_shape_everywhere(rendered, build_name):
     headless = one(docs, "Service", workers["spec"]["serviceName"])
     assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["publishNotReadyAddresses"]
     assert workers["spec"]["podManagementPolicy"] == "Parallel"
-    size = getattr(worker_args, "tensor_parallel_size", 1) * getattr(worker_args, "pipeline_parallel_size", 1)
     replicas = workers["spec"]["replicas"]
+    assert hasattr(worker_args, "tensor_parallel_size") or replicas == 1, \
+        "a group of several workers needs the worker CLI's --tensor-parallel-size"
+    size = getattr(worker_args, "tensor_parallel_size", 1) * getattr(worker_args, "pipeline_parallel_size", 1)
     name, service = workers["metadata"]["name"], headless["metadata"]["name"]
     assert scheduler_args.workers.split(",") == [f"{name}-{i}.{service}:{worker_args.port}"
                                                  for i in range(replicas)]
