@@ -26,6 +26,11 @@ def check_shape(expected: tuple[int, ...], loaded: torch.Tensor) -> None:
         raise WeightShapeError(f"expected shape {tuple(expected)}, checkpoint has {tuple(loaded.shape)}")
 
 
+def _check_divisible(what: str, n: int, tp_size: int) -> None:
+    if n % tp_size:
+        raise ValueError(f"{n} {what} cannot be split evenly over tensor-parallel size {tp_size}")
+
+
 def replicated_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
     """Loader for a parameter every rank holds whole (norms, position tables, unsplit biases)."""
     check_shape(param.shape, loaded)
@@ -70,7 +75,7 @@ class ColumnParallelLinear(_Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  dtype: torch.dtype = torch.float32) -> None:
         tp = get_tp_group()
-        assert out_features % tp.size == 0, (out_features, tp.size)
+        _check_divisible("output features", out_features, tp.size)
         super().__init__(in_features, out_features // tp.size, bias, dtype)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
@@ -85,6 +90,8 @@ class MergedColumnParallelLinear(_Linear):
     def __init__(self, in_features: int, out_sizes: list[int], bias: bool = False,
                  dtype: torch.dtype = torch.float32) -> None:
         tp = get_tp_group()
+        for size in out_sizes:
+            _check_divisible("output features", size, tp.size)
         self.out_sizes = [s // tp.size for s in out_sizes]
         self.shard_ids = tuple(range(len(out_sizes)))
         super().__init__(in_features, sum(self.out_sizes), bias, dtype)
@@ -107,7 +114,10 @@ class QKVParallelLinear(_Linear):
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
                  bias: bool = False, dtype: torch.dtype = torch.float32) -> None:
         tp = get_tp_group()
-        assert num_heads % tp.size == 0, (num_heads, tp.size)
+        _check_divisible("attention heads", num_heads, tp.size)
+        if num_kv_heads % tp.size and tp.size % num_kv_heads:
+            raise ValueError(f"{num_kv_heads} KV heads cannot be split over tensor-parallel size "
+                             f"{tp.size} (one must divide the other)")
         self.head_dim = head_dim
         self.num_heads = num_heads // tp.size
         self.num_kv_heads = max(1, num_kv_heads // tp.size)
@@ -135,7 +145,7 @@ class RowParallelLinear(_Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  dtype: torch.dtype = torch.float32) -> None:
         tp = get_tp_group()
-        assert in_features % tp.size == 0, (in_features, tp.size)
+        _check_divisible("input features", in_features, tp.size)
         super().__init__(in_features // tp.size, out_features, bias, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
