@@ -20,6 +20,7 @@ from scheduler.executor import Executor, WorkerMismatch, WorkerUnavailable
 from scheduler.queue import RequestQueue
 from scheduler.request import Request
 from scheduler.scheduler import RequestEvent, Scheduler
+from scheduler.telemetry import NullObserver
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def _seq_id(request_id: str, k: int, n: int) -> str:
 class EngineLoop:
     def __init__(self, scheduler: Scheduler, executor: Executor, queue: RequestQueue,
                  eos_token_ids: tuple[int, ...] = (), idle_block_ms: int = 100,
-                 stats_key: str | None = None) -> None:
+                 stats_key: str | None = None, observer: NullObserver | None = None) -> None:
         self.scheduler = scheduler
         self.executor = executor
         self.queue = queue
@@ -53,6 +54,8 @@ class EngineLoop:
         self.stopped = asyncio.Event()
         self.steps = 0
         self._pending_errors: list[tuple[_InFlight, str]] = []
+        # Telemetry hooks (spans, metrics, readiness): scheduler.telemetry.EngineObserver.
+        self.obs = observer or NullObserver()
 
     # ---- intake -------------------------------------------------------------------------
     def _admission_room(self) -> int:
@@ -84,10 +87,11 @@ class EngineLoop:
         cached) the prompt, so the n sequences share its KV blocks through the prefix cache."""
         q = req.queued
         seq_id = _seq_id(q.request_id, k, q.params.n)
-        self.scheduler.add_request(Request(
-            seq_id, list(q.prompt_token_ids), q.params, priority=q.priority,
-            eos_token_ids=self.eos_token_ids, seed_offset=k))
+        request = Request(seq_id, list(q.prompt_token_ids), q.params, priority=q.priority,
+                          eos_token_ids=self.eos_token_ids, seed_offset=k)
+        self.scheduler.add_request(request)
         self._owner[seq_id] = (req, k)
+        self.obs.sequence_added(req.entry_id, q, k, request)
         req.unfinished.add(k)
 
     # ---- the loop -----------------------------------------------------------------------
@@ -100,8 +104,21 @@ class EngineLoop:
                 await self._fail([req], message)
             self._pending_errors = []
             if not self.scheduler.has_unfinished:
+                await self._canary()
                 continue
             await self.step()
+
+    async def _canary(self) -> None:
+        """Idle: now and then a one-token step nobody reads, so that readiness keeps meaning
+        "the worker group finished a real forward pass recently" (scheduler.health)."""
+        request = self.obs.canary()
+        if request is None:
+            return
+        self.scheduler.add_request(request)
+        try:
+            await self.step()
+        finally:
+            self.scheduler.abort(request.request_id)   # a no-op unless the step failed
 
     async def step(self) -> None:
         plan = self.scheduler.schedule()
@@ -118,6 +135,7 @@ class EngineLoop:
                 return
             await asyncio.sleep(0.01)   # everything waits for blocks that aborts will free
             return
+        started = self.obs.step_started(plan)
         try:
             output = await asyncio.to_thread(self.executor.execute, plan)
         except WorkerMismatch as e:
@@ -131,7 +149,9 @@ class EngineLoop:
             self.scheduler.reset_workers()
             return
         self.steps += 1
-        await self._publish(self.scheduler.update(plan, output))
+        events = self.scheduler.update(plan, output)
+        self.obs.step_finished(plan, output, started)
+        await self._publish(events)
 
     async def _publish(self, events: list[RequestEvent]) -> None:
         out: list[tuple[str, OutputEvent]] = []
@@ -149,6 +169,7 @@ class EngineLoop:
             if ev.finish_reason is not None:
                 req.unfinished.discard(k)
                 del self._owner[ev.request_id]
+                self.obs.sequence_finished(ev.request_id, ev.finish_reason)
             final = not req.unfinished
             out.append((req.queued.request_id, OutputEvent(
                 req.next_index, ev.new_token_ids, seq_index=k, finish_reason=ev.finish_reason,
@@ -175,6 +196,7 @@ class EngineLoop:
             self._owner.pop(_seq_id(rid, k, n), None)
         req.unfinished.clear()
         self.inflight.pop(rid, None)
+        self.obs.request_ended(rid, reason)
         event = OutputEvent(req.next_index, [], finish_reason=reason, final=True, error=error)
         req.next_index += 1
         return event

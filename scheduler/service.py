@@ -19,6 +19,7 @@ from common import redis_schema as schema
 from common.model_config import ModelConfig
 from scheduler.executor import GrpcExecutor
 from scheduler.loop import EngineLoop
+from scheduler.observability import SchedulerObservability
 from scheduler.queue import RequestQueue
 from scheduler.scheduler import Scheduler, SchedulerConfig
 
@@ -39,6 +40,9 @@ class SchedulerServiceConfig:
     enable_prefix_caching: bool = True
     lease_ms: int = 5000
     step_timeout_s: float = 30.0
+    ready_timeout_s: float = 10.0       # ready: a forward pass finished within this
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = 8001            # /metrics /health /ready; 0: none
 
     @property
     def model_name(self) -> str:
@@ -77,6 +81,8 @@ async def serve(config: SchedulerServiceConfig) -> None:
     max_model_len = min(config.max_model_len or limit, limit)
     consumer = f"{socket.gethostname()}-{os.getpid()}"
     client = aioredis.from_url(config.redis_url)
+    obs = SchedulerObservability(config.model_name, config.group, max_model_len,
+                                 config.ready_timeout_s, config.metrics_host, config.metrics_port)
     lease = Lease(client, schema.group_lease(config.model_name, config.group), consumer,
                   config.lease_ms)
     logger.info("waiting for the lease of group %s", config.group)
@@ -88,6 +94,7 @@ async def serve(config: SchedulerServiceConfig) -> None:
     try:
         num_blocks = await asyncio.to_thread(executor.warmup, config.max_num_batched_tokens,
                                              config.max_num_seqs)
+        obs.readiness.mark_forward()   # the warm-up ran a worst-case forward pass
         scheduler = Scheduler(SchedulerConfig(
             num_blocks=num_blocks, block_size=config.block_size, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=max_model_len,
@@ -95,13 +102,16 @@ async def serve(config: SchedulerServiceConfig) -> None:
         queue = RequestQueue(client, config.model_name, consumer)
         await queue.ensure_group()
         loop = EngineLoop(scheduler, executor, queue, model_config.eos_token_ids,
-                          stats_key=schema.scheduler_stats(config.model_name, config.group))
+                          stats_key=schema.scheduler_stats(config.model_name, config.group),
+                          observer=obs.observer(scheduler, queue))
+        obs.start(client, queue)
         print(f"scheduler ready: model {config.model_name}, group {config.group}, "
               f"{num_blocks} KV blocks, workers {','.join(config.workers)}", flush=True)
         loop.stopped = lost
         await loop.run()
     finally:
         renew.cancel()
+        await obs.close()
         executor.close()
         await lease.release()
         await client.aclose()

@@ -12,6 +12,16 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from common import logging_setup
+
+
+def _observe(args: argparse.Namespace, service: str) -> None:
+    """Logging (--log-format, --log-prompts) and tracing (OTEL_* variables) of a service."""
+    from common.telemetry import setup_tracing
+
+    logging_setup.configure(args.log_format, args.log_prompts, service=service)
+    setup_tracing(service)
+
 
 def _add_make_model(subparsers: argparse._SubParsersAction) -> None:
     from tessera.make_model import ARCHS, DTYPES, PRESETS
@@ -96,22 +106,27 @@ def _add_worker(subparsers: argparse._SubParsersAction) -> None:
                    help="register in this Redis with a heartbeat key (optional)")
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--worker-id", default=None, help="default: HOSTNAME-PID")
+    p.add_argument("--metrics-port", type=int, default=8002,
+                   help="HTTP /metrics /health /ready on --host (default 8002; 0: none)")
+    p.add_argument("--ready-timeout", type=float, default=10.0,
+                   help="not ready while a step runs longer than this, in seconds (default 10)")
+    logging_setup.add_arguments(p)
     p.set_defaults(handler=_run_worker)
 
 
 def _run_worker(args: argparse.Namespace) -> int:
     import asyncio
-    import logging
 
     from worker.service import WorkerConfig, serve
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _observe(args, "worker")
     config = WorkerConfig(model=args.model, dtype=args.dtype, device=args.device,
                           block_size=args.block_size, host=args.host, port=args.port,
                           kv_cache_memory_bytes=int(args.kv_cache_memory_gb * (1 << 30)),
                           gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed,
                           redis_url=args.redis_url, served_model_name=args.served_model_name,
-                          worker_id=args.worker_id)
+                          worker_id=args.worker_id, metrics_port=args.metrics_port,
+                          ready_timeout_s=args.ready_timeout)
     try:
         asyncio.run(serve(config))
     except KeyboardInterrupt:
@@ -136,22 +151,30 @@ def _add_scheduler(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--step-timeout", type=float, default=30.0, help="seconds per step")
+    p.add_argument("--ready-timeout", type=float, default=10.0,
+                   help="ready while the worker group finished a forward pass within this many "
+                   "seconds; idle, a one-token canary step keeps it honest (default 10)")
+    p.add_argument("--metrics-host", default="0.0.0.0", help="bind address of --metrics-port")
+    p.add_argument("--metrics-port", type=int, default=8001,
+                   help="HTTP /metrics /health /ready (default 8001; 0: none)")
+    logging_setup.add_arguments(p)
     p.set_defaults(handler=_run_scheduler)
 
 
 def _run_scheduler(args: argparse.Namespace) -> int:
     import asyncio
-    import logging
 
     from scheduler.service import SchedulerServiceConfig, serve
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _observe(args, "scheduler")
     config = SchedulerServiceConfig(
         model=args.model, workers=tuple(a for a in args.workers.split(",") if a),
         redis_url=args.redis_url, served_model_name=args.served_model_name, group=args.group,
         block_size=args.block_size, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-        enable_prefix_caching=not args.no_prefix_caching, step_timeout_s=args.step_timeout)
+        enable_prefix_caching=not args.no_prefix_caching, step_timeout_s=args.step_timeout,
+        ready_timeout_s=args.ready_timeout, metrics_host=args.metrics_host,
+        metrics_port=args.metrics_port)
     try:
         asyncio.run(serve(config))
     except KeyboardInterrupt:
@@ -174,16 +197,16 @@ def _add_gateway(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--grpc-port", type=int, default=50051)
     p.add_argument("--max-body-bytes", type=int, default=4 << 20,
                    help="largest request body / gRPC message accepted (default 4 MiB)")
+    logging_setup.add_arguments(p)
     p.set_defaults(handler=_run_gateway)
 
 
 def _run_gateway(args: argparse.Namespace) -> int:
     import asyncio
-    import logging
 
     from gateway.service import GatewayConfig, run_until_signal
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _observe(args, "gateway")
     config = GatewayConfig(model=args.model, served_model_name=args.served_model_name,
                            redis_url=args.redis_url, host=args.host, http_port=args.http_port,
                            grpc_port=args.grpc_port, max_body_bytes=args.max_body_bytes)
@@ -206,6 +229,7 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--kv-cache-memory-gb", default="2", help="worker KV budget on CPU (GiB)")
     p.add_argument("--max-num-seqs", default="256")
     p.add_argument("--max-num-batched-tokens", default="2048")
+    logging_setup.add_arguments(p)
     p.set_defaults(handler=_run_serve)
 
 
@@ -217,7 +241,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         redis_url=args.redis_url, served_model_name=args.served_model_name, dtype=args.dtype,
         worker_args=["--kv-cache-memory-gb", args.kv_cache_memory_gb],
         scheduler_args=["--max-num-seqs", args.max_num_seqs,
-                        "--max-num-batched-tokens", args.max_num_batched_tokens]))
+                        "--max-num-batched-tokens", args.max_num_batched_tokens],
+        log_args=["--log-format", args.log_format, *(["--log-prompts"] if args.log_prompts else [])]))
 
 
 def _add_bench(subparsers: argparse._SubParsersAction) -> None:

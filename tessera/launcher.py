@@ -37,6 +37,7 @@ class ServeConfig:
     dtype: str = "float32"
     worker_args: list[str] = field(default_factory=list)
     scheduler_args: list[str] = field(default_factory=list)
+    log_args: list[str] = field(default_factory=list)       # --log-format / --log-prompts, to all
 
 
 class Stack:
@@ -112,21 +113,29 @@ def serve(config: ServeConfig) -> int:
     try:
         redis_url = config.redis_url or stack.start_redis()
         worker_port = free_port()
+        worker_metrics, scheduler_metrics = free_port(), free_port()
         stack.start("worker", [*tessera, "worker", "--model", config.model, "--dtype", config.dtype,
                                "--port", str(worker_port), "--redis-url", redis_url,
-                               "--served-model-name", name, *config.worker_args], "worker ready")
+                               "--served-model-name", name, "--metrics-port", str(worker_metrics),
+                               *config.log_args, *config.worker_args], "worker ready")
         stack.start("scheduler", [*tessera, "scheduler", "--model", config.model,
                                   "--workers", f"127.0.0.1:{worker_port}", "--redis-url", redis_url,
-                                  "--served-model-name", name, *config.scheduler_args],
+                                  "--served-model-name", name, "--metrics-host", "127.0.0.1",
+                                  "--metrics-port", str(scheduler_metrics), *config.log_args,
+                                  *config.scheduler_args],
                     "scheduler ready")
         stack.start("gateway", [*tessera, "gateway", "--model", config.model,
                                 "--served-model-name", name, "--redis-url", redis_url,
                                 "--host", config.host, "--http-port", str(config.http_port),
-                                "--grpc-port", str(config.grpc_port)], "gateway ready")
+                                "--grpc-port", str(config.grpc_port), *config.log_args],
+                    "gateway ready")
         print(f"tessera serving {name}\n"
               f"  OpenAI HTTP  http://{config.host}:{config.http_port}/v1\n"
               f"  gRPC         {config.host}:{config.grpc_port}\n"
               f"  Redis        {redis_url}\n"
+              f"  Metrics      http://{config.host}:{config.http_port}/metrics (gateway), "
+              f"http://127.0.0.1:{scheduler_metrics}/metrics (scheduler), "
+              f"http://127.0.0.1:{worker_metrics}/metrics (worker)\n"
               f"Ctrl-C stops everything.", flush=True)
         died, code = stack.wait_any()
         print(f"{died} exited with status {code}; stopping the stack", file=sys.stderr)

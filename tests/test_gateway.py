@@ -41,13 +41,16 @@ def test_health_ready_and_models(stack, http: httpx.Client, redis_url: str) -> N
     assert http.get("/health").json() == {"status": "ok"}
     r = http.get("/ready")
     assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
-    lease = schema.group_lease(name, "g0")
+    # Ready while a scheduler of the model keeps its group's ready key (scheduler.health):
+    # a key with a TTL, so a scheduler that dies stops counting on its own.
     with redis.Redis.from_url(redis_url) as client:
-        client.set(lease, "scheduler-1", px=10_000)
+        client.sadd(schema.ready_groups(name), "g0")
+        assert http.get("/ready").status_code == 503, "a known group without its key is not ready"
+        client.set(schema.scheduler_ready(name, "g0"), "1", px=10_000)
         try:
             assert http.get("/ready").status_code == 200
         finally:
-            client.delete(lease)
+            client.delete(schema.scheduler_ready(name, "g0"))
     assert http.get("/ready").status_code == 503
     models = http.get("/v1/models").json()
     assert [m["id"] for m in models["data"]] == [name]

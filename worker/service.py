@@ -18,12 +18,15 @@ from dataclasses import dataclass
 
 import grpc
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.convert import step_output_to_proto, step_plan_from_proto
+from common.http_probe import start_probe
 from common.model_config import ModelConfig
 from common.proto.tessera.v1 import worker_pb2, worker_pb2_grpc
 from worker.kv_cache import kv_cache_bytes_per_block
 from worker.runner import ModelRunner
+from worker.telemetry import WorkerHealth, WorkerTelemetry
 from worker.worker import StepMismatchError, Worker
 
 logger = logging.getLogger(__name__)
@@ -44,6 +47,8 @@ class WorkerConfig:
     served_model_name: str | None = None
     worker_id: str | None = None
     heartbeat_ttl_s: float = 5.0
+    metrics_port: int = 8002                  # /metrics /health /ready on ``host``; 0: none
+    ready_timeout_s: float = 10.0             # not ready while a step runs longer than this
 
     @property
     def model_name(self) -> str:
@@ -59,6 +64,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.worker = Worker(runner, seed=config.seed)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step")
         self.warmed_up = False
+        self.telemetry = WorkerTelemetry(config.model_name, config.ready_timeout_s)
 
     async def _run(self, fn, *args):
         # NOTE: model work runs on the event loop's own thread (the main thread), blocking the
@@ -102,6 +108,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 "no memory left for a single KV block")
         self.warmed_up = True
+        self.telemetry.warmed_up(num_blocks)
         logger.info("warm: %d KV blocks of %d bytes", num_blocks, per_block)
         return worker_pb2.WarmupResponse(num_blocks=num_blocks, block_bytes=per_block)
 
@@ -110,7 +117,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "Warmup first")
         try:
             plan = step_plan_from_proto(request)
-            out = await self._run(self.worker.execute, plan)
+            with self.telemetry.step(plan, context):
+                out = await self._run(self.worker.execute, plan)
         except StepMismatchError as e:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         except ValueError as e:
@@ -152,6 +160,12 @@ async def serve(config: WorkerConfig, ready: asyncio.Event | None = None) -> Non
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20),
                                       ("grpc.max_send_message_length", 64 << 20)])
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
+    health_servicer = WorkerHealth(servicer.telemetry, worker_pb2.DESCRIPTOR.services_by_name[
+        "Worker"].full_name)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    probe = start_probe(config.host, config.metrics_port, servicer.telemetry.render,
+                        servicer.telemetry.status)
     address = f"{config.host}:{config.port}"
     if server.add_insecure_port(address) == 0:
         raise OSError(f"cannot listen on {address}")
@@ -166,4 +180,6 @@ async def serve(config: WorkerConfig, ready: asyncio.Event | None = None) -> Non
     finally:
         if beat is not None:
             beat.cancel()
+        if probe is not None:
+            probe.stop()
         await server.stop(grace=1)
