@@ -18,6 +18,7 @@ import logging
 import sys
 import time
 from contextvars import ContextVar
+from typing import TextIO
 
 from opentelemetry import trace
 
@@ -91,13 +92,13 @@ class TextFormatter(logging.Formatter):
 
 
 def configure(log_format: str = "text", log_prompts: bool = False, service: str | None = None,
-              level: int | str = logging.INFO) -> None:
+              level: int | str = logging.INFO, stream: TextIO | None = None) -> None:
     """Configure the root logger once for a service process (replaces logging.basicConfig)."""
     global _log_prompts
     if log_format not in LOG_FORMATS:
         raise ValueError(f"log format must be one of {LOG_FORMATS}, got {log_format!r}")
     _log_prompts = log_prompts
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter(service) if log_format == "json" else TextFormatter())
     root = logging.getLogger()
     for h in list(root.handlers):
