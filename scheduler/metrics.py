@@ -82,8 +82,6 @@ class SchedulerMetrics:
                                           "Number of prefill tokens processed, per request.", tokens)
         self.request_generation_tokens = hist("request_generation_tokens",
                                               "Number of generation tokens processed, per request.", tokens)
-        self.iteration_tokens = hist("iteration_tokens_total", "Number of tokens per engine step.",
-                                     m.ITERATION_TOKENS_BUCKETS)
         self.step_time = hist("step_duration_seconds", "Time of one engine step as the scheduler "
                               "sees it: the workers' Execute round trip.", m.STEP_BUCKETS)
         self.queue_depth = gauge("request_queue_depth", "Requests waiting in the Redis request "

@@ -13,7 +13,7 @@ The loop calls a handful of hooks (``sequence_added``, ``step_started``, ``step_
 
 Hot-path rule: with tracing off nothing here touches a span or builds an attribute, and the
 per-step work is O(new + preempted + mid-prefill sequences), never a loop over every running
-one. Intervals come from this process's monotonic clock, except the time a request waited in
+one (tokens per step are the workers' metric). Intervals come from this process's monotonic clock, except the time a request waited in
 the Redis stream, which is measured on Redis's own clock (entry id vs TIME at admission).
 """
 
@@ -57,6 +57,7 @@ class _Seq:
     t_scheduled: float | None = None
     t_first_token: float | None = None
     preempted: bool = False
+    chunk_start: int = 0                # computed tokens before this step (prefill events)
     span: Span | None = None            # prefill, then decode
     traceparent: str | None = None      # of ``span``: the workers' parent / link
 
@@ -216,19 +217,26 @@ class EngineObserver(NullObserver):
         seq.traceparent = telemetry.traceparent_of(seq.span)
 
     def _trace_step(self, plan: StepPlan) -> None:
-        """Prefill-chunk events, and the contexts the workers' step span joins and links."""
-        contexts, seqs, prefilling = [], self._seqs, self._prefilling
-        for s in (*plan.running, *plan.new):
-            seq = seqs.get(s.seq_id)
-            if seq is None:
-                continue
-            if s.seq_id in prefilling and seq.span is not None:
-                seq.span.add_event("prefill chunk", {
-                    "tessera.chunk.start": s.num_computed_tokens,
-                    "tessera.chunk.tokens": s.num_scheduled_tokens})
-            if seq.traceparent is not None and len(contexts) < telemetry.MAX_STEP_LINKS:
-                contexts.append(seq.traceparent)
+        """Where each prefill stands (for its chunk event), and the contexts the workers' step
+        span joins (the first) and links to (all, up to MAX_STEP_LINKS)."""
+        for seq in self._prefilling.values():
+            seq.chunk_start = seq.request.num_computed_tokens
+        contexts, seqs, limit = [], self._seqs, telemetry.MAX_STEP_LINKS
+        for group in (plan.running, plan.new):
+            for s in group:
+                if len(contexts) == limit:
+                    break
+                seq = seqs.get(s.seq_id)
+                if seq is not None and seq.traceparent is not None:
+                    contexts.append(seq.traceparent)
         plan.trace_context = tuple(contexts)
+
+    def _chunk_events(self) -> None:
+        for seq in self._prefilling.values():
+            done = seq.request.num_computed_tokens - seq.chunk_start
+            if done > 0 and seq.span is not None:
+                seq.span.add_event("prefill chunk", {"tessera.chunk.start": seq.chunk_start,
+                                                     "tessera.chunk.tokens": done})
 
     def step_finished(self, plan: StepPlan, output: StepOutput, started: float) -> None:
         now = time.monotonic()
@@ -238,12 +246,11 @@ class EngineObserver(NullObserver):
             return   # the idle canary: a forward pass, not engine work
         metrics = self.metrics
         metrics.step_time.observe(now - started)
-        metrics.iteration_tokens.observe(
-            sum(s.num_scheduled_tokens for s in plan.new)
-            + sum(s.num_scheduled_tokens for s in plan.running))
         metrics.generation_tokens.inc(len(sampled))
         if not self._prefilling:
             return
+        if self.tracing:
+            self._chunk_events()
         for seq_id in [s for s in self._prefilling if s in sampled]:
             seq = self._prefilling.pop(seq_id)
             seq.t_first_token = now

@@ -107,5 +107,5 @@ def test_preemptions_are_span_events_and_metrics_and_idle_keeps_ready(engine):
     # idle: canaries keep the last forward pass fresh, and count as no engine work
     assert readiness.last_forward > last and readiness.status()[0]
     assert idle["tessera:generation_tokens_total"] == 90
-    assert idle["tessera:iteration_tokens_total_count"] == busy["tessera:iteration_tokens_total_count"]
+    assert idle["tessera:step_duration_seconds_count"] == busy["tessera:step_duration_seconds_count"]
     assert idle["tessera:num_requests_running"] == 0 and idle["tessera:kv_cache_usage_perc"] == 0
