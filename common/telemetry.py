@@ -38,7 +38,10 @@ logger = logging.getLogger(__name__)
 
 TRACEPARENT = "traceparent"
 STEP_LINKS = "tessera-step-links"   # gRPC metadata: traceparents of a step's other sequences
-MAX_STEP_LINKS = 64                 # links per worker step span; also bounds the metadata size
+# Links per worker step span (the first is also its parent). Each costs the worker a few us a
+# step (benchmarks/serving_overhead.py --tracing-cost), and it bounds the metadata (gRPC's
+# default limit is 8 KiB; a traceparent is 55 bytes).
+MAX_STEP_LINKS = 32
 
 _enabled = False
 _provider: Any = None
@@ -170,16 +173,23 @@ def step_metadata(traceparents: Sequence[str]) -> tuple[tuple[str, str], ...]:
             (STEP_LINKS, ",".join(traceparents[1:MAX_STEP_LINKS])))
 
 
-def step_contexts(metadata: Iterable[tuple[str, Any]]) -> list[SpanContext]:
-    """The span contexts of a step from ``step_metadata``: parent first, then the others."""
+def step_traceparents(metadata: Iterable[tuple[str, Any]]) -> list[str]:
+    """The traceparents of a step from ``step_metadata``: the parent's first, at most
+    MAX_STEP_LINKS."""
     first, rest = None, ""
     for key, value in metadata:
         if key == TRACEPARENT:
             first = value
         elif key == STEP_LINKS:
             rest = value
-    out = [c for c in (parse_traceparent(v) for v in [first, *rest.split(",")]) if c is not None]
-    return out[:MAX_STEP_LINKS]
+    if first is None:
+        return []
+    return [first, *(v for v in rest.split(",") if v)][:MAX_STEP_LINKS]
+
+
+def step_contexts(metadata: Iterable[tuple[str, Any]]) -> list[SpanContext]:
+    """The span contexts of a step from ``step_metadata``: parent first, then the others."""
+    return [c for c in map(parse_traceparent, step_traceparents(metadata)) if c is not None]
 
 
 # ---- GenAI semantic conventions --------------------------------------------------------------

@@ -62,6 +62,11 @@ class _Seq:
     traceparent: str | None = None      # of ``span``: the workers' parent / link
 
 
+def _sampled_traceparent(span: Span) -> str | None:
+    """Only a recorded (sampled) sequence makes the workers trace a step."""
+    return telemetry.traceparent_of(span) if span.is_recording() else None
+
+
 class NullObserver:
     """The loop without telemetry (tests, tools): every hook does nothing."""
 
@@ -214,7 +219,7 @@ class EngineObserver(NullObserver):
             "tessera.sequence.index": seq.index,
             "tessera.sequence.prompt_tokens": seq.request.num_prompt_tokens,
             "tessera.prefix_cache.hit_tokens": seq.request.num_cached_tokens})
-        seq.traceparent = telemetry.traceparent_of(seq.span)
+        seq.traceparent = _sampled_traceparent(seq.span)
 
     def _trace_step(self, plan: StepPlan) -> None:
         """Where each prefill stands (for its chunk event), and the contexts the workers' step
@@ -260,7 +265,7 @@ class EngineObserver(NullObserver):
                 seq.span = self.tracer.start_span(
                     "decode", context=set_span_in_context(seq.owner.span),
                     attributes={"tessera.sequence.index": seq.index})
-                seq.traceparent = telemetry.traceparent_of(seq.span)
+                seq.traceparent = _sampled_traceparent(seq.span)
 
     def canary(self) -> Request | None:
         return self.readiness.canary()

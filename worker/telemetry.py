@@ -3,7 +3,8 @@
 A step span (``worker step``) joins the trace of the first sequence the scheduler named in the
 Execute call's metadata (a child of that sequence's prefill or decode span) and links to every
 named one, up to common.telemetry.MAX_STEP_LINKS: one span per step, however many requests it
-serves, and each request's trace reaches the worker process.
+serves, and each request's trace reaches the worker process. A step that serves no sampled
+request (the scheduler names none: tracing off there, sampled out, the idle canary) has no span.
 
 Readiness of a worker: warmed up (its KV cache exists) and not inside a step for longer than
 ``ready_timeout_s``. An idle worker cannot prove by itself that a forward pass still works;
@@ -34,6 +35,7 @@ class WorkerTelemetry:
         self.num_blocks = 0
         self._in_step_since: float | None = None
         self.tracing = telemetry.tracing_enabled()
+        self._link_cache: dict[str, Link] = {}
         self.tracer = telemetry.get_tracer("tessera.worker")
         self.registry = r = m.new_registry()
         labels = m.LABELS
@@ -72,7 +74,7 @@ class WorkerTelemetry:
     def step(self, plan: StepPlan, context: grpc.aio.ServicerContext) -> Iterator[None]:
         """Time (and, when tracing, trace) one Execute."""
         start = self._in_step_since = time.monotonic()
-        span = self._start_span(plan, context) if self.tracing else None
+        span = self._start_span(plan, context) if self.tracing else None   # None: untraced
         ok = False
         try:
             if span is None:
@@ -91,12 +93,29 @@ class WorkerTelemetry:
             else:
                 self.step_errors.inc()
 
+    def _links(self, metadata) -> list[Link]:
+        """The step's links; parsed once per traceparent (a decoding sequence sends the same one
+        every step), the cache dropped when it outgrows what a few steps can name."""
+        cache, links = self._link_cache, []
+        for value in telemetry.step_traceparents(metadata):
+            link = cache.get(value)
+            if link is None:
+                ctx = telemetry.parse_traceparent(value)
+                if ctx is None:
+                    continue
+                if len(cache) >= 16 * telemetry.MAX_STEP_LINKS:
+                    cache.clear()
+                link = cache[value] = Link(ctx)
+            links.append(link)
+        return links
+
     def _start_span(self, plan: StepPlan, context: grpc.aio.ServicerContext):
-        contexts = telemetry.step_contexts(context.invocation_metadata() or ())
-        parent = set_span_in_context(NonRecordingSpan(contexts[0])) if contexts else None
+        links = self._links(context.invocation_metadata() or ())
+        if not links:
+            return None
         return self.tracer.start_span(
-            "worker step", context=parent, kind=SpanKind.SERVER,
-            links=[Link(c) for c in contexts], attributes={
+            "worker step", context=set_span_in_context(NonRecordingSpan(links[0].context)),
+            kind=SpanKind.SERVER, links=links, attributes={
                 "tessera.step.id": plan.step_id, "tessera.step.sequences": plan.num_sequences,
                 "tessera.step.new_sequences": len(plan.new),
                 "tessera.step.finished": len(plan.finished_ids)})
