@@ -13,6 +13,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -261,6 +262,14 @@ def test_metrics_count_a_known_set_of_requests(obs):
     assert d("worker", "tessera:worker_step_tokens_sum") >= \
         prompt_tokens - sum(hits) + output_tokens - len(usages)
     assert after["worker"][("tessera:worker_kv_cache_blocks", ())] > 0
+
+    # Every series the Grafana dashboard queries is one some service exports.
+    dashboard = json.loads((pathlib.Path(__file__).parents[1] / "k8s" / "observability"
+                            / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    exported = {sample for service in after.values() for sample, _ in service}
+    queried = {name for e in exprs for name in re.findall(r"tessera:[a-z0-9_]+", e)}
+    assert queried and queried <= exported, queried - exported
 
 
 def _get(url: str) -> int:
