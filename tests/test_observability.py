@@ -191,6 +191,30 @@ def test_one_trace_across_gateway_scheduler_and_worker(obs):
         assert secret not in obs[service].log.read_text()
 
 
+def test_grpc_metadata_continues_the_trace(obs):
+    from common.proto.tessera.v1 import generate_pb2, generate_pb2_grpc
+
+    name, receiver = obs["name"], obs["receiver"]
+    trace_id, client_span = uuid.uuid4().hex, uuid.uuid4().hex[:16]
+    request = generate_pb2.GenerateRequest(
+        model=name, token_ids=generate_pb2.TokenIds(ids=list(range(20, 40))),
+        params=generate_pb2.SamplingParams(max_tokens=3, ignore_eos=True))
+    with grpc.insecure_channel(obs["grpc"]) as channel:
+        reply = generate_pb2_grpc.GenerateStub(channel).Generate(
+            request, timeout=60, metadata=[("traceparent", f"00-{trace_id}-{client_span}-01")])
+    assert reply.usage.completion_tokens == 3
+
+    def complete(spans) -> bool:
+        return {"engine request", f"text_completion {name}"} <= {s.name for s in spans}
+
+    spans = {s.name: s for s in receiver.wait_for(complete, trace_id=trace_id)}
+    call = spans[f"text_completion {name}"]
+    assert call.parent_id == client_span and call.service == "tessera-gateway"
+    assert spans["engine request"].parent_id == call.span_id
+    assert call.attrs["gen_ai.usage.output_tokens"] == 3
+    assert call.attrs["gen_ai.usage.input_tokens"] == 20
+
+
 def _scrape(url: str) -> dict[tuple[str, tuple], float]:
     text = httpx.get(url, timeout=10).text
     return {(s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k != "model_name"))):
