@@ -60,7 +60,8 @@ class SchedulerMetrics:
         tokens = m.buckets_1_2_5(max_model_len)
 
         def hist(metric: str, doc: str, buckets) -> Histogram:
-            return Histogram(m.name(metric), doc, labels, buckets=buckets, registry=r).labels(model_name)
+            return Histogram(m.name(metric), doc, labels, buckets=buckets,
+                             registry=r).labels(model_name)
 
         def counter(metric: str, doc: str) -> Counter:
             return Counter(m.name(metric), doc, labels, registry=r).labels(model_name)
@@ -69,19 +70,25 @@ class SchedulerMetrics:
             return Gauge(m.name(metric), doc, labels, registry=r).labels(model_name)
 
         self.prompt_tokens = counter("prompt_tokens", "Number of prefill tokens processed.")
-        self.generation_tokens = counter("generation_tokens", "Number of generation tokens processed.")
-        self.queue_time = hist("request_queue_time_seconds", "Time spent in the WAITING phase "
-                               "(in the Redis stream, then in the scheduler) before first scheduled.", latency)
-        self.prefill_time = hist("request_prefill_time_seconds",
-                                 "Time spent in the PREFILL phase (first scheduled to first token).", latency)
-        self.decode_time = hist("request_decode_time_seconds",
-                                "Time spent in the DECODE phase (first token to last token).", latency)
-        self.inference_time = hist("request_inference_time_seconds",
-                                   "Time spent in the RUNNING phase (first scheduled to finish).", latency)
-        self.request_prompt_tokens = hist("request_prompt_tokens",
-                                          "Number of prefill tokens processed, per request.", tokens)
-        self.request_generation_tokens = hist("request_generation_tokens",
-                                              "Number of generation tokens processed, per request.", tokens)
+        self.generation_tokens = counter("generation_tokens",
+                                         "Number of generation tokens processed.")
+        self.queue_time = hist(
+            "request_queue_time_seconds", "Time spent in the WAITING phase (in the Redis stream, "
+            "then in the scheduler) before first scheduled.", latency)
+        self.prefill_time = hist(
+            "request_prefill_time_seconds",
+            "Time spent in the PREFILL phase (first scheduled to first token).", latency)
+        self.decode_time = hist(
+            "request_decode_time_seconds",
+            "Time spent in the DECODE phase (first token to last token).", latency)
+        self.inference_time = hist(
+            "request_inference_time_seconds",
+            "Time spent in the RUNNING phase (first scheduled to finish).", latency)
+        self.request_prompt_tokens = hist(
+            "request_prompt_tokens", "Number of prefill tokens processed, per request.", tokens)
+        self.request_generation_tokens = hist(
+            "request_generation_tokens", "Number of generation tokens processed, per request.",
+            tokens)
         self.step_time = hist("step_duration_seconds", "Time of one engine step as the scheduler "
                               "sees it: the workers' Execute round trip.", m.STEP_BUCKETS)
         self.queue_depth = gauge("request_queue_depth", "Requests waiting in the Redis request "
