@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 logger = logging.getLogger(__name__)
 
-Readiness = Callable[[], tuple[bool, str]]   # (ready, why not)
+Readiness = Callable[[], tuple[bool, str]]   # (ready, why not / a detail)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -32,7 +32,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(200, {"status": "ok"})
         elif path == "/ready":
             ready, reason = self.server.ready()
-            self._json(200, {"status": "ready"}) if ready else \
+            if ready:
+                self._json(200, {"status": "ready", **({"detail": reason} if reason else {})})
+            else:
                 self._json(503, {"status": "not ready", "reason": reason})
         else:
             self._json(404, {"error": f"no such path {path}"})

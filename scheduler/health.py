@@ -7,6 +7,10 @@ stays ready and a stopped, dead or wedged worker turns readiness false within th
 whether or not traffic arrives. NOTE: ``ready_timeout_s`` must exceed the longest step (a
 worst-case prefill chunk): a step that outlasts it reads as a wedged worker.
 
+A standby (waiting for the group's lease) drives no group: it answers ready, so that a rolling
+update, which waits for each new pod to be ready, does not stall behind it; the group's state
+is the active scheduler's readiness (and the gateways'), not the standby's.
+
 The verdict reaches the gateways through Redis: a key per group with a TTL of what is left of
 the readiness window, so Redis expires it on its own clock and nobody compares two machines'
 clocks; it also vanishes within the timeout when the scheduler itself dies.
@@ -44,6 +48,7 @@ class Readiness:
         self._last_canary = float("-inf")
         self._ids = itertools.count()
         self.canary_id: str | None = None
+        self.standby = False   # waiting for the group's lease (see the module's docstring)
 
     def mark_forward(self) -> None:
         self.last_forward = time.monotonic()
@@ -55,6 +60,8 @@ class Readiness:
         return max(self.ready_timeout_s - (time.monotonic() - self.last_forward), 0.0)
 
     def status(self) -> tuple[bool, str]:
+        if self.standby:
+            return True, "standby: waiting for the group's lease"
         if self.last_forward is None:
             return False, "the worker group has not finished a forward pass yet"
         age = time.monotonic() - self.last_forward

@@ -28,7 +28,7 @@ class SchedulerObservability:
         self.model_name, self.group = model_name, group
         self.metrics = SchedulerMetrics(model_name, max_model_len)
         self.readiness = Readiness(ready_timeout_s)
-        self.metrics.ready.set_function(lambda: float(self.readiness.status()[0]))
+        self.metrics.ready.set_function(lambda: float(self.readiness.remaining_s() > 0))
         # Liveness answers from the start; readiness waits for the warm-up's forward pass.
         self.probe = start_probe(metrics_host, metrics_port, self.metrics.render,
                                  self.readiness.status)

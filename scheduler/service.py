@@ -86,7 +86,9 @@ async def serve(config: SchedulerServiceConfig) -> None:
     lease = Lease(client, schema.group_lease(config.model_name, config.group), consumer,
                   config.lease_ms)
     logger.info("waiting for the lease of group %s", config.group)
+    obs.readiness.standby = True
     await lease.acquire()
+    obs.readiness.standby = False   # active: ready once the warm-up's forward pass is done
     lost = asyncio.Event()
     # Renew from the start: warming the workers up can take longer than the lease lives.
     renew = asyncio.create_task(lease.renew_forever(lost))

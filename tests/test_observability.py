@@ -3,7 +3,8 @@ redis-server, exporting spans over OTLP/gRPC to a real receiver (tests/otlp_rece
 
 One trace per request across the three processes, with the GenAI attributes; every service's
 /metrics read with prometheus_client's parser after a known set of requests; readiness that
-follows a stopped, killed and restarted worker while liveness stays up; JSON logs that carry
+follows a stopped, killed and restarted worker while liveness stays up (and a standby scheduler
+is ready to take over); JSON logs that carry
 request and trace ids and never the prompt.
 """
 
@@ -294,6 +295,26 @@ def test_metrics_count_a_known_set_of_requests(obs):
     exported = {sample for service in after.values() for sample, _ in service}
     queried = {name for e in exprs for name in re.findall(r"tessera:[a-z0-9_]+", e)}
     assert queried and queried <= exported, queried - exported
+
+
+def test_a_standby_scheduler_is_live_and_ready_to_take_over(obs, tmp_path):
+    """A second scheduler of the same group waits on the lease: live, and ready (a rolling
+    update waits for new pods to be ready), but its gauge says it drives no group."""
+    active = obs["scheduler"]
+    port = free_port()
+    argv = list(active.argv)
+    argv[argv.index("--metrics-port") + 1] = str(port)
+    standby = Service("standby", argv, tmp_path / "standby.log", active.env)
+    standby.start("waiting for the lease")
+    try:
+        base = f"http://127.0.0.1:{port}"
+        assert _wait(lambda: _get(base + "/health") == 200, BOUND)
+        r = httpx.get(base + "/ready", timeout=5)
+        assert r.status_code == 200 and r.json()["detail"].startswith("standby")
+        assert _scrape(base + "/metrics")[("tessera:ready", ())] == 0
+        assert _get(obs["metrics"]["scheduler"].removesuffix("/metrics") + "/ready") == 200
+    finally:
+        standby.stop()
 
 
 def _get(url: str) -> int:
