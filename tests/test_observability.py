@@ -4,8 +4,7 @@ redis-server, exporting spans over OTLP/gRPC to a real receiver (tests/otlp_rece
 One trace per request across the three processes, with the GenAI attributes; every service's
 /metrics read with prometheus_client's parser after a known set of requests; readiness that
 follows a stopped, killed and restarted worker while liveness stays up (and a standby scheduler
-is ready to take over); JSON logs that carry
-request and trace ids and never the prompt.
+is ready to take over); JSON logs that carry request and trace ids and never the prompt.
 """
 
 from __future__ import annotations
