@@ -58,7 +58,6 @@ class _Seq:
     t_scheduled: float | None = None
     t_first_token: float | None = None
     preempted: bool = False
-    chunk_start: int = 0                # computed tokens before this step (prefill events)
     span: Span | None = None            # prefill, then decode
     traceparent: str | None = None      # of ``span``: the workers' parent / link
 
@@ -240,26 +239,25 @@ class EngineObserver(NullObserver):
         seq.traceparent = _sampled_traceparent(seq.span)
 
     def _trace_step(self, plan: StepPlan) -> None:
-        """Where each prefill stands (for its chunk event), and the contexts the workers' step
-        span joins (the first) and links to (all, up to MAX_STEP_LINKS)."""
-        for seq in self._prefilling.values():
-            seq.chunk_start = seq.request.num_computed_tokens
-        contexts, seqs, limit = [], self._seqs, telemetry.MAX_STEP_LINKS
+        """A "prefill chunk" event per prefilling sequence of the plan, and the contexts the
+        workers' step span joins (the first) and links to (all, up to MAX_STEP_LINKS).
+
+        NOTE: everything comes from the plan itself, never from state a later step changes,
+        so several steps may be in flight between ``step_started`` and ``step_finished``."""
+        contexts, seqs, prefilling = [], self._seqs, self._prefilling
+        limit = telemetry.MAX_STEP_LINKS
         for group in (plan.running, plan.new):
             for s in group:
-                if len(contexts) == limit:
-                    break
                 seq = seqs.get(s.seq_id)
-                if seq is not None and seq.traceparent is not None:
+                if seq is None:
+                    continue
+                if s.seq_id in prefilling and seq.span is not None:
+                    seq.span.add_event("prefill chunk", {
+                        "tessera.chunk.start": s.num_computed_tokens,
+                        "tessera.chunk.tokens": s.num_scheduled_tokens})
+                if seq.traceparent is not None and len(contexts) < limit:
                     contexts.append(seq.traceparent)
         plan.trace_context = tuple(contexts)
-
-    def _chunk_events(self) -> None:
-        for seq in self._prefilling.values():
-            done = seq.request.num_computed_tokens - seq.chunk_start
-            if done > 0 and seq.span is not None:
-                seq.span.add_event("prefill chunk", {"tessera.chunk.start": seq.chunk_start,
-                                                     "tessera.chunk.tokens": done})
 
     def step_finished(self, plan: StepPlan, output: StepOutput, started: float) -> None:
         now = time.monotonic()
@@ -272,8 +270,6 @@ class EngineObserver(NullObserver):
         metrics.generation_tokens.inc(len(sampled))
         if not self._prefilling:
             return
-        if self.tracing:
-            self._chunk_events()
         for seq_id in [s for s in self._prefilling if s in sampled]:
             seq = self._prefilling.pop(seq_id)
             seq.t_first_token = now
