@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -103,8 +105,25 @@ def setup_tracing(service: str, env: Mapping[str, str] | None = None) -> bool:
         provider.add_span_processor(BatchSpanProcessor(_exporter(name, env)))
     trace.set_tracer_provider(provider)
     _provider, _enabled = provider, True
+    _flush_on_sigterm(provider)
     logger.info("tracing on: exporting spans with %s", ", ".join(names))
     return True
+
+
+def _flush_on_sigterm(provider) -> None:
+    """A process that dies of SIGTERM (the worker, the scheduler) runs no atexit handler: flush
+    the spans still batched first, then die of the signal as before. A process that handles
+    SIGTERM itself (the gateway) exits normally, and the SDK flushes at exit."""
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
+        return
+
+    def flush_then_die(signum: int, frame: object) -> None:
+        provider.force_flush(timeout_millis=3000)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, flush_then_die)
 
 
 def shutdown_tracing() -> None:

@@ -90,3 +90,35 @@ def test_step_metadata_names_a_parent_and_bounded_links():
 ])
 def test_only_the_otel_environment_turns_export_on(env, on):
     assert telemetry.exporter_configured(env) is on
+
+
+def test_sigterm_flushes_batched_spans_then_kills(tmp_path):
+    """A worker or scheduler dies of SIGTERM (no atexit): its batched spans must still leave."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from otlp_receiver import OtlpReceiver
+
+    receiver = OtlpReceiver().start()
+    script = ("from common import telemetry\n"
+              "assert telemetry.setup_tracing('probe')\n"
+              "telemetry.get_tracer('t').start_span('batched').end()\n"
+              "print('ready', flush=True)\n"
+              "import time; time.sleep(60)\n")
+    env = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+           "OTEL_BSP_SCHEDULE_DELAY": "60000"}   # only a flush can send it in time
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        assert receiver.spans() == []
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == -signal.SIGTERM   # still dies of the signal
+        spans = receiver.wait_for(lambda s: len(s) == 1, timeout=5)
+        assert [(s.service, s.name) for s in spans] == [("tessera-probe", "batched")]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        receiver.stop()
