@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import jinja2
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from common import redis_schema as schema
 from common.convert import Choice, GenerateResult, ModelInfo, StreamChunk
@@ -167,12 +168,17 @@ class GatewayState:
     async def is_ready(self) -> bool:
         """Some scheduler of this model is ready: its worker group finished a real forward
         pass within its ready timeout (scheduler.health keeps one key per group, with a TTL)."""
-        groups = await self.redis.smembers(schema.ready_groups(self.model_name))
-        if not groups:
+        try:
+            groups = await self.redis.smembers(schema.ready_groups(self.model_name))
+            if not groups:
+                return False
+            keys = [schema.scheduler_ready(self.model_name,
+                                           g.decode() if isinstance(g, bytes) else g)
+                    for g in groups]
+            return bool(await self.redis.exists(*keys))
+        except (RedisError, OSError) as e:   # no Redis: nothing can be served
+            logger.warning("readiness: Redis does not answer: %s", e)
             return False
-        keys = [schema.scheduler_ready(self.model_name, g.decode() if isinstance(g, bytes) else g)
-                for g in groups]
-        return bool(await self.redis.exists(*keys))
 
     def cancel_soon(self, request_id: str) -> None:
         """Cancel from a context that is itself being cancelled (a client that went away):
