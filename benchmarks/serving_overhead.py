@@ -11,6 +11,12 @@ and KV budget (2 GiB), and are fed the exact same prompt token-id lists.
    first streamed chunk carrying a choice (a token that decodes to no text yet still counts).
    In-process: wall time of `LLM.generate` with max_tokens=1 on the same prompt. Medians.
 
+With ``--tracing-cost`` the baseline is the stack itself: the same workload runs through a stack
+with no OTEL_* exporter (tracing off: OpenTelemetry's no-op provider) and through one exporting
+every span over OTLP/gRPC to a receiver in this process (which counts and drops them). Both
+stacks run at once and the rounds alternate between them (the machine's load drifts); the
+receiver shares the machine's cores, which a real collector would not.
+
 The stack is started by this script (`python -m tessera.cli serve`) after the in-process
 engine is released, and always stopped with SIGTERM. The HTTP client runs in this process, on
 the same cores as the stack: that cost is part of what is measured. Timings are reported,
@@ -18,6 +24,7 @@ never asserted.
 
     python benchmarks/serving_overhead.py [--model DIR | --preset bench] [--num-requests 128]
         [--output-len 128] [--ttft-requests 20] [--ttft-output-len 16]
+        [--tracing-cost [--repeats 3]]
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import asyncio
 import gc
 import json
 import os
+import pathlib
 import random
 import signal
 import statistics
@@ -90,14 +98,15 @@ def in_process(args, model_dir: str, prompts, ttft_prompts, warm_prompts):
 
 # ---------------------------------------------------------------------------- the stack
 
-def start_stack(args, model_dir: str) -> tuple[subprocess.Popen, str]:
+def start_stack(args, model_dir: str, env: dict[str, str] | None = None
+                ) -> tuple[subprocess.Popen, str]:
     http_port, grpc_port = free_port(), free_port()
     argv = [sys.executable, "-m", "tessera.cli", "serve", "--model", model_dir,
             "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--dtype", args.dtype,
             "--max-num-seqs", str(args.max_num_seqs),
             "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, env=env)
     deadline = time.monotonic() + args.start_timeout
     tail: list[str] = []
     try:
@@ -173,6 +182,99 @@ async def stack_runs(args, base_url: str, name: str, prompts, ttft_prompts, warm
     return tokens / elapsed, tokens, ttfts
 
 
+# ---------------------------------------------------------------------------- tracing cost
+
+class SpanSink:
+    """An OTLP/gRPC trace receiver that counts the spans it is sent and keeps none."""
+
+    def __init__(self) -> None:
+        import grpc
+        from concurrent import futures
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+        sink = self
+        self.spans = 0
+
+        class Service(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request, context):   # noqa: N802
+                sink.spans += sum(len(ss.spans) for rs in request.resource_spans
+                                  for ss in rs.scope_spans)
+                return trace_service_pb2.ExportTraceServiceResponse()
+
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Service(), self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU time (user + system) of a process and all its live descendants (Linux /proc): the
+    whole stack under `tessera serve`. CPU time, unlike wall time, barely moves with the load
+    that other programs put on the machine."""
+    procs: dict[int, tuple[int, int]] = {}   # pid -> (parent, ticks)
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue   # the process ended meanwhile
+        procs[int(stat.parent.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _) in procs.items():
+        children.setdefault(parent, []).append(pid)
+    ticks, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        ticks += procs.get(pid, (0, 0))[1]
+        todo.extend(children.get(pid, ()))
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def tracing_cost(args, model_dir: str, name: str, prompts, ttft_prompts, warm_prompts) -> None:
+    """Both stacks run side by side (the idle one costs almost nothing) and the measurements
+    alternate between them, so that a change in the machine's background load hits both."""
+    plain = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    sink = SpanSink()
+    traced = {**plain, "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink.port}",
+              "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}
+    labels = ("no exporter", "OTLP exporter")
+    stacks = {}
+    results: dict[str, list] = {label: [] for label in labels}
+    try:
+        for label, env in zip(labels, (plain, traced)):
+            print(f"starting the stack with {label} ...", flush=True)
+            stacks[label] = start_stack(args, model_dir, env)
+        for r in range(args.repeats):
+            for label in (labels if r % 2 == 0 else labels[::-1]):
+                print(f"round {r + 1}/{args.repeats}, {label}: {args.num_requests} requests at "
+                      "once, then the TTFT requests ...", flush=True)
+                proc, url = stacks[label]
+                cpu = tree_cpu_seconds(proc.pid)
+                tps, tokens, ttfts = asyncio.run(stack_runs(
+                    args, url, name, prompts, ttft_prompts, warm_prompts))
+                results[label].append((tps, tree_cpu_seconds(proc.pid) - cpu, ttfts))
+    finally:
+        for proc, _ in stacks.values():
+            stop_stack(proc)
+        sink.server.stop(grace=1)
+    tps = {k: [x[0] for x in v] for k, v in results.items()}
+    cpu = {k: [x[1] for x in v] for k, v in results.items()}
+    ttft = {k: [statistics.median(x[2]) * 1e3 for x in v] for k, v in results.items()}
+    print(f"\nmodel {name}, dtype {args.dtype}, {os.cpu_count()} CPUs; {args.num_requests} "
+          f"requests, prompts U[16,512], {args.output_len} output tokens, all at once; "
+          f"{args.repeats} alternating rounds, medians over rounds")
+    print(f"{'metric':32s} {'no exporter':>12s} {'OTLP export':>12s} {'ratio':>8s}   per round")
+    for metric, values, fmt in (("stack output tok/s", tps, "{:.1f}"),
+                                ("stack CPU seconds per round", cpu, "{:.2f}"),
+                                ("stack median TTFT (ms)", ttft, "{:.2f}")):
+        off, on = statistics.median(values[labels[0]]), statistics.median(values[labels[1]])
+        rounds = " ".join(f"{b / a:.3f}" for a, b in zip(values[labels[0]], values[labels[1]]))
+        print(f"{metric:32s} {fmt.format(off):>12s} {fmt.format(on):>12s} {on / off:8.3f}   "
+              f"{rounds}")
+    print(f"spans received by the OTLP sink: {sink.spans}.  A round: the warm-up, the "
+          "throughput batch and the TTFT requests; CPU: every process of the stack (the sink "
+          "is not one).")
+
+
 # ---------------------------------------------------------------------------- main
 
 def main() -> None:
@@ -189,6 +291,9 @@ def main() -> None:
     ap.add_argument("--ttft-output-len", type=int, default=16, help="max_tokens of stack TTFT requests")
     ap.add_argument("--start-timeout", type=float, default=300.0, help="seconds for the stack to start")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per HTTP request")
+    ap.add_argument("--tracing-cost", action="store_true",
+                    help="compare the stack without and with an OTLP span exporter instead")
+    ap.add_argument("--repeats", type=int, default=3, help="alternating rounds (--tracing-cost)")
     args = ap.parse_args()
 
     model_dir = args.model
@@ -202,6 +307,9 @@ def main() -> None:
     ttft_prompts = fixed_prompts(args.ttft_requests, args.ttft_prompt_len, vocab)
     warm_prompts = fixed_prompts(4, 32, vocab, seed=2)    # no prefix shared with the others
 
+    if args.tracing_cost:
+        tracing_cost(args, model_dir, name, prompts, ttft_prompts, warm_prompts)
+        return
     print(f"in-process: {args.num_requests} requests x {args.output_len} tokens ...", flush=True)
     local_tps, local_ttfts = in_process(args, model_dir, prompts, ttft_prompts, warm_prompts)
     print("starting the stack ...", flush=True)

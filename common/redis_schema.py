@@ -82,6 +82,23 @@ def scheduler_stats(model: str, group: str) -> str:
     return f"{PREFIX}stats:{model}:{group}"
 
 
+def scheduler_ready(model: str, group: str) -> str:
+    """Key a group's scheduler keeps while it is ready: set with a TTL of what is left of its
+    readiness window (a forward pass within --ready-timeout), deleted when it is not. Redis
+    expires it on its own clock, so a reader never compares two machines' clocks."""
+    return f"{PREFIX}ready:{model}:{group}"
+
+
+def ready_groups(model: str) -> str:
+    """Set of the groups that ever published ``scheduler_ready`` (readers check each key)."""
+    return f"{PREFIX}ready-groups:{model}"
+
+
+def entry_time(entry_id: str | bytes) -> float:
+    """When Redis added a stream entry (its id's milliseconds part), in Redis's clock seconds."""
+    return int(_text(entry_id).split("-", 1)[0]) / 1000.0
+
+
 def idempotency_key(tenant: str, key: str) -> str:
     """Maps (tenant, client's Idempotency-Key) to a request id.
 

@@ -44,6 +44,9 @@ class StepPlan:
     running: list[RunningSequence] = field(default_factory=list)
     finished_ids: list[str] = field(default_factory=list)   # workers forget these first
     preempted_ids: list[str] = field(default_factory=list)  # informational: freed this step
+    # W3C traceparents of the step's traced sequences (only while tracing): the executor sends
+    # them as gRPC metadata, the workers' step span joins the first's trace and links to all.
+    trace_context: tuple[str, ...] = ()
 
     @property
     def num_sequences(self) -> int:

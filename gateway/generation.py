@@ -21,15 +21,18 @@ from dataclasses import dataclass, field
 
 import jinja2
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from common import redis_schema as schema
 from common.convert import Choice, GenerateResult, ModelInfo, StreamChunk
 from common.detokenize import IncrementalDetokenizer
+from common.logging_setup import prompts_allowed
 from common.model_config import ModelConfig
 from common.redis_schema import OutputEvent, QueuedRequest
 from common.sampling_params import SamplingParams
 from common.tokenizer import Tokenizer
 from gateway.queue import EventsLost, RequestNotFound, RequestSubmitter
+from gateway.telemetry import GatewayTelemetry, current_call
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +79,7 @@ class GatewayState:
 
     def __post_init__(self) -> None:
         self.submitter = RequestSubmitter(self.redis)
+        self.telemetry = GatewayTelemetry(self.model_name)
 
     @classmethod
     def load(cls, model_dir: str | pathlib.Path, model_name: str, redis: aioredis.Redis,
@@ -150,20 +154,31 @@ class GatewayState:
                     tenant: str = "") -> Generation:
         """Enqueue a validated request and return its relay."""
         self.check_length(len(prompt_token_ids), params.max_tokens)
+        call = current_call()   # the client call this runs in (gateway.telemetry)
         queued = QueuedRequest(
             request_id=request_id or uuid.uuid4().hex, model=self.model_name,
             prompt_token_ids=prompt_token_ids, params=params, priority=priority,
             arrival_time=time.time(), tenant=tenant, idempotency_key=idempotency_key or None,
-            disconnect=disconnect)
+            disconnect=disconnect, traceparent=call.traceparent if call is not None else None)
         rid = await self.submitter.submit(queued)
+        if call is not None:
+            call.started(rid, params, len(prompt_token_ids))
         return Generation(self, rid, prompt_token_ids, params, disconnect)
 
     async def is_ready(self) -> bool:
-        """A scheduler holds a lease for this model (so queued requests will be served)."""
-        async for _ in self.redis.scan_iter(match=schema.group_lease(self.model_name, "*"),
-                                            count=1000):
-            return True
-        return False
+        """Some scheduler of this model is ready: its worker group finished a real forward
+        pass within its ready timeout (scheduler.health keeps one key per group, with a TTL)."""
+        try:
+            groups = await self.redis.smembers(schema.ready_groups(self.model_name))
+            if not groups:
+                return False
+            keys = [schema.scheduler_ready(self.model_name,
+                                           g.decode() if isinstance(g, bytes) else g)
+                    for g in groups]
+            return bool(await self.redis.exists(*keys))
+        except (RedisError, OSError) as e:   # no Redis: nothing can be served
+            logger.warning("readiness: Redis does not answer: %s", e)
+            return False
 
     def cancel_soon(self, request_id: str) -> None:
         """Cancel from a context that is itself being cancelled (a client that went away):
@@ -212,6 +227,8 @@ class Generation:
                 params.logprobs is not None)
             for i in range(params.n)]
         self.prompt_logprobs: list | None = [None] if params.prompt_logprobs is not None else None
+        self._relay = state.telemetry.relay(request_id, resumed=last_index >= 0)
+        self._error: str | None = None
 
     @property
     def usage(self) -> tuple[int, int]:
@@ -230,9 +247,13 @@ class Generation:
         try:
             async for ev in self.state.submitter.events(self.request_id):
                 if ev.error is not None:
-                    logger.warning("request %s failed: %s", self.request_id, ev.error)
+                    logger.warning("request %s failed: %s", self.request_id, ev.error,
+                                   extra={"request_id": self.request_id})
+                    self._error = ev.error
                     raise GatewayError(500, f"generation failed: {ev.error}")
                 deltas = self._apply(ev)
+                if ev.token_ids and ev.index > self._last_index:
+                    self._relay.tokens(ev.seq_index)
                 if all(c.finish_reason is not None for c in self._choices):
                     self.done = True
                     if not ev.final:   # ended by stop strings: free the scheduler's blocks
@@ -293,7 +314,20 @@ class Generation:
         return text
 
     def close(self) -> None:
-        """The consumer stopped early: cancel unless the client asked to continue."""
+        """The relay is over (the faces always call this). If the consumer stopped early,
+        cancel unless the client asked to continue."""
+        if not self._relay.ended:
+            self._report()
         if not self.done and self.disconnect != schema.DISCONNECT_CONTINUE:
             self.done = True
             self.state.cancel_soon(self.request_id)
+
+    def _report(self) -> None:
+        """Metrics, relay span and the request's log line (text only with --log-prompts)."""
+        fallback = "error" if self._error is not None else "abort"
+        reasons = [c.finish_reason or fallback for c in self._choices]
+        text = None
+        if prompts_allowed():
+            text = (self.state.tokenizer.decode(self.prompt_token_ids),
+                    " | ".join("".join(c.text) for c in self._choices))
+        self._relay.end(reasons, *self.usage, error=self._error, text=text)

@@ -65,32 +65,40 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
                                  idempotency_key=call.idempotency_key or None,
                                  priority=call.priority, disconnect=call.disconnect)
 
+    def _call(self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        """The traced, timed client call (gateway.telemetry), continuing the metadata's
+        traceparent."""
+        operation = "chat" if request.WhichOneof("prompt") == "chat" else "text_completion"
+        return self.state.telemetry.call(operation, context.invocation_metadata() or ())
+
     async def Generate(self, request: generate_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> generate_pb2.GenerateResponse:
         gen = None
-        try:
-            gen = await self._open(request)
-            result = await gen.collect()
-        except GatewayError as e:
-            await self._abort(context, e)
-        finally:   # cancelled (the client went away) or failed: stop the generation
-            if gen is not None:
-                gen.close()
+        with self._call(request, context):
+            try:
+                gen = await self._open(request)
+                result = await gen.collect()
+            except GatewayError as e:
+                await self._abort(context, e)
+            finally:   # cancelled (the client went away) or failed: stop the generation
+                if gen is not None:
+                    gen.close()
         return convert.generate_result_to_proto(result)
 
     async def GenerateStream(self, request: generate_pb2.GenerateRequest,
                              context: grpc.aio.ServicerContext
                              ) -> AsyncIterator[generate_pb2.GenerateStreamResponse]:
         gen = None
-        try:
-            gen = await self._open(request)
-            async for chunk in gen.chunks():
-                yield convert.stream_chunk_to_proto(chunk)
-        except GatewayError as e:
-            await self._abort(context, e)
-        finally:
-            if gen is not None:
-                gen.close()
+        with self._call(request, context):
+            try:
+                gen = await self._open(request)
+                async for chunk in gen.chunks():
+                    yield convert.stream_chunk_to_proto(chunk)
+            except GatewayError as e:
+                await self._abort(context, e)
+            finally:
+                if gen is not None:
+                    gen.close()
 
     async def Tokenize(self, request: generate_pb2.TokenizeRequest,
                        context: grpc.aio.ServicerContext) -> generate_pb2.TokenizeResponse:
@@ -115,6 +123,24 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
         return generate_pb2.CancelResponse()
 
 
+class _Health(health.aio.HealthServicer):
+    """grpc.health.v1 with the Generate service's status computed when asked: SERVING while
+    a scheduler of the model is ready (the same answer as HTTP /ready)."""
+
+    def __init__(self, state: GatewayState) -> None:
+        super().__init__()
+        self.state = state
+
+    async def Check(self, request: health_pb2.HealthCheckRequest,
+                    context: grpc.aio.ServicerContext) -> health_pb2.HealthCheckResponse:
+        if request.service != SERVICE_NAME:
+            return await super().Check(request, context)
+        ready = await self.state.is_ready()
+        return health_pb2.HealthCheckResponse(
+            status=health_pb2.HealthCheckResponse.SERVING if ready
+            else health_pb2.HealthCheckResponse.NOT_SERVING)
+
+
 async def create_server(state: GatewayState, address: str) -> tuple[grpc.aio.Server, int]:
     """A started-to-be grpc.aio server bound to ``address``; returns it and the bound port.
 
@@ -124,11 +150,10 @@ async def create_server(state: GatewayState, address: str) -> tuple[grpc.aio.Ser
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", state.max_body_bytes)])
     generate_pb2_grpc.add_GenerateServicer_to_server(GenerateServicer(state), server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = _Health(state)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    # Liveness: this process answers. Readiness (a scheduler holds a lease) is /ready's job.
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    # Liveness: "" (this process answers). Readiness: the Generate service (_Health.Check).
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = server.add_insecure_port(address)

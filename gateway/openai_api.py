@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP face of the gateway: /v1/models, /v1/completions,
-/v1/chat/completions (JSON or SSE), /health and /ready.
+/v1/chat/completions (JSON or SSE), /health, /ready and /metrics.
 
 Bodies are parsed by hand (not by FastAPI's parameter injection) so that every bad input gets
 OpenAI's error shape with a 400, never FastAPI's 422; the work itself is gateway.generation's.
@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
+from prometheus_client import CONTENT_TYPE_LATEST
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -23,6 +24,7 @@ from common.convert import StreamChunk
 from gateway import openai_format as fmt
 from gateway import openai_schemas as s
 from gateway.generation import GatewayError, GatewayState, Generation, invalid
+from gateway.telemetry import CallTracing
 
 logger = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
@@ -184,6 +186,8 @@ def create_app(state: GatewayState) -> FastAPI:
     """The HTTP app of one gateway replica, serving ``state``'s model."""
     app = FastAPI(title="Tessera gateway", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(BodyLimit, max_bytes=state.max_body_bytes)
+    # Outermost: an inference call is traced and timed from arrival to its last byte.
+    app.add_middleware(CallTracing, telemetry_=state.telemetry)
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(_: Request, e: GatewayError) -> JSONResponse:
@@ -207,7 +211,12 @@ def create_app(state: GatewayState) -> FastAPI:
     async def ready() -> Response:
         if await state.is_ready():
             return JSONResponse({"status": "ready"})
-        return _error(GatewayError(503, f"no scheduler serves {state.model_name} yet"))
+        return _error(GatewayError(503, f"no scheduler of {state.model_name} is ready (none ran "
+                                   "a forward pass within its ready timeout)"))
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.telemetry.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models() -> Response:

@@ -49,7 +49,8 @@ async def serve(config: GatewayConfig) -> None:
     grpc_server, grpc_port = await create_server(state, f"{config.host}:{config.grpc_port}")
     http = uvicorn.Server(uvicorn.Config(create_app(state), host=config.host,
                                          port=config.http_port, log_level="warning",
-                                         access_log=False, lifespan="off"))
+                                         access_log=False, lifespan="off",
+                                         log_config=None))   # our handlers (--log-format)
     # uvicorn would take over SIGINT/SIGTERM and re-raise them after its own shutdown, which
     # skips ours (gRPC, Redis); the caller owns signals and cancels serve() instead.
     http.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]

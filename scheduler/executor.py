@@ -7,6 +7,7 @@ over gRPC.
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Protocol
 
@@ -15,6 +16,12 @@ import grpc
 from common.convert import step_output_from_proto, step_plan_to_proto
 from common.proto.tessera.v1 import worker_pb2, worker_pb2_grpc
 from common.step import StepOutput, StepPlan
+from common.telemetry import step_metadata
+
+logger = logging.getLogger(__name__)
+
+
+WARMUP_FIRST = "Warmup first"   # a worker's answer to Execute before Warmup (it restarted)
 
 
 class Executor(Protocol):
@@ -47,12 +54,16 @@ class GrpcExecutor:
         self._stubs = [worker_pb2_grpc.WorkerStub(c) for c in self._channels]
         self.driver = len(addresses) - 1
         self.pp_size = 1
+        self._warmup: worker_pb2.WarmupRequest | None = None
+        self.num_blocks = 0
+        self._cold: set[str] = set()   # workers that answered "Warmup first": they restarted
 
-    def submit(self, method: str, request, timeout: float,
-               wait_for_ready: bool = False) -> "GroupCall":
+    def submit(self, method: str, request, timeout: float, wait_for_ready: bool = False,
+               metadata=None) -> "GroupCall":
         return GroupCall(self.addresses, [
-            getattr(stub, method).future(request, timeout=timeout, wait_for_ready=wait_for_ready)
-            for stub in self._stubs], timeout)
+            getattr(stub, method).future(request, timeout=timeout, wait_for_ready=wait_for_ready,
+                                         metadata=metadata)
+            for stub in self._stubs], timeout, self._cold)
 
     def _call(self, method: str, request, timeout: float) -> list:
         return self.submit(method, request, timeout).result()
@@ -77,10 +88,32 @@ class GrpcExecutor:
         """Warm every worker; the group's KV capacity is the minimum over its workers."""
         request = worker_pb2.WarmupRequest(max_num_batched_tokens=max_num_batched_tokens,
                                            max_num_seqs=max_num_seqs)
-        return min(r.num_blocks for r in self._call("Warmup", request, timeout))
+        self._warmup = request
+        self.num_blocks = min(r.num_blocks for r in self._call("Warmup", request, timeout))
+        return self.num_blocks
 
     def reset(self, timeout: float = 10.0) -> None:
+        if self._cold:
+            self._rewarm()
         self._call("Reset", worker_pb2.ResetRequest(), timeout)
+
+    def _rewarm(self, timeout: float = 600.0) -> None:
+        """Restarted workers lost their KV cache: warm them up again, as at start. On failure
+        they stay cold: steps keep failing, and readiness says so."""
+        for address, stub in zip(self.addresses, self._stubs):
+            if address not in self._cold:
+                continue
+            try:
+                num_blocks = stub.Warmup(self._warmup, timeout=timeout).num_blocks
+            except grpc.RpcError as e:
+                logger.error("warming up the restarted worker %s failed: %s", address, e.code())
+                continue
+            if num_blocks < self.num_blocks:
+                logger.error("the restarted worker %s holds %d KV blocks, fewer than the %d the "
+                             "scheduler uses: it cannot serve", address, num_blocks, self.num_blocks)
+                continue
+            logger.info("warmed up the restarted worker %s again", address)
+            self._cold.discard(address)
 
     def execute(self, plan: StepPlan) -> StepOutput:
         return self.execute_async(plan).result()
@@ -88,7 +121,8 @@ class GrpcExecutor:
     def execute_async(self, plan: StepPlan) -> "PendingStep":
         """Send a step to the group now; `.result()` waits for it (pipelining keeps several
         in flight: the workers run them in step-id order)."""
-        return PendingStep(self.submit("Execute", step_plan_to_proto(plan), self.step_timeout_s),
+        return PendingStep(self.submit("Execute", step_plan_to_proto(plan), self.step_timeout_s,
+                                       metadata=step_metadata(plan.trace_context) or None),
                            self.driver)
 
     def close(self) -> None:
@@ -99,8 +133,10 @@ class GrpcExecutor:
 class GroupCall:
     """One RPC to every worker of a group, completing when all answered or one failed."""
 
-    def __init__(self, addresses: list[str], futures: list, timeout: float) -> None:
+    def __init__(self, addresses: list[str], futures: list, timeout: float,
+                 cold: set[str] | None = None) -> None:
         self.addresses, self.futures, self.timeout = addresses, futures, timeout
+        self._cold = cold if cold is not None else set()
         self._lock = threading.Lock()
         self._left = len(futures)
         self._done = threading.Event()
@@ -122,6 +158,9 @@ class GroupCall:
         if failed:
             self.cancel()
             # A mismatch only counts when nobody is gone: a dead peer makes others fail too.
+            for a, e in failed:
+                if e.code() == grpc.StatusCode.FAILED_PRECONDITION and e.details() == WARMUP_FIRST:
+                    self._cold.add(a)   # it restarted: warm it up again before the Reset
             if all(e.code() == grpc.StatusCode.FAILED_PRECONDITION for _, e in failed):
                 raise WorkerMismatch("; ".join(f"{a}: {e.details()}" for a, e in failed))
             raise WorkerUnavailable("; ".join(f"{a}: {e.code().name} {e.details()}"

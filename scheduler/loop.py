@@ -21,6 +21,7 @@ from scheduler.executor import Executor, WorkerMismatch, WorkerUnavailable
 from scheduler.queue import RequestQueue
 from scheduler.request import Request
 from scheduler.scheduler import RequestEvent, Scheduler
+from scheduler.telemetry import NullObserver
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,8 @@ def _seq_id(request_id: str, k: int, n: int) -> str:
 class EngineLoop:
     def __init__(self, scheduler: Scheduler, executor: Executor, queue: RequestQueue,
                  eos_token_ids: tuple[int, ...] = (), idle_block_ms: int = 100,
-                 stats_key: str | None = None, pipeline_depth: int = 1) -> None:
+                 stats_key: str | None = None, pipeline_depth: int = 1,
+                 observer: NullObserver | None = None) -> None:
         self.scheduler = scheduler
         self.executor = executor
         # Steps in flight at once: a pipeline of P stages needs P to keep every stage busy.
@@ -67,6 +69,8 @@ class EngineLoop:
         self.stopped = asyncio.Event()
         self.steps = 0
         self._pending_errors: list[tuple[_InFlight, str]] = []
+        # Telemetry hooks (spans, metrics, readiness): scheduler.telemetry.EngineObserver.
+        self.obs = observer or NullObserver()
 
     # ---- intake -------------------------------------------------------------------------
     def _admission_room(self) -> int:
@@ -98,10 +102,11 @@ class EngineLoop:
         cached) the prompt, so the n sequences share its KV blocks through the prefix cache."""
         q = req.queued
         seq_id = _seq_id(q.request_id, k, q.params.n)
-        self.scheduler.add_request(Request(
-            seq_id, list(q.prompt_token_ids), q.params, priority=q.priority,
-            eos_token_ids=self.eos_token_ids, seed_offset=k))
+        request = Request(seq_id, list(q.prompt_token_ids), q.params, priority=q.priority,
+                          eos_token_ids=self.eos_token_ids, seed_offset=k)
+        self.scheduler.add_request(request)
         self._owner[seq_id] = (req, k)
+        self.obs.sequence_added(req.entry_id, q, k, request)
         req.unfinished.add(k)
 
     # ---- the loop -----------------------------------------------------------------------
@@ -114,6 +119,7 @@ class EngineLoop:
                 await self._fail([req], message)
             self._pending_errors = []
             if not self.scheduler.has_unfinished and not self._pending:
+                await self._canary()
                 continue
             await self.step()
 
@@ -121,6 +127,18 @@ class EngineLoop:
         if hasattr(self.executor, "execute_async"):
             return self.executor.execute_async(plan)
         return _Deferred(self.executor, plan)
+
+    async def _canary(self) -> None:
+        """Idle: now and then a one-token step nobody reads, so that readiness keeps meaning
+        "the worker group finished a real forward pass recently" (scheduler.health)."""
+        request = self.obs.canary()
+        if request is None:
+            return
+        self.scheduler.add_request(request)
+        try:
+            await self.step()
+        finally:
+            self.scheduler.abort(request.request_id)   # a no-op unless the step failed
 
     async def step(self) -> None:
         """Fill the pipeline up to its depth, then wait for the oldest step and apply it."""
@@ -132,10 +150,11 @@ class EngineLoop:
                 break
             if self.pipeline_depth > 1:
                 self.scheduler.mark_in_flight(plan)
-            self._pending.append((plan, self._submit(plan)))
+            started = self.obs.step_started(plan)
+            self._pending.append((plan, self._submit(plan), started))
         if not self._pending:
             return
-        plan, handle = self._pending.popleft()
+        plan, handle, started = self._pending.popleft()
         try:
             output = await asyncio.to_thread(handle.result)
         except WorkerMismatch as e:
@@ -151,12 +170,14 @@ class EngineLoop:
             self.scheduler.reset_workers()
             return
         self.steps += 1
-        await self._publish(self.scheduler.update(plan, output))
+        events = self.scheduler.update(plan, output)
+        self.obs.step_finished(plan, output, started)
+        await self._publish(events)
 
     async def _drain_pending(self) -> None:
         """Forget the steps still in flight (the group failed): wait them out briefly."""
         while self._pending:
-            _, handle = self._pending.popleft()
+            _, handle, _ = self._pending.popleft()
             try:
                 await asyncio.to_thread(handle.result)
             except (WorkerMismatch, WorkerUnavailable):
@@ -192,6 +213,7 @@ class EngineLoop:
             if ev.finish_reason is not None:
                 req.unfinished.discard(k)
                 del self._owner[ev.request_id]
+                self.obs.sequence_finished(ev.request_id, ev.finish_reason)
             final = not req.unfinished
             out.append((req.queued.request_id, OutputEvent(
                 req.next_index, ev.new_token_ids, seq_index=k, finish_reason=ev.finish_reason,
@@ -218,6 +240,7 @@ class EngineLoop:
             self._owner.pop(_seq_id(rid, k, n), None)
         req.unfinished.clear()
         self.inflight.pop(rid, None)
+        self.obs.request_ended(rid, reason)
         event = OutputEvent(req.next_index, [], finish_reason=reason, final=True, error=error)
         req.next_index += 1
         return event

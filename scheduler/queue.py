@@ -52,6 +52,7 @@ class RequestQueue:
         self._cancels = schema.cancels_stream(model)
         self._cancel_cursor: str | None = None
         self._claim_cursor = "0-0"
+        self.admitted_at: float | None = None   # Redis's clock at the last admission (queue waits)
 
     # ---- intake -----------------------------------------------------------------------------
     async def ensure_group(self) -> None:
@@ -120,7 +121,11 @@ class RequestQueue:
             pipe = self.redis.pipeline(transaction=False)
             for _, q in good:
                 pipe.hmget(schema.request_record(q.request_id), ["cancelled", "state"])
-            records = await pipe.execute()
+            pipe.time()
+            *records, (secs, usecs) = await pipe.execute()
+            # Redis's clock now: with the entry ids (Redis's clock at XADD) it gives the time a
+            # request waited in the stream without comparing two machines' clocks.
+            self.admitted_at = int(secs) + int(usecs) / 1e6
             kept, done = [], []
             for (entry_id, q), (cancelled, state) in zip(good, records):
                 if state is not None and _text(state) in schema.TERMINAL_STATES:

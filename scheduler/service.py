@@ -19,6 +19,7 @@ from common import redis_schema as schema
 from common.model_config import ModelConfig
 from scheduler.executor import GrpcExecutor
 from scheduler.loop import EngineLoop
+from scheduler.observability import SchedulerObservability
 from scheduler.queue import RequestQueue
 from scheduler.scheduler import Scheduler, SchedulerConfig
 
@@ -41,6 +42,9 @@ class SchedulerServiceConfig:
     step_timeout_s: float = 30.0
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    ready_timeout_s: float = 10.0       # ready: a forward pass finished within this
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = 8001            # /metrics /health /ready; 0: none
 
     @property
     def model_name(self) -> str:
@@ -79,10 +83,14 @@ async def serve(config: SchedulerServiceConfig) -> None:
     max_model_len = min(config.max_model_len or limit, limit)
     consumer = f"{socket.gethostname()}-{os.getpid()}"
     client = aioredis.from_url(config.redis_url)
+    obs = SchedulerObservability(config.model_name, config.group, max_model_len,
+                                 config.ready_timeout_s, config.metrics_host, config.metrics_port)
     lease = Lease(client, schema.group_lease(config.model_name, config.group), consumer,
                   config.lease_ms)
     logger.info("waiting for the lease of group %s", config.group)
+    obs.readiness.standby = True
     await lease.acquire()
+    obs.readiness.standby = False   # active: ready once the warm-up's forward pass is done
     lost = asyncio.Event()
     # Renew from the start: warming the workers up can take longer than the lease lives.
     renew = asyncio.create_task(lease.renew_forever(lost))
@@ -95,6 +103,7 @@ async def serve(config: SchedulerServiceConfig) -> None:
                              f"{config.tensor_parallel_size}x{config.pipeline_parallel_size}")
         num_blocks = await asyncio.to_thread(executor.warmup, config.max_num_batched_tokens,
                                              config.max_num_seqs)
+        obs.readiness.mark_forward()   # the warm-up ran a worst-case forward pass
         scheduler = Scheduler(SchedulerConfig(
             num_blocks=num_blocks, block_size=config.block_size, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=max_model_len,
@@ -103,7 +112,8 @@ async def serve(config: SchedulerServiceConfig) -> None:
         await queue.ensure_group()
         loop = EngineLoop(scheduler, executor, queue, model_config.eos_token_ids,
                           stats_key=schema.scheduler_stats(config.model_name, config.group),
-                          pipeline_depth=pp)
+                          pipeline_depth=pp, observer=obs.observer(scheduler, queue))
+        obs.start(client, queue)
         print(f"scheduler ready: model {config.model_name}, group {config.group}, "
               f"{num_blocks} KV blocks, {tp}x{pp} (TP x PP) workers {','.join(config.workers)}",
               flush=True)
@@ -111,6 +121,7 @@ async def serve(config: SchedulerServiceConfig) -> None:
         await loop.run()
     finally:
         renew.cancel()
+        await obs.close()
         executor.close()
         await lease.release()
         await client.aclose()

@@ -12,6 +12,16 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from common import logging_setup
+
+
+def _observe(args: argparse.Namespace, service: str) -> None:
+    """Logging (--log-format, --log-prompts) and tracing (OTEL_* variables) of a service."""
+    from common.telemetry import setup_tracing
+
+    logging_setup.configure(args.log_format, args.log_prompts, service=service)
+    setup_tracing(service)
+
 
 def _add_make_model(subparsers: argparse._SubParsersAction) -> None:
     from tessera.make_model import ARCHS, DTYPES, PRESETS
@@ -106,6 +116,11 @@ def _add_worker(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--group", default="0", help="worker group name (default 0)")
     p.add_argument("--dist-timeout", type=float, default=120.0,
                    help="seconds a group waits to form, and a collective waits for a peer")
+    p.add_argument("--metrics-port", type=int, default=8002,
+                   help="HTTP /metrics /health /ready on --host (default 8002; 0: none)")
+    p.add_argument("--ready-timeout", type=float, default=10.0,
+                   help="not ready while a step runs longer than this, in seconds (default 10)")
+    logging_setup.add_arguments(p)
     p.set_defaults(handler=_run_worker)
 
 
@@ -118,12 +133,11 @@ def _add_parallel_sizes(p: argparse.ArgumentParser) -> None:
 
 def _run_worker(args: argparse.Namespace) -> int:
     import asyncio
-    import logging
 
     from worker.group import rank_from_hostname
     from worker.service import WorkerConfig, serve
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _observe(args, "worker")
     rank = rank_from_hostname() if args.rank == "hostname" else int(args.rank)
     config = WorkerConfig(model=args.model, dtype=args.dtype, device=args.device,
                           block_size=args.block_size, host=args.host, port=args.port,
@@ -133,7 +147,8 @@ def _run_worker(args: argparse.Namespace) -> int:
                           worker_id=args.worker_id, tensor_parallel_size=args.tensor_parallel_size,
                           pipeline_parallel_size=args.pipeline_parallel_size, rank=rank,
                           dist_init_addr=args.dist_init_addr, group=args.group,
-                          dist_timeout_s=args.dist_timeout)
+                          dist_timeout_s=args.dist_timeout, metrics_port=args.metrics_port,
+                          ready_timeout_s=args.ready_timeout)
     try:
         asyncio.run(serve(config))
     except KeyboardInterrupt:
@@ -160,16 +175,22 @@ def _add_scheduler(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--step-timeout", type=float, default=30.0, help="seconds per step")
     _add_parallel_sizes(p)
+    p.add_argument("--ready-timeout", type=float, default=10.0,
+                   help="ready while the worker group finished a forward pass within this many "
+                   "seconds; idle, a one-token canary step keeps it honest (default 10)")
+    p.add_argument("--metrics-host", default="0.0.0.0", help="bind address of --metrics-port")
+    p.add_argument("--metrics-port", type=int, default=8001,
+                   help="HTTP /metrics /health /ready (default 8001; 0: none)")
+    logging_setup.add_arguments(p)
     p.set_defaults(handler=_run_scheduler)
 
 
 def _run_scheduler(args: argparse.Namespace) -> int:
     import asyncio
-    import logging
 
     from scheduler.service import SchedulerServiceConfig, serve
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _observe(args, "scheduler")
     config = SchedulerServiceConfig(
         model=args.model, workers=tuple(a for a in args.workers.split(",") if a),
         redis_url=args.redis_url, served_model_name=args.served_model_name, group=args.group,
@@ -177,7 +198,9 @@ def _run_scheduler(args: argparse.Namespace) -> int:
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching, step_timeout_s=args.step_timeout,
         tensor_parallel_size=args.tensor_parallel_size,
-        pipeline_parallel_size=args.pipeline_parallel_size)
+        pipeline_parallel_size=args.pipeline_parallel_size,
+        ready_timeout_s=args.ready_timeout, metrics_host=args.metrics_host,
+        metrics_port=args.metrics_port)
     try:
         asyncio.run(serve(config))
     except KeyboardInterrupt:
@@ -200,16 +223,16 @@ def _add_gateway(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--grpc-port", type=int, default=50051)
     p.add_argument("--max-body-bytes", type=int, default=4 << 20,
                    help="largest request body / gRPC message accepted (default 4 MiB)")
+    logging_setup.add_arguments(p)
     p.set_defaults(handler=_run_gateway)
 
 
 def _run_gateway(args: argparse.Namespace) -> int:
     import asyncio
-    import logging
 
     from gateway.service import GatewayConfig, run_until_signal
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _observe(args, "gateway")
     config = GatewayConfig(model=args.model, served_model_name=args.served_model_name,
                            redis_url=args.redis_url, host=args.host, http_port=args.http_port,
                            grpc_port=args.grpc_port, max_body_bytes=args.max_body_bytes)
@@ -236,6 +259,7 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data-parallel-size", "-dp", type=int, default=1,
                    help="worker groups, each with its own scheduler, sharing the request "
                    "stream (default 1)")
+    logging_setup.add_arguments(p)
     p.set_defaults(handler=_run_serve)
 
 
@@ -250,7 +274,8 @@ def _run_serve(args: argparse.Namespace) -> int:
                         "--max-num-batched-tokens", args.max_num_batched_tokens],
         tensor_parallel_size=args.tensor_parallel_size,
         pipeline_parallel_size=args.pipeline_parallel_size,
-        data_parallel_size=args.data_parallel_size))
+        data_parallel_size=args.data_parallel_size,
+        log_args=["--log-format", args.log_format, *(["--log-prompts"] if args.log_prompts else [])]))
 
 
 def _add_bench(subparsers: argparse._SubParsersAction) -> None:

@@ -41,6 +41,7 @@ class ServeConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
+    log_args: list[str] = field(default_factory=list)       # --log-format / --log-prompts, to all
 
 
 class Stack:
@@ -126,29 +127,37 @@ def cpu_share(num_workers: int) -> dict[str, str]:
     return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // num_workers))}
 
 
-def start_group(stack: Stack, config: ServeConfig, name: str, redis_url: str, group: str) -> None:
+def start_group(stack: Stack, config: ServeConfig, name: str, redis_url: str,
+                group: str) -> list[str]:
     """One worker group (TP x PP workers, all started before any can be ready: they meet
-    first) and its scheduler."""
+    first) and its scheduler; returns their metrics endpoints, "URL (label)" each."""
     tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
     sizes = ["--tensor-parallel-size", str(tp), "--pipeline-parallel-size", str(pp)]
     dist_addr = f"127.0.0.1:{free_port()}"
-    workers = []
+    single = tp * pp * config.data_parallel_size == 1
+    workers, metrics = [], []
     for rank in range(tp * pp):
-        port = free_port()
-        label = f"worker{group}.{rank}" if tp * pp > 1 else f"worker{group}"
+        port, metrics_port = free_port(), free_port()
+        label = "worker" if single else f"worker{group}-{rank}"
         proc = stack.spawn(label, [
             *TESSERA, "worker", "--model", config.model, "--dtype", config.dtype,
             "--port", str(port), "--redis-url", redis_url, "--served-model-name", name,
             *sizes, "--rank", str(rank), "--dist-init-addr", dist_addr, "--group", group,
-            *config.worker_args], env=cpu_share(tp * pp * config.data_parallel_size))
+            "--metrics-port", str(metrics_port), *config.log_args, *config.worker_args],
+            env=cpu_share(tp * pp * config.data_parallel_size))
         workers.append((label, proc, f"127.0.0.1:{port}"))
+        metrics.append(f"http://127.0.0.1:{metrics_port}/metrics ({label})")
     for label, proc, _ in workers:
         stack.wait_ready(label, proc, "worker ready")
-    stack.start(f"scheduler{group}", [
+    label, metrics_port = ("scheduler" if config.data_parallel_size == 1
+                           else f"scheduler{group}"), free_port()
+    stack.start(label, [
         *TESSERA, "scheduler", "--model", config.model,
         "--workers", ",".join(a for _, _, a in workers), "--redis-url", redis_url,
-        "--served-model-name", name, "--group", group, *sizes, *config.scheduler_args],
+        "--served-model-name", name, "--group", group, *sizes, "--metrics-host", "127.0.0.1",
+        "--metrics-port", str(metrics_port), *config.log_args, *config.scheduler_args],
         "scheduler ready")
+    return [f"http://127.0.0.1:{metrics_port}/metrics ({label})", *metrics]
 
 
 def serve(config: ServeConfig) -> int:
@@ -162,16 +171,19 @@ def serve(config: ServeConfig) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         redis_url = config.redis_url or stack.start_redis()
+        metrics = [f"http://{config.host}:{config.http_port}/metrics (gateway)"]
         for group in range(config.data_parallel_size):
-            start_group(stack, config, name, redis_url, str(group))
+            metrics += start_group(stack, config, name, redis_url, str(group))
         stack.start("gateway", [*tessera, "gateway", "--model", config.model,
                                 "--served-model-name", name, "--redis-url", redis_url,
                                 "--host", config.host, "--http-port", str(config.http_port),
-                                "--grpc-port", str(config.grpc_port)], "gateway ready")
+                                "--grpc-port", str(config.grpc_port), *config.log_args],
+                    "gateway ready")
         print(f"tessera serving {name}\n"
               f"  OpenAI HTTP  http://{config.host}:{config.http_port}/v1\n"
               f"  gRPC         {config.host}:{config.grpc_port}\n"
               f"  Redis        {redis_url}\n"
+              f"  Metrics      {', '.join(metrics)}\n"
               f"Ctrl-C stops everything.", flush=True)
         died, code = stack.wait_any()
         print(f"{died} exited with status {code}; stopping the stack", file=sys.stderr)

@@ -9,6 +9,7 @@ strings, streaming, cancels and errors. Full-stack tests use the real scheduler.
 from __future__ import annotations
 
 import json
+import logging
 
 import httpx
 import openai
@@ -41,13 +42,16 @@ def test_health_ready_and_models(stack, http: httpx.Client, redis_url: str) -> N
     assert http.get("/health").json() == {"status": "ok"}
     r = http.get("/ready")
     assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
-    lease = schema.group_lease(name, "g0")
+    # Ready while a scheduler of the model keeps its group's ready key (scheduler.health):
+    # a key with a TTL, so a scheduler that dies stops counting on its own.
     with redis.Redis.from_url(redis_url) as client:
-        client.set(lease, "scheduler-1", px=10_000)
+        client.sadd(schema.ready_groups(name), "g0")
+        assert http.get("/ready").status_code == 503, "a known group without its key is not ready"
+        client.set(schema.scheduler_ready(name, "g0"), "1", px=10_000)
         try:
             assert http.get("/ready").status_code == 200
         finally:
-            client.delete(lease)
+            client.delete(schema.scheduler_ready(name, "g0"))
     assert http.get("/ready").status_code == 503
     models = http.get("/v1/models").json()
     assert [m["id"] for m in models["data"]] == [name]
@@ -265,3 +269,31 @@ def test_bad_inputs_get_openai_errors_and_the_server_keeps_serving(stack, http) 
     r = http.post("/v1/completions", json={"prompt": "still fine", "max_tokens": 3})
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == tok.decode(
         sched.reply_ids(0)[:3])
+
+
+def test_request_log_line_has_ids_and_text_only_with_log_prompts(stack, http, caplog,
+                                                                 monkeypatch) -> None:
+    from common import logging_setup
+
+    gateway, sched, tok = stack
+    name = gateway.config.served_model_name
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+    def finished_line(prompt: str) -> logging.LogRecord:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="gateway.telemetry"):
+            r = http.post("/v1/completions", headers={"traceparent": traceparent},
+                          json={"model": name, "prompt": prompt, "max_tokens": 3})
+            assert r.status_code == 200
+            assert wait_until(lambda: any("finished" in m for m in caplog.messages))
+        (record,) = [rec for rec in caplog.records if "finished" in rec.getMessage()]
+        assert record.request_id == r.headers["x-request-id"]
+        assert record.trace_id == "4bf92f3577b34da6a3ce929d0e0e4736"   # the client's trace
+        return record
+
+    record = finished_line("my secret prompt")
+    assert "secret" not in record.getMessage() and "3 output tokens" in record.getMessage()
+    monkeypatch.setattr(logging_setup, "_log_prompts", True)
+    record = finished_line("my secret prompt")
+    assert "prompt='my secret prompt'" in record.getMessage()
+    assert repr(tok.decode(sched.reply_ids(0)[:3])) in record.getMessage()

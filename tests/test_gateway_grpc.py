@@ -14,11 +14,13 @@ import sys
 import grpc
 import httpx
 import pytest
+import redis
 from gateway_harness import MAX_BODY, REPLY, stack, wait_until  # noqa: F401 (fixture)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from redis_server import free_port
 
+from common import redis_schema as schema
 from common.proto.tessera.v1 import generate_pb2, generate_pb2_grpc
 from tessera.client import AsyncTesseraClient, TesseraClient, TesseraError
 
@@ -136,13 +138,27 @@ def test_async_client(stack) -> None:
     asyncio.run(main())
 
 
-def test_health_service_and_reflection(stack) -> None:
+def test_health_service_and_reflection(stack, redis_url: str) -> None:
     gateway, _, _ = stack
+    name = gateway.config.served_model_name
+    serving = health_pb2.HealthCheckResponse.SERVING
     with grpc.insecure_channel(gateway.grpc_address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        for service in ("", "tessera.v1.Generate"):
-            status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
-            assert status.status == health_pb2.HealthCheckResponse.SERVING
+
+        def check(service: str) -> int:
+            return health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+        # Liveness ("") always; readiness (the Generate service) only while a scheduler of the
+        # model is ready, which the scripted stand-in never claims: its key is set by hand.
+        assert check("") == serving
+        assert check("tessera.v1.Generate") == health_pb2.HealthCheckResponse.NOT_SERVING
+        with redis.Redis.from_url(redis_url) as client:
+            client.sadd(schema.ready_groups(name), "g0")
+            client.set(schema.scheduler_ready(name, "g0"), "1", px=10_000)
+            try:
+                assert check("tessera.v1.Generate") == serving
+            finally:
+                client.delete(schema.scheduler_ready(name, "g0"))
         refl = reflection_pb2_grpc.ServerReflectionStub(channel)
         (reply,) = refl.ServerReflectionInfo(
             iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)

@@ -107,8 +107,10 @@ def test_step_dataclasses_have_the_fields_convert_py_carries() -> None:
         f.name for f in worker_pb2.NewSequence.DESCRIPTOR.fields]
     assert [f.name for f in fields(RunningSequence)] == [
         "seq_id", "num_computed_tokens", "num_scheduled_tokens", "new_block_ids", "new_token_ids"]
+    # trace_context rides as the Execute call's gRPC metadata (common.telemetry.step_metadata),
+    # not in StepInput: it is not the step's content, and only exists while tracing.
     assert [f.name for f in fields(StepPlan)] == [
-        "step_id", "new", "running", "finished_ids", "preempted_ids"]
+        "step_id", "new", "running", "finished_ids", "preempted_ids", "trace_context"]
     assert [f.name for f in fields(SampledToken)] == ["token_id", "logprob", "top_logprobs"]
     assert [f.name for f in fields(StepOutput)] == ["step_id", "sampled", "prompt_logprobs"]
 

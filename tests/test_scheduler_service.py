@@ -45,10 +45,12 @@ def stack(tiny_model, redis_url):
     port = free_port()
     worker = _start(["worker", "--model", model_dir, "--port", str(port),
                      "--kv-cache-memory-gb", "0.01", "--redis-url", redis_url,
-                     "--served-model-name", name, "--worker-id", "w0"], "worker ready")
+                     "--served-model-name", name, "--worker-id", "w0", "--metrics-port", "0"],
+                    "worker ready")
     sched = _start(["scheduler", "--model", model_dir, "--workers", f"127.0.0.1:{port}",
                     "--redis-url", redis_url, "--served-model-name", name,
-                    "--max-num-batched-tokens", "128", "--step-timeout", "5"], "scheduler ready")
+                    "--max-num-batched-tokens", "128", "--step-timeout", "5",
+                    "--metrics-port", "0"], "scheduler ready")
     yield model_dir, name, redis_url, worker, sched
     for p in (sched, worker):
         p.terminate()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -42,8 +43,10 @@ def served(tiny_model):
     if proc.poll() is not None:
         raise RuntimeError("tessera serve failed:\n" + "".join(lines))
     redis_url = next(l.split()[-1] for l in lines if l.strip().startswith("Redis"))
+    metrics = re.findall(r"(http://\S+/metrics) \((\w+)\)",
+                         next(l for l in lines if l.strip().startswith("Metrics")))
     yield model_dir, os.path.basename(model_dir), f"http://127.0.0.1:{http}", \
-        f"127.0.0.1:{grpc_port}", redis_url
+        f"127.0.0.1:{grpc_port}", redis_url, {service: url for url, service in metrics}
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0, "serve stops every process cleanly on SIGTERM"
 
@@ -59,7 +62,7 @@ def offline(served):
 def test_openai_completions_chat_and_streaming(served, offline):
     from openai import OpenAI
 
-    _, name, base, _, _ = served
+    _, name, base, _, _, _ = served
     client = OpenAI(base_url=base + "/v1", api_key="none")
     assert [m.id for m in client.models.list().data] == [name]
     for prompt, expected in zip(PROMPTS, offline):
@@ -86,14 +89,14 @@ def test_openai_completions_chat_and_streaming(served, offline):
 def test_grpc_client_matches_http(served, offline):
     from tessera.client import TesseraClient
 
-    _, _, _, grpc_address, _ = served
+    _, _, _, grpc_address, _, _ = served
     client = TesseraClient(grpc_address)
     result = client.generate(PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
     assert result.choices[0].text == offline[0]
 
 
 def test_64_concurrent_streams_and_disconnect_frees_blocks(served):
-    _, name, base, _, redis_url = served
+    _, name, base, _, redis_url, _ = served
 
     async def stream(client, i):
         body = {"model": name, "prompt": [5 + i % 50] * (8 + i), "max_tokens": 8,
@@ -143,7 +146,7 @@ def test_64_concurrent_streams_and_disconnect_frees_blocks(served):
     (b'{"model": "M", "prompt": "' + b"x" * (5 << 20) + b'"}', 413),
 ])
 def test_bad_input_gets_an_openai_error_and_the_stack_keeps_serving(served, body, status):
-    _, name, base, _, _ = served
+    _, name, base, _, _, _ = served
     r = httpx.post(base + "/v1/completions", content=body.replace(b'"M"', f'"{name}"'.encode()),
                    headers={"content-type": "application/json"}, timeout=30)
     assert r.status_code == status
@@ -151,3 +154,20 @@ def test_bad_input_gets_an_openai_error_and_the_stack_keeps_serving(served, body
     ok = httpx.post(base + "/v1/completions", json={"model": name, "prompt": "x", "max_tokens": 2},
                     timeout=30)
     assert ok.status_code == 200
+
+
+def test_every_service_of_serve_answers_metrics_and_probes(served):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    _, name, _, _, _, metrics = served
+    assert set(metrics) == {"gateway", "scheduler", "worker"}
+    for service, url in metrics.items():
+        text = httpx.get(url, timeout=10).text
+        families = {f.name for f in text_string_to_metric_families(text)}
+        expected = {"gateway": "tessera:time_to_first_token_seconds",
+                    "scheduler": "tessera:num_requests_running",
+                    "worker": "tessera:worker_step_duration_seconds"}[service]
+        assert expected in families, service
+        base = url.removesuffix("/metrics")
+        assert httpx.get(base + "/health", timeout=10).status_code == 200
+        assert httpx.get(base + "/ready", timeout=10).status_code == 200, service

@@ -38,7 +38,7 @@ def worker_stub(tiny_model):
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "tessera.cli", "worker", "--model", model_dir, "--port", str(port),
-         "--kv-cache-memory-gb", "0.001"],
+         "--kv-cache-memory-gb", "0.001", "--metrics-port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     stub = worker_pb2_grpc.WorkerStub(channel)

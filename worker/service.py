@@ -24,13 +24,16 @@ from dataclasses import dataclass
 
 import grpc
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.convert import step_output_to_proto, step_plan_from_proto
+from common.http_probe import start_probe
 from common.model_config import ModelConfig
 from common.proto.tessera.v1 import worker_pb2, worker_pb2_grpc
 from worker.kv_cache import kv_cache_bytes_per_block
 from worker.parallel import get_pp_stage, get_tp_group
 from worker.runner import ModelRunner
+from worker.telemetry import WorkerHealth, WorkerTelemetry
 from worker.worker import StepMismatchError, Worker
 from worker.group import join_group
 
@@ -52,6 +55,8 @@ class WorkerConfig:
     served_model_name: str | None = None
     worker_id: str | None = None
     heartbeat_ttl_s: float = 5.0
+    metrics_port: int = 8002                  # /metrics /health /ready on ``host``; 0: none
+    ready_timeout_s: float = 10.0             # not ready while a step runs longer than this
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     rank: int = 0                             # in the group: pp_stage * tp_size + tp_rank
@@ -80,6 +85,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step")
         self._order = asyncio.Condition()
         self.warmed_up = False
+        self.telemetry = WorkerTelemetry(config.model_name, config.ready_timeout_s)
 
     async def _run(self, fn, *args):
         # NOTE: model work runs on the event loop's own thread (the main thread), blocking the
@@ -136,6 +142,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 "no memory left for a single KV block")
         self.warmed_up = True
+        self.telemetry.warmed_up(num_blocks)
         logger.info("warm: %d KV blocks of %d bytes", num_blocks, per_block)
         return worker_pb2.WarmupResponse(num_blocks=num_blocks, block_bytes=per_block)
 
@@ -144,7 +151,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "Warmup first")
         try:
             plan = step_plan_from_proto(request)
-            out = await self._execute_in_order(plan)
+            out = await self._execute_in_order(plan, context)
         except StepMismatchError as e:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         except ValueError as e:
@@ -155,7 +162,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             await self._group_failed(context, e)
         return step_output_to_proto(out)
 
-    async def _execute_in_order(self, plan):
+    async def _execute_in_order(self, plan, context):
         """Run steps strictly in step-id order: a pipelining scheduler has several in flight,
         and every rank must run them (and their collectives) in the same order. A step whose
         predecessor never arrives runs after a while anyway and fails the worker's checks."""
@@ -166,7 +173,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             except asyncio.TimeoutError:
                 pass
             try:
-                return await self._run(self.worker.execute, plan)
+                with self.telemetry.step(plan, context):   # the order wait is not step time
+                    return await self._run(self.worker.execute, plan)
             finally:
                 self._order.notify_all()
 
@@ -211,6 +219,12 @@ async def serve(config: WorkerConfig, ready: asyncio.Event | None = None) -> Non
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20),
                                       ("grpc.max_send_message_length", 64 << 20)])
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
+    health_servicer = WorkerHealth(servicer.telemetry, worker_pb2.DESCRIPTOR.services_by_name[
+        "Worker"].full_name)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    probe = start_probe(config.host, config.metrics_port, servicer.telemetry.render,
+                        servicer.telemetry.status)
     address = f"{config.host}:{config.port}"
     if server.add_insecure_port(address) == 0:
         raise OSError(f"cannot listen on {address}")
@@ -227,4 +241,6 @@ async def serve(config: WorkerConfig, ready: asyncio.Event | None = None) -> Non
     finally:
         if beat is not None:
             beat.cancel()
+        if probe is not None:
+            probe.stop()
         await server.stop(grace=1)

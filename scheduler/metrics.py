@@ -1,0 +1,120 @@
+"""The scheduler's Prometheus metrics (the engine's: vLLM's names under ``tessera:``).
+
+Gauges and counters the scheduler already keeps (running, waiting, KV usage, prefix-cache
+queries and hits, preemptions) are read at scrape time by a collector, so a step pays nothing
+for them; what a step must add (tokens, per-request timings at finish) goes through the
+methods here, called by scheduler.telemetry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from common import metrics as m
+from scheduler.scheduler import Scheduler
+
+
+class _EngineState(Collector):
+    """Reads the scheduler's own counts when scraped (from the probe thread: plain int reads)."""
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+        self.scheduler: Scheduler | None = None
+
+    def collect(self) -> Iterator:
+        s, labels = self.scheduler, [self.model_name]
+        if s is None:
+            return
+        gauge, counter = GaugeMetricFamily, CounterMetricFamily
+        families = [
+            (gauge, "num_requests_running", "Number of requests in model execution batches.",
+             s.num_running),
+            (gauge, "num_requests_waiting", "Number of requests waiting to be processed "
+             "(read from Redis, not yet scheduled).", s.num_waiting),
+            (gauge, "kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
+             s.kv.usage),
+            (counter, "prefix_cache_queries", "Prefix cache queries, in terms of number of "
+             "queried tokens.", s.kv.prefix_queries),
+            (counter, "prefix_cache_hits", "Prefix cache hits, in terms of number of cached "
+             "tokens.", s.kv.prefix_hits),
+            (counter, "num_preemptions", "Cumulative number of preemptions (including the "
+             "recomputes after a worker reset).", s.num_preemptions),
+        ]
+        for family, metric, doc, value in families:
+            f = family(m.name(metric), doc, labels=m.LABELS)
+            f.add_metric(labels, value)
+            yield f
+
+
+class SchedulerMetrics:
+    def __init__(self, model_name: str, max_model_len: int) -> None:
+        self.registry = r = m.new_registry()
+        self.engine = _EngineState(model_name)
+        r.register(self.engine)
+        labels = m.LABELS
+        latency = m.REQUEST_LATENCY_BUCKETS
+        tokens = m.buckets_1_2_5(max_model_len)
+
+        def hist(metric: str, doc: str, buckets) -> Histogram:
+            return Histogram(m.name(metric), doc, labels, buckets=buckets,
+                             registry=r).labels(model_name)
+
+        def counter(metric: str, doc: str) -> Counter:
+            return Counter(m.name(metric), doc, labels, registry=r).labels(model_name)
+
+        def gauge(metric: str, doc: str) -> Gauge:
+            return Gauge(m.name(metric), doc, labels, registry=r).labels(model_name)
+
+        self.prompt_tokens = counter("prompt_tokens", "Number of prefill tokens processed.")
+        self.generation_tokens = counter("generation_tokens",
+                                         "Number of generation tokens processed.")
+        self.queue_time = hist(
+            "request_queue_time_seconds", "Time spent in the WAITING phase (in the Redis stream, "
+            "then in the scheduler) before first scheduled.", latency)
+        self.prefill_time = hist(
+            "request_prefill_time_seconds",
+            "Time spent in the PREFILL phase (first scheduled to first token).", latency)
+        self.decode_time = hist(
+            "request_decode_time_seconds",
+            "Time spent in the DECODE phase (first token to last token).", latency)
+        self.inference_time = hist(
+            "request_inference_time_seconds",
+            "Time spent in the RUNNING phase (first scheduled to finish).", latency)
+        self.request_prompt_tokens = hist(
+            "request_prompt_tokens", "Number of prefill tokens processed, per request.", tokens)
+        self.request_generation_tokens = hist(
+            "request_generation_tokens", "Number of generation tokens processed, per request.",
+            tokens)
+        self.step_time = hist("step_duration_seconds", "Time of one engine step as the scheduler "
+                              "sees it: the workers' Execute round trip.", m.STEP_BUCKETS)
+        self.queue_depth = gauge("request_queue_depth", "Requests waiting in the Redis request "
+                                 "stream, not yet read by any scheduler (the consumer group's lag; "
+                                 "the autoscaling signal).")
+        self.queue_pending = gauge("request_queue_pending", "Requests read from the Redis stream "
+                                   "by a scheduler and not finished yet.")
+        self.ready = gauge("ready", "1 while a forward pass (a step or the idle canary) finished "
+                           "within the ready timeout.")
+
+    def watch(self, scheduler: Scheduler) -> None:
+        self.engine.scheduler = scheduler
+
+    def sequence_finished(self, queue_s: float | None, prefill_s: float | None,
+                          decode_s: float | None, inference_s: float | None,
+                          prompt_tokens: int, generation_tokens: int) -> None:
+        if queue_s is not None:
+            self.queue_time.observe(queue_s)
+        if prefill_s is not None:
+            self.prefill_time.observe(prefill_s)
+        if decode_s is not None:
+            self.decode_time.observe(decode_s)
+        if inference_s is not None:
+            self.inference_time.observe(inference_s)
+        self.request_prompt_tokens.observe(prompt_tokens)
+        self.request_generation_tokens.observe(generation_tokens)
+
+    def render(self) -> bytes:
+        return m.render(self.registry)
