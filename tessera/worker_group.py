@@ -33,7 +33,7 @@ class LocalWorkerGroup:
                         "--kv-cache-memory-gb", repr(kv_cache_memory_bytes / (1 << 30)),
                         "--seed", str(seed), "--tensor-parallel-size", str(tp),
                         "--pipeline-parallel-size", str(pp), "--rank", str(rank),
-                        "--dist-init-addr", dist_addr]
+                        "--dist-init-addr", dist_addr, "--metrics-port", "0"]
                 env = cpu_share(tp * pp) if device == "cpu" else None
                 workers.append((f"worker.{rank}", self.stack.spawn(f"worker.{rank}", argv, env),
                                 f"127.0.0.1:{port}"))

@@ -137,12 +137,12 @@ def test_a_dead_group_member_fails_requests_cleanly(tiny_model, redis_url):
         [sys.executable, "-m", "tessera.cli", "worker", "--model", model_dir, "--port", str(port),
          "--kv-cache-memory-gb", "0.01", "--tensor-parallel-size", "2", "--rank", str(rank),
          "--redis-url", redis_url, "--served-model-name", name, "--group", "g0",
-         "--dist-timeout", "20"],
+         "--dist-timeout", "20", "--metrics-port", "0"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for rank, port in reversed(list(enumerate(ports)))][::-1]
     sched = _start(["scheduler", "--model", model_dir, "--redis-url", redis_url,
                     "--served-model-name", name, "--group", "g0", "--tensor-parallel-size", "2",
-                    "--workers",
+                    "--metrics-port", "0", "--workers",
                     ",".join(f"127.0.0.1:{p}" for p in ports), "--step-timeout", "10"],
                    "scheduler ready")
     try:
