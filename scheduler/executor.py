@@ -98,13 +98,16 @@ class GrpcExecutor:
         self._call("Reset", worker_pb2.ResetRequest(), timeout)
 
     def _rewarm(self, timeout: float = 600.0) -> None:
-        """Restarted workers lost their KV cache: warm them up again, as at start. On failure
-        they stay cold: steps keep failing, and readiness says so."""
-        for address, stub in zip(self.addresses, self._stubs):
-            if address not in self._cold:
-                continue
+        """Restarted workers lost their KV cache: warm them up again, as at start. A group
+        restarts as a whole (a rank that loses a peer exits), and its ranks meet in the
+        warm-up's collectives: so every worker is warmed, all at once. On failure they stay
+        cold: steps keep failing, and readiness says so."""
+        self._cold.update(self.addresses)
+        calls = [(a, stub.Warmup.future(self._warmup, timeout=timeout))
+                 for a, stub in zip(self.addresses, self._stubs)]
+        for address, call in calls:
             try:
-                num_blocks = stub.Warmup(self._warmup, timeout=timeout).num_blocks
+                num_blocks = call.result().num_blocks
             except grpc.RpcError as e:
                 logger.error("warming up the restarted worker %s failed: %s", address, e.code())
                 continue

@@ -101,15 +101,16 @@ def test_data_parallel_groups_share_the_request_stream(offline):
 def _start(args: list[str], ready: str, timeout: float = 120) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "tessera.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + timeout
+    deadline, lines = time.monotonic() + timeout, []
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
         if not line and proc.poll() is not None:
             break
+        lines.append(line)
         if ready in line:
             return proc
     proc.kill()
-    raise RuntimeError(f"{args[0]} did not start")
+    raise RuntimeError(f"{args[0]} did not start:\n" + "".join(lines[-20:]))
 
 
 async def _generate(redis_url: str, name: str, params: SamplingParams, on_first=None):
@@ -125,21 +126,26 @@ async def _generate(redis_url: str, name: str, params: SamplingParams, on_first=
     return events
 
 
-def test_a_dead_group_member_fails_requests_cleanly(tiny_model, redis_url):
+def test_a_dead_group_member_fails_requests_cleanly_and_a_restarted_group_serves(
+        tiny_model, redis_url):
     """A group meeting through Redis loses rank 1 mid-request: the request ends with an error
-    event, the survivor exits for a restart, and the scheduler keeps answering."""
+    event, the survivor exits for a restart, and the scheduler keeps answering; once the
+    group is restarted (what Kubernetes does), the scheduler warms it up again and serves."""
     model_dir = str(tiny_model("llama"))
     name = f"dead-{uuid.uuid4().hex[:8]}"
     ports = [free_port(), free_port()]
-    # No --dist-init-addr: rank 0 publishes its TCP store's address in Redis (rank 1 starts
-    # first and waits for it).
-    workers = [subprocess.Popen(
-        [sys.executable, "-m", "tessera.cli", "worker", "--model", model_dir, "--port", str(port),
-         "--kv-cache-memory-gb", "0.01", "--tensor-parallel-size", "2", "--rank", str(rank),
-         "--redis-url", redis_url, "--served-model-name", name, "--group", "g0",
-         "--dist-timeout", "20", "--metrics-port", "0"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for rank, port in reversed(list(enumerate(ports)))][::-1]
+
+    def start_group() -> list[subprocess.Popen]:
+        # No --dist-init-addr: rank 0 publishes its TCP store's address in Redis (rank 1
+        # starts first and waits for it).
+        return [subprocess.Popen(
+            [sys.executable, "-m", "tessera.cli", "worker", "--model", model_dir, "--port",
+             str(port), "--kv-cache-memory-gb", "0.01", "--tensor-parallel-size", "2", "--rank",
+             str(rank), "--redis-url", redis_url, "--served-model-name", name, "--group", "g0",
+             "--dist-timeout", "20", "--metrics-port", "0"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for rank, port in reversed(list(enumerate(ports)))][::-1]
+    workers = start_group()
     sched = _start(["scheduler", "--model", model_dir, "--redis-url", redis_url,
                     "--served-model-name", name, "--group", "g0", "--tensor-parallel-size", "2",
                     "--metrics-port", "0", "--workers",
@@ -158,6 +164,16 @@ def test_a_dead_group_member_fails_requests_cleanly(tiny_model, redis_url):
         events = asyncio.run(asyncio.wait_for(_generate(redis_url, name, GREEDY), 60))
         assert events[-1].finish_reason == "error"
         assert sched.poll() is None
+        # The supervisor restarts the group: the scheduler warms it up again and serves.
+        workers = start_group()
+        deadline = time.monotonic() + 90
+        while True:
+            events = asyncio.run(asyncio.wait_for(_generate(redis_url, name, GREEDY), 60))
+            if events[-1].finish_reason == "length" or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert events[-1].finish_reason == "length", events[-1].error
+        assert sum(len(e.token_ids) for e in events) == MAX_TOKENS
     finally:
         for p in (sched, *workers):
             p.kill()

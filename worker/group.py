@@ -41,6 +41,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _listening(addr: str) -> bool:
+    host, port = addr.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
 def resolve_init_addr(config) -> str:
     """host:port of the group's TCP store, from the flag or through Redis."""
     if config.dist_init_addr:
@@ -62,7 +71,8 @@ def resolve_init_addr(config) -> str:
         deadline = time.monotonic() + config.dist_timeout_s
         while time.monotonic() < deadline:
             addr = client.get(key)
-            if addr is not None:
+            # A dead rank 0's address can linger (a restarted group): wait for one that answers.
+            if addr is not None and _listening(addr.decode()):
                 return addr.decode()
             time.sleep(0.2)
         raise TimeoutError(f"rank 0 of group {config.group} never published {key}")
