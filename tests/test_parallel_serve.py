@@ -18,7 +18,8 @@ import redis.asyncio as aioredis
 
 from common.redis_schema import QueuedRequest, scheduler_stats
 from gateway.queue import RequestSubmitter
-from redis_server import free_port, redis_server_path
+from cli_procs import listed, start_cli, start_serve
+from redis_server import free_port
 from tessera import LLM, SamplingParams
 
 PROMPTS = ["The quick brown fox", "def main():\n    return", "Once upon a time, in a land far",
@@ -28,23 +29,10 @@ GREEDY = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
 
 
 def _serve(model_dir: str, *flags: str):
-    if redis_server_path() is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
     http = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tessera.cli", "serve", "--model", model_dir, "--http-port",
-         str(http), "--grpc-port", str(free_port()), "--kv-cache-memory-gb", "0.01", *flags],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    lines, deadline = [], time.monotonic() + 240
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        lines.append(line)
-        if "Ctrl-C" in line or (not line and proc.poll() is not None):
-            break
-    if proc.poll() is not None:
-        raise RuntimeError("tessera serve failed:\n" + "".join(lines))
-    redis_url = next(l.split()[-1] for l in lines if l.strip().startswith("Redis"))
-    return proc, f"http://127.0.0.1:{http}", redis_url
+    proc, lines = start_serve(["--model", model_dir, "--http-port", str(http), "--grpc-port",
+                               str(free_port()), "--kv-cache-memory-gb", "0.01", *flags])
+    return proc, f"http://127.0.0.1:{http}", listed(lines, "Redis")
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -98,21 +86,6 @@ def test_data_parallel_groups_share_the_request_stream(offline):
         _stop(proc)
 
 
-def _start(args: list[str], ready: str, timeout: float = 120) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "tessera.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    deadline, lines = time.monotonic() + timeout, []
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None:
-            break
-        lines.append(line)
-        if ready in line:
-            return proc
-    proc.kill()
-    raise RuntimeError(f"{args[0]} did not start:\n" + "".join(lines[-20:]))
-
-
 async def _generate(redis_url: str, name: str, params: SamplingParams, on_first=None):
     client = aioredis.from_url(redis_url)
     sub = RequestSubmitter(client)
@@ -146,7 +119,7 @@ def test_a_dead_group_member_fails_requests_cleanly_and_a_restarted_group_serves
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             for rank, port in reversed(list(enumerate(ports)))][::-1]
     workers = start_group()
-    sched = _start(["scheduler", "--model", model_dir, "--redis-url", redis_url,
+    sched = start_cli(["scheduler", "--model", model_dir, "--redis-url", redis_url,
                     "--served-model-name", name, "--group", "g0", "--tensor-parallel-size", "2",
                     "--metrics-port", "0", "--workers",
                     ",".join(f"127.0.0.1:{p}" for p in ports), "--step-timeout", "10"],

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import sys
 import time
 import uuid
 
@@ -16,26 +15,11 @@ import redis.asyncio as aioredis
 from common.redis_schema import QueuedRequest, worker_heartbeat, workers_registry
 from common.sampling_params import SamplingParams
 from gateway.queue import RequestSubmitter
+from cli_procs import start_cli
 from redis_server import free_port
 from tessera import LLM
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-
-
-def _start(args: list[str], ready: str, timeout: float = 90) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "tessera.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + timeout
-    lines = []
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None:
-            break
-        lines.append(line)
-        if ready in line:
-            return proc
-    proc.kill()
-    raise RuntimeError(f"{args[0]} did not start:\n{''.join(lines[-30:])}")
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +27,11 @@ def stack(tiny_model, redis_url):
     model_dir = str(tiny_model("llama"))
     name = f"svc-{uuid.uuid4().hex[:8]}"
     port = free_port()
-    worker = _start(["worker", "--model", model_dir, "--port", str(port),
+    worker = start_cli(["worker", "--model", model_dir, "--port", str(port),
                      "--kv-cache-memory-gb", "0.01", "--redis-url", redis_url,
                      "--served-model-name", name, "--worker-id", "w0", "--metrics-port", "0"],
                     "worker ready")
-    sched = _start(["scheduler", "--model", model_dir, "--workers", f"127.0.0.1:{port}",
+    sched = start_cli(["scheduler", "--model", model_dir, "--workers", f"127.0.0.1:{port}",
                     "--redis-url", redis_url, "--served-model-name", name,
                     "--max-num-batched-tokens", "128", "--step-timeout", "5",
                     "--metrics-port", "0"], "scheduler ready")

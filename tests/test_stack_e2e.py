@@ -7,8 +7,6 @@ import asyncio
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import httpx
@@ -16,7 +14,8 @@ import pytest
 import redis
 
 from common.redis_schema import scheduler_stats
-from redis_server import free_port, redis_server_path
+from cli_procs import start_serve
+from redis_server import free_port
 from tessera import LLM, SamplingParams
 
 PROMPTS = ["The quick brown fox", "def main():\n    return", "Once upon a time, in a land far"]
@@ -25,23 +24,11 @@ MAX_TOKENS = 12
 
 @pytest.fixture(scope="module")
 def served(tiny_model):
-    if redis_server_path() is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
     model_dir = str(tiny_model("llama"))
     http, grpc_port = free_port(), free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tessera.cli", "serve", "--model", model_dir, "--http-port",
-         str(http), "--grpc-port", str(grpc_port), "--kv-cache-memory-gb", "0.05",
-         "--max-num-batched-tokens", "256"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines, deadline = [], time.monotonic() + 180
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        lines.append(line)
-        if "Ctrl-C" in line or (not line and proc.poll() is not None):
-            break
-    if proc.poll() is not None:
-        raise RuntimeError("tessera serve failed:\n" + "".join(lines))
+    proc, lines = start_serve(["--model", model_dir, "--http-port", str(http), "--grpc-port",
+                               str(grpc_port), "--kv-cache-memory-gb", "0.05",
+                               "--max-num-batched-tokens", "256"], timeout=180)
     redis_url = next(l.split()[-1] for l in lines if l.strip().startswith("Redis"))
     metrics = re.findall(r"(http://\S+/metrics) \((\w+)\)",
                          next(l for l in lines if l.strip().startswith("Metrics")))
@@ -101,7 +88,7 @@ def test_64_concurrent_streams_and_disconnect_frees_blocks(served):
     async def stream(client, i):
         body = {"model": name, "prompt": [5 + i % 50] * (8 + i), "max_tokens": 8,
                 "temperature": 0, "ignore_eos": True, "stream": True}
-        text, done = "", False
+        done = False
         async with client.stream("POST", base + "/v1/completions", json=body) as r:
             assert r.status_code == 200
             async for line in r.aiter_lines():
