@@ -211,7 +211,7 @@ def test_gateways_autoscale_on_queue_depth(rendered, build_name):
         assert hpa["spec"]["scaleTargetRef"]["name"] == "tessera-gateway"
         external = [m["external"] for m in hpa["spec"]["metrics"] if m["type"] == "External"]
         if build_name.startswith("gpu"):
-            assert external[0]["metric"]["selector"]["matchLabels"]["model"] == served_name(docs)
+            assert external[0]["metric"]["selector"]["matchLabels"]["model_name"] == served_name(docs)
         return
     assert not find(docs, "HorizontalPodAutoscaler")
     scaled = one(docs, "ScaledObject", "tessera-gateway")
