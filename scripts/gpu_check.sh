@@ -116,7 +116,7 @@ assert worst < 2e-3, "CUDA runner disagrees with the CPU runner"
 EOF
 
 step model-equivalence 200 "$pytest_figure" -- \
-    $PY -m pytest -q -p no:cacheprovider tests/test_model_equivalence.py
+    $PY -m pytest -q -p no:cacheprovider tests/test_model_equivalence.py tests/test_cuda_graphs.py
 
 step kernel-benchmark 120 "$PY -c \"
 import json; d = json.load(open('$LOGS/kernels.json'))

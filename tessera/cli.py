@@ -116,6 +116,8 @@ def _add_worker(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--group", default="0", help="worker group name (default 0)")
     p.add_argument("--dist-timeout", type=float, default=120.0,
                    help="seconds a group waits to form, and a collective waits for a peer")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
     p.add_argument("--metrics-port", type=int, default=8002,
                    help="HTTP /metrics /health /ready on --host (default 8002; 0: none)")
     p.add_argument("--ready-timeout", type=float, default=10.0,
@@ -147,7 +149,8 @@ def _run_worker(args: argparse.Namespace) -> int:
                           worker_id=args.worker_id, tensor_parallel_size=args.tensor_parallel_size,
                           pipeline_parallel_size=args.pipeline_parallel_size, rank=rank,
                           dist_init_addr=args.dist_init_addr, group=args.group,
-                          dist_timeout_s=args.dist_timeout, metrics_port=args.metrics_port,
+                          dist_timeout_s=args.dist_timeout, enforce_eager=args.enforce_eager,
+                          metrics_port=args.metrics_port,
                           ready_timeout_s=args.ready_timeout)
     try:
         asyncio.run(serve(config))

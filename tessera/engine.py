@@ -67,7 +67,8 @@ class LLMEngine:
                  max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, seed: int = 0,
                  kv_cache_memory_bytes: int = 2 << 30, device: str = "cpu",
-                 tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1) -> None:
+                 tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
+                 enforce_eager: bool = False) -> None:
         self.model_config = ModelConfig.from_dir(model)
         self.tokenizer = Tokenizer.from_dir(model)
         limit = self.model_config.max_position_embeddings
@@ -94,6 +95,8 @@ class LLMEngine:
             self.executor = self.worker_group.executor
         else:
             runner = ModelRunner(self.model_config, dtype, num_kv_blocks, block_size, device)
+            if runner.device.type == "cuda" and not enforce_eager:
+                runner.capture_decode_graphs(max_num_seqs)   # decode steps replay CUDA graphs
             self.executor = LocalExecutor(Worker(runner, seed=seed))
         self.tracked: dict[str, _Tracked] = {}
         self._child_of: dict[str, tuple[_Tracked, _Sequence]] = {}

@@ -24,9 +24,10 @@ class LLM:
                  max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, seed: int = 0, device: str = "cpu",
                  tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
-                 kv_cache_memory_bytes: int = 2 << 30) -> None:
+                 kv_cache_memory_bytes: int = 2 << 30, enforce_eager: bool = False) -> None:
         """tensor_parallel_size x pipeline_parallel_size > 1 runs the model sharded over that
-        many worker processes (gloo on CPU, NCCL on CUDA); `close()` stops them."""
+        many worker processes (gloo on CPU, NCCL on CUDA); `close()` stops them. On CUDA,
+        decode steps replay CUDA graphs unless enforce_eager."""
         self.engine = LLMEngine(model, dtype=dtype, block_size=block_size,
                                 num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs,
                                 max_num_batched_tokens=max_num_batched_tokens,
@@ -34,7 +35,8 @@ class LLM:
                                 enable_prefix_caching=enable_prefix_caching, seed=seed,
                                 device=device, kv_cache_memory_bytes=kv_cache_memory_bytes,
                                 tensor_parallel_size=tensor_parallel_size,
-                                pipeline_parallel_size=pipeline_parallel_size)
+                                pipeline_parallel_size=pipeline_parallel_size,
+                                enforce_eager=enforce_eager)
         self.tokenizer = self.engine.tokenizer
         self._next_id = 0
 

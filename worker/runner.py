@@ -83,15 +83,36 @@ class ModelRunner:
         self.dtype = compute_dtype(self.requested_dtype, self.device)
         self.block_size = block_size
         self.pp = get_pp_stage()
+        self.graphs = None
         self.model = load_model(config, self.dtype, self.device)
         self.allocate_kv_cache(num_blocks)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        """(Re)allocate the paged KV cache; 0 leaves none (a worker sizes it at warm-up)."""
+        """(Re)allocate the paged KV cache; 0 leaves none (a worker sizes it at warm-up).
+        Decode graphs captured over the old cache are dropped."""
         self.kv_caches = []   # drop the old tensors before making new ones
+        self.graphs = None
         self.num_blocks = num_blocks
         self.kv_caches = allocate_kv_cache(self.config, num_blocks, self.block_size, self.dtype,
                                            self.device)
+
+    def capture_decode_graphs(self, max_num_seqs: int, capture: bool = True) -> None:
+        """Replay decode steps of up to max_num_seqs sequences from CUDA graphs
+        (worker/cuda_graphs.py). The cache gets one scratch block past the scheduler's pool,
+        for the padding rows' writes. capture=False: the same path run eagerly (tests)."""
+        from worker.cuda_graphs import DecodeGraphs, graph_sizes
+        from worker.parallel import get_tp_group
+
+        if self.pp.size > 1 or get_tp_group().size > 1:
+            logger.info("decode graphs are for single-worker groups: running eagerly")
+            return
+        pool = self.num_blocks
+        self.allocate_kv_cache(pool + 1)
+        self.num_blocks = pool
+        max_blocks = -(-self.config.max_position_embeddings // self.block_size)
+        self.graphs = DecodeGraphs(self.model, self.kv_caches, pool, self.block_size, max_blocks,
+                                   graph_sizes(max_num_seqs), self.config.hidden_size,
+                                   self.dtype, self.device, capture=capture)
 
     def profile_run(self, num_tokens: int, num_seqs: int) -> None:
         """One worst-case forward pass (num_tokens tokens over num_seqs prompt chunks) on a
@@ -132,7 +153,11 @@ class ModelRunner:
             pair = self.pp.recv_prev((2, len(input_ids), self.config.hidden_size), self.dtype,
                                      self.device)
             intermediate = (pair[0], pair[1])
-        hidden = self.model(input_ids, meta.positions, self.kv_caches, meta, intermediate)
+        if (self.graphs is not None and not all_logits and meta.num_decode_tokens == len(batch)
+                and self.graphs.fits(len(batch))):
+            hidden = self.graphs.run(input_ids, meta)
+        else:
+            hidden = self.model(input_ids, meta.positions, self.kv_caches, meta, intermediate)
         if not self.pp.is_last:
             self.pp.send_next(torch.stack(hidden))
             return RunnerOutput(logits=None, all_logits=None)

@@ -63,6 +63,7 @@ class WorkerConfig:
     dist_init_addr: str | None = None         # host:port of rank 0's TCP store
     group: str = "0"                          # the worker group's name (Redis rendezvous)
     dist_timeout_s: float = 120.0
+    enforce_eager: bool = False               # CUDA: no decode graphs
 
     @property
     def world_size(self) -> int:
@@ -120,6 +121,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             budget = self.config.kv_cache_memory_bytes
         num_blocks = max(budget // per_block, 0)
         runner.allocate_kv_cache(num_blocks)
+        if runner.device.type == "cuda" and not self.config.enforce_eager and num_blocks:
+            runner.capture_decode_graphs(max_seqs)
         self.worker.reset()
         return num_blocks, per_block
 
