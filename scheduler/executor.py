@@ -103,6 +103,11 @@ class GrpcExecutor:
         warm-up's collectives: so every worker is warmed, all at once. On failure they stay
         cold: steps keep failing, and readiness says so."""
         self._cold.update(self.addresses)
+        try:   # all of them up first: a rank warmed alone would wait for its peers' collectives
+            self.submit("Info", worker_pb2.InfoRequest(), 10.0, wait_for_ready=True).result()
+        except (WorkerUnavailable, WorkerMismatch) as e:
+            logger.warning("not every worker of the group is back yet: %s", e)
+            return
         calls = [(a, stub.Warmup.future(self._warmup, timeout=timeout))
                  for a, stub in zip(self.addresses, self._stubs)]
         for address, call in calls:

@@ -168,6 +168,13 @@ class EngineLoop:
             await self._drain_pending()
             await self._fail(list(self.inflight.values()), f"worker unavailable: {e}")
             self.scheduler.reset_workers()
+            # The workers still answering restart their step ids with ours, so the next step
+            # reaches them (in a group whose peer died, its collective fails and they exit for a
+            # restart instead of answering "out of step" forever).
+            try:
+                await asyncio.to_thread(self.executor.reset)
+            except (WorkerUnavailable, WorkerMismatch):
+                pass
             return
         self.steps += 1
         events = self.scheduler.update(plan, output)
