@@ -40,7 +40,6 @@ if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 import argparse
 import asyncio
 import gc
-import json
 import os
 import pathlib
 import random
@@ -55,6 +54,7 @@ import httpx
 
 from common.model_config import ModelConfig
 from tessera import LLM, SamplingParams
+from tessera.bench_serve import sse_chunks
 from tessera.launcher import free_port
 
 READY = "Ctrl-C stops everything."
@@ -142,13 +142,7 @@ async def stream_one(client: httpx.AsyncClient, url: str, body: dict) -> tuple[f
     async with client.stream("POST", url, json=body) as resp:
         if resp.status_code != 200:
             raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}")
-        async for line in resp.aiter_lines():
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
-                break
-            chunk = json.loads(data)
+        async for chunk in sse_chunks(resp):
             if ttft is None and chunk.get("choices"):
                 ttft = time.perf_counter() - start
             if chunk.get("usage"):

@@ -52,8 +52,7 @@ class GrpcExecutor:
             ("grpc.max_receive_message_length", 64 << 20),
             ("grpc.max_send_message_length", 64 << 20)]) for a in addresses]
         self._stubs = [worker_pb2_grpc.WorkerStub(c) for c in self._channels]
-        self.driver = len(addresses) - 1
-        self.pp_size = 1
+        self.driver = len(addresses) - 1   # until info() says which one samples
         self._warmup: worker_pb2.WarmupRequest | None = None
         self.num_blocks = 0
         self._cold: set[str] = set()   # workers that answered "Warmup first": they restarted
@@ -80,7 +79,6 @@ class GrpcExecutor:
                                for i, a in zip(infos, self.addresses))
             raise ValueError(f"the workers do not form one {tp}x{pp} group: {shards}")
         self.driver = next(k for k, i in enumerate(infos) if i.pp_rank == pp - 1 and i.tp_rank == 0)
-        self.pp_size = pp
         return infos
 
     def warmup(self, max_num_batched_tokens: int, max_num_seqs: int,

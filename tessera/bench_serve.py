@@ -31,6 +31,17 @@ class RequestResult:
     error: str = ""
 
 
+async def sse_chunks(resp: httpx.Response):
+    """The JSON chunks of an OpenAI server-sent-event stream, up to `data: [DONE]`."""
+    async for line in resp.aiter_lines():
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        yield json.loads(data)
+
+
 async def _one(client: httpx.AsyncClient, url: str, body: dict) -> RequestResult:
     start = time.perf_counter()
     last = None
@@ -40,13 +51,7 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict) -> RequestResult
             if resp.status_code != 200:
                 res.error = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
                 return res
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
+            async for chunk in sse_chunks(resp):
                 now = time.perf_counter()
                 if chunk.get("usage"):
                     res.output_tokens = chunk["usage"]["completion_tokens"]

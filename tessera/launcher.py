@@ -127,37 +127,50 @@ def cpu_share(num_workers: int) -> dict[str, str]:
     return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // num_workers))}
 
 
+def parallel_flags(tp: int, pp: int) -> list[str]:
+    return ["--tensor-parallel-size", str(tp), "--pipeline-parallel-size", str(pp)]
+
+
+def start_workers(stack: Stack, tp: int, pp: int, worker_args: list[str], labels: list[str],
+                  env: dict[str, str] | None = None, metrics: bool = True
+                  ) -> list[tuple[str, str, int]]:
+    """The TP x PP workers of one group, all started before any is awaited (they meet first,
+    at a TCP store on a free port); per rank: (label, gRPC address, metrics port or 0)."""
+    dist_addr = f"127.0.0.1:{free_port()}"
+    started = []
+    for rank, label in enumerate(labels):
+        port, metrics_port = free_port(), (free_port() if metrics else 0)
+        proc = stack.spawn(label, [
+            *TESSERA, "worker", "--port", str(port), *parallel_flags(tp, pp), "--rank", str(rank),
+            "--dist-init-addr", dist_addr, "--metrics-port", str(metrics_port), *worker_args],
+            env)
+        started.append((label, proc, f"127.0.0.1:{port}", metrics_port))
+    for label, proc, _, _ in started:
+        stack.wait_ready(label, proc, "worker ready")
+    return [(label, address, metrics_port) for label, _, address, metrics_port in started]
+
+
 def start_group(stack: Stack, config: ServeConfig, name: str, redis_url: str,
                 group: str) -> list[str]:
-    """One worker group (TP x PP workers, all started before any can be ready: they meet
-    first) and its scheduler; returns their metrics endpoints, "URL (label)" each."""
+    """One worker group and its scheduler; returns their metrics endpoints, "URL (label)"."""
     tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
-    sizes = ["--tensor-parallel-size", str(tp), "--pipeline-parallel-size", str(pp)]
-    dist_addr = f"127.0.0.1:{free_port()}"
     single = tp * pp * config.data_parallel_size == 1
-    workers, metrics = [], []
-    for rank in range(tp * pp):
-        port, metrics_port = free_port(), free_port()
-        label = "worker" if single else f"worker{group}-{rank}"
-        proc = stack.spawn(label, [
-            *TESSERA, "worker", "--model", config.model, "--dtype", config.dtype,
-            "--port", str(port), "--redis-url", redis_url, "--served-model-name", name,
-            *sizes, "--rank", str(rank), "--dist-init-addr", dist_addr, "--group", group,
-            "--metrics-port", str(metrics_port), *config.log_args, *config.worker_args],
-            env=cpu_share(tp * pp * config.data_parallel_size))
-        workers.append((label, proc, f"127.0.0.1:{port}"))
-        metrics.append(f"http://127.0.0.1:{metrics_port}/metrics ({label})")
-    for label, proc, _ in workers:
-        stack.wait_ready(label, proc, "worker ready")
+    labels = ["worker"] if single else [f"worker{group}-{rank}" for rank in range(tp * pp)]
+    workers = start_workers(
+        stack, tp, pp, ["--model", config.model, "--dtype", config.dtype, "--redis-url", redis_url,
+                        "--served-model-name", name, "--group", group, *config.log_args,
+                        *config.worker_args],
+        labels, env=cpu_share(tp * pp * config.data_parallel_size))
     label, metrics_port = ("scheduler" if config.data_parallel_size == 1
                            else f"scheduler{group}"), free_port()
     stack.start(label, [
         *TESSERA, "scheduler", "--model", config.model,
-        "--workers", ",".join(a for _, _, a in workers), "--redis-url", redis_url,
-        "--served-model-name", name, "--group", group, *sizes, "--metrics-host", "127.0.0.1",
-        "--metrics-port", str(metrics_port), *config.log_args, *config.scheduler_args],
-        "scheduler ready")
-    return [f"http://127.0.0.1:{metrics_port}/metrics ({label})", *metrics]
+        "--workers", ",".join(a for _, a, _ in workers), "--redis-url", redis_url,
+        "--served-model-name", name, "--group", group, *parallel_flags(tp, pp),
+        "--metrics-host", "127.0.0.1", "--metrics-port", str(metrics_port), *config.log_args,
+        *config.scheduler_args], "scheduler ready")
+    return [f"http://127.0.0.1:{metrics_port}/metrics ({label})",
+            *(f"http://127.0.0.1:{m}/metrics ({w})" for w, _, m in workers)]
 
 
 def serve(config: ServeConfig) -> int:

@@ -11,7 +11,7 @@ import atexit
 import weakref
 
 from scheduler.executor import GrpcExecutor
-from tessera.launcher import TESSERA, Stack, cpu_share, free_port
+from tessera.launcher import Stack, cpu_share, start_workers
 
 
 class LocalWorkerGroup:
@@ -23,23 +23,15 @@ class LocalWorkerGroup:
         self.stack = Stack()
         self._finalizer = weakref.finalize(self, self.stack.stop)
         atexit.register(self._finalizer)
-        dist_addr = f"127.0.0.1:{free_port()}"
-        workers = []
         try:
-            for rank in range(tp * pp):
-                port = free_port()
-                argv = [*TESSERA, "worker", "--model", model, "--dtype", dtype,
-                        "--device", device, "--port", str(port), "--block-size", str(block_size),
-                        "--kv-cache-memory-gb", repr(kv_cache_memory_bytes / (1 << 30)),
-                        "--seed", str(seed), "--tensor-parallel-size", str(tp),
-                        "--pipeline-parallel-size", str(pp), "--rank", str(rank),
-                        "--dist-init-addr", dist_addr, "--metrics-port", "0"]
-                env = cpu_share(tp * pp) if device == "cpu" else None
-                workers.append((f"worker.{rank}", self.stack.spawn(f"worker.{rank}", argv, env),
-                                f"127.0.0.1:{port}"))
-            for name, proc, _ in workers:
-                self.stack.wait_ready(name, proc, "worker ready")
-            self.executor = GrpcExecutor([a for _, _, a in workers], step_timeout_s)
+            args = ["--model", model, "--dtype", dtype, "--device", device,
+                    "--block-size", str(block_size), "--seed", str(seed),
+                    "--kv-cache-memory-gb", repr(kv_cache_memory_bytes / (1 << 30))]
+            workers = start_workers(self.stack, tp, pp, args,
+                                    [f"worker.{rank}" for rank in range(tp * pp)],
+                                    cpu_share(tp * pp) if device == "cpu" else None,
+                                    metrics=False)
+            self.executor = GrpcExecutor([a for _, a, _ in workers], step_timeout_s)
             self.executor.info(60.0)
         except BaseException:
             self.close()

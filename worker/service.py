@@ -30,12 +30,12 @@ from common.convert import step_output_to_proto, step_plan_from_proto
 from common.http_probe import start_probe
 from common.model_config import ModelConfig
 from common.proto.tessera.v1 import worker_pb2, worker_pb2_grpc
+from worker.group import join_group
 from worker.kv_cache import kv_cache_bytes_per_block
 from worker.parallel import get_pp_stage, get_tp_group
 from worker.runner import ModelRunner
 from worker.telemetry import WorkerHealth, WorkerTelemetry
 from worker.worker import StepMismatchError, Worker
-from worker.group import join_group
 
 logger = logging.getLogger(__name__)
 
@@ -170,11 +170,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         and every rank must run them (and their collectives) in the same order. A step whose
         predecessor never arrives runs after a while anyway and fails the worker's checks."""
         async with self._order:
-            try:
-                await asyncio.wait_for(self._order.wait_for(
-                    lambda: plan.step_id <= self.worker.last_step_id + 1), timeout=5.0)
-            except asyncio.TimeoutError:
-                pass
+            def its_turn() -> bool:
+                return plan.step_id <= self.worker.last_step_id + 1
+
+            if not its_turn():   # only pipelined steps ever wait; the others skip the timer
+                try:
+                    await asyncio.wait_for(self._order.wait_for(its_turn), timeout=5.0)
+                except asyncio.TimeoutError:
+                    pass
             try:
                 with self.telemetry.step(plan, context):   # the order wait is not step time
                     return await self._run(self.worker.execute, plan)
