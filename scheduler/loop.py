@@ -59,7 +59,7 @@ class EngineLoop:
         self.executor = executor
         # Steps in flight at once: a pipeline of P stages needs P to keep every stage busy.
         self.pipeline_depth = pipeline_depth
-        self._pending: deque = deque()   # (plan, handle) in plan order
+        self._pending: deque = deque()   # (plan, handle, telemetry start) in plan order
         self.queue = queue
         self.eos_token_ids = eos_token_ids
         self.idle_block_ms = idle_block_ms
