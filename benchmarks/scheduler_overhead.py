@@ -1,7 +1,8 @@
-"""Time of one schedule() + update() with 256 running requests and a 2048-token budget, no model.
+"""Time of the engine core's schedule() + update() with 256 running requests and a 2048-token
+budget, no model (update() makes the per-request events the service publishes).
 
 Target (DESIGN.md §2): well under 1 ms of Python per step. Measured three ways in one run: the
-core alone, plus the service loop's telemetry hooks (scheduler.telemetry: metrics only, the
+core alone, plus the telemetry hooks (scheduler.telemetry: metrics only, the service's
 default), plus tracing (an SDK tracer provider whose exporter drops the spans).
 
     python benchmarks/scheduler_overhead.py [--requests 256] [--steps 200]
@@ -12,37 +13,37 @@ from __future__ import annotations
 import argparse
 import time
 
-from common.redis_schema import QueuedRequest
 from common.sampling_params import SamplingParams
 from common.step import SampledToken, StepOutput
-from scheduler.request import Request
-from scheduler.scheduler import Scheduler, SchedulerConfig
+from scheduler.engine_core import EngineCore, EngineRequest
+from scheduler.scheduler import SchedulerConfig
 
 
 def measure(args, observer_kind: str) -> tuple[float, float, float, int]:
-    s = Scheduler(SchedulerConfig(num_blocks=args.requests * 64, block_size=16,
-                                  max_num_seqs=args.requests, max_num_batched_tokens=args.budget,
-                                  max_model_len=4096))
+    obs = _observer(observer_kind)
+    s = EngineCore(SchedulerConfig(num_blocks=args.requests * 64, block_size=16,
+                                   max_num_seqs=args.requests, max_num_batched_tokens=args.budget,
+                                   max_model_len=4096), observer=obs)
+    if observer_kind != "none":
+        obs.metrics.watch(s.scheduler)
     params = SamplingParams(temperature=0, max_tokens=100_000, ignore_eos=True)
-    obs = _observer(observer_kind, s)
     for i in range(args.requests):
-        r = Request(str(i), [i % 1000 + 1] * 200 + [i], params)
-        s.add_request(r)
-        obs.sequence_added(f"{i + 1}-0", QueuedRequest(str(i), "m", r.prompt_token_ids, params),
-                           0, r)
+        s.add_request(EngineRequest(str(i), [i % 1000 + 1] * 200 + [i], params, model="m"))
     out_token = SampledToken(5)
+    seqs = s.scheduler.requests
 
     def one_step() -> None:
         plan = s.schedule()
         started = obs.step_started(plan)
         out = StepOutput(plan.step_id, sampled={
             x.seq_id: out_token for x in (*plan.new, *plan.running)
-            if s.requests[x.seq_id].num_computed_tokens + x.num_scheduled_tokens
-            == s.requests[x.seq_id].num_tokens})
+            if seqs[x.seq_id].num_computed_tokens + x.num_scheduled_tokens
+            == seqs[x.seq_id].num_tokens})
         s.update(plan, out)
         obs.step_finished(plan, out, started)
 
-    while s.num_waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in s.running):
+    while s.num_waiting or any(r.num_computed_tokens < r.num_prompt_tokens
+                               for r in s.scheduler.running):
         one_step()   # prefill everything first: the measurement is of steady decode
     times, hooks = [], []
     for _ in range(args.steps):
@@ -65,7 +66,7 @@ def measure(args, observer_kind: str) -> tuple[float, float, float, int]:
             times[0][1], hooks[len(hooks) // 2])
 
 
-def _observer(kind: str, s: Scheduler):
+def _observer(kind: str):
     from scheduler.health import Readiness
     from scheduler.metrics import SchedulerMetrics
     from scheduler.telemetry import EngineObserver, NullObserver
@@ -73,7 +74,6 @@ def _observer(kind: str, s: Scheduler):
     if kind == "none":
         return NullObserver()
     metrics = SchedulerMetrics("m", 4096)
-    metrics.watch(s)
     tracer = None
     if kind == "tracing":
         from opentelemetry.sdk.trace import TracerProvider
@@ -86,7 +86,7 @@ def _observer(kind: str, s: Scheduler):
         provider = TracerProvider()
         provider.add_span_processor(BatchSpanProcessor(Drop()))
         tracer = provider.get_tracer("bench")
-    return EngineObserver(metrics, Readiness(10.0), None, tracer=tracer)
+    return EngineObserver(metrics, Readiness(10.0), tracer=tracer)
 
 
 def main() -> None:

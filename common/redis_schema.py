@@ -224,7 +224,7 @@ class QueuedRequest:
             raise MalformedEntry(f"bad request entry: {e}", request_id) from e
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class OutputEvent:
     """One request's output from one step (or its failure).
 

@@ -24,8 +24,34 @@ logger = logging.getLogger(__name__)
 WARMUP_FIRST = "Warmup first"   # a worker's answer to Execute before Warmup (it restarted)
 
 
+class StepHandle(Protocol):
+    """A step sent to the workers; ``result()`` waits for its output (raises WorkerUnavailable
+    or WorkerMismatch). Blocking: an async caller waits for it in a thread."""
+
+    def result(self) -> StepOutput: ...
+
+
 class Executor(Protocol):
-    def execute(self, plan: StepPlan) -> StepOutput: ...
+    """How the engine core's steps reach the workers: GrpcExecutor (a worker group over gRPC),
+    tessera.engine.LocalExecutor (a worker in this process)."""
+
+    def warmup(self, max_num_batched_tokens: int, max_num_seqs: int) -> int:
+        """Profile a worst-case step, size the KV cache; the number of KV blocks."""
+        ...
+
+    def execute_async(self, plan: StepPlan) -> StepHandle:
+        """Send a step now (steps run in step-id order; a pipeline keeps several in flight)."""
+        ...
+
+    def execute(self, plan: StepPlan) -> StepOutput:
+        """``execute_async(plan).result()``."""
+        ...
+
+    def reset(self) -> None:
+        """Make the workers forget every sequence (after a mismatch or a failure)."""
+        ...
+
+    def close(self) -> None: ...
 
 
 class WorkerUnavailable(RuntimeError):
@@ -58,11 +84,11 @@ class GrpcExecutor:
         self._cold: set[str] = set()   # workers that answered "Warmup first": they restarted
 
     def submit(self, method: str, request, timeout: float, wait_for_ready: bool = False,
-               metadata=None) -> "GroupCall":
+               metadata=None, answer=None) -> "GroupCall":
         return GroupCall(self.addresses, [
             getattr(stub, method).future(request, timeout=timeout, wait_for_ready=wait_for_ready,
                                          metadata=metadata)
-            for stub in self._stubs], timeout, self._cold)
+            for stub in self._stubs], timeout, self._cold, answer)
 
     def _call(self, method: str, request, timeout: float) -> list:
         return self.submit(method, request, timeout).result()
@@ -124,12 +150,13 @@ class GrpcExecutor:
     def execute(self, plan: StepPlan) -> StepOutput:
         return self.execute_async(plan).result()
 
-    def execute_async(self, plan: StepPlan) -> "PendingStep":
-        """Send a step to the group now; `.result()` waits for it (pipelining keeps several
-        in flight: the workers run them in step-id order)."""
-        return PendingStep(self.submit("Execute", step_plan_to_proto(plan), self.step_timeout_s,
-                                       metadata=step_metadata(plan.trace_context) or None),
-                           self.driver)
+    def execute_async(self, plan: StepPlan) -> "GroupCall":
+        """Send a step to the group now; `.result()` waits for it and gives the driver's
+        StepOutput (pipelining keeps several in flight: the workers run them in step-id order)."""
+        driver = self.driver
+        return self.submit("Execute", step_plan_to_proto(plan), self.step_timeout_s,
+                           metadata=step_metadata(plan.trace_context) or None,
+                           answer=lambda replies: step_output_from_proto(replies[driver]))
 
     def close(self) -> None:
         for c in self._channels:
@@ -137,11 +164,13 @@ class GrpcExecutor:
 
 
 class GroupCall:
-    """One RPC to every worker of a group, completing when all answered or one failed."""
+    """One RPC to every worker of a group (the one fan-out), completing when all answered or
+    one failed. ``result()`` gives every reply, or ``answer(replies)`` when given."""
 
     def __init__(self, addresses: list[str], futures: list, timeout: float,
-                 cold: set[str] | None = None) -> None:
+                 cold: set[str] | None = None, answer=None) -> None:
         self.addresses, self.futures, self.timeout = addresses, futures, timeout
+        self._answer = answer
         self._cold = cold if cold is not None else set()
         self._lock = threading.Lock()
         self._left = len(futures)
@@ -155,7 +184,7 @@ class GroupCall:
             if self._left == 0 or future.exception() is not None:
                 self._done.set()
 
-    def result(self) -> list:
+    def result(self):
         if not self._done.wait(self.timeout + 1.0):
             self.cancel()
             raise WorkerUnavailable(f"the worker group did not answer within {self.timeout} s")
@@ -171,16 +200,9 @@ class GroupCall:
                 raise WorkerMismatch("; ".join(f"{a}: {e.details()}" for a, e in failed))
             raise WorkerUnavailable("; ".join(f"{a}: {e.code().name} {e.details()}"
                                               for a, e in failed))
-        return [f.result() for f in self.futures]
+        replies = [f.result() for f in self.futures]
+        return replies if self._answer is None else self._answer(replies)
 
     def cancel(self) -> None:
         for f in self.futures:
             f.cancel()
-
-
-class PendingStep:
-    def __init__(self, call: GroupCall, driver: int) -> None:
-        self.call, self.driver = call, driver
-
-    def result(self) -> StepOutput:
-        return step_output_from_proto(self.call.result()[self.driver])

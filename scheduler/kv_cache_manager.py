@@ -226,29 +226,6 @@ class KVCacheManager:
         if req is not None and req.table:
             self.pool.free_blocks(reversed(req.table))
 
-    def fork(self, parent_id: str, child_id: str, num_computed_tokens: int) -> list[int]:
-        """Share the parent's FULL computed blocks with a new child (n > 1): returns the child's
-        table. The first ``num_computed_tokens // block_size`` blocks are shared (ref count +1
-        each); a partially filled tail block is NOT shared (no copy-on-write): the child gets
-        its own through `allocate_slots` and recomputes those few tokens, e.g.
-        ``allocate_slots(child, n_tail_tokens, len(table) * block_size)``.
-        """
-        if child_id in self._reqs:
-            raise ValueError(f"request {child_id!r} is already known")
-        parent = self._reqs.get(parent_id)
-        if parent is None:
-            raise KeyError(f"unknown request {parent_id!r}")
-        shared = parent.table[: num_computed_tokens // self.block_size]
-        self.pool.touch(shared)
-        child = self._reqs[child_id] = _RequestBlocks(parent.cache_salt, self.block_size, self.enable_caching)
-        child.table = list(shared)
-        # Same tokens, same chain: the child inherits the hashes (its shared blocks are already
-        # registered or will be by whichever of the two caches them first).
-        n = min(len(shared), len(parent.hashes))
-        child.hashes = parent.hashes[:n]
-        child.keys = parent.keys[:n]
-        return list(shared)
-
     def reset_prefix_cache(self) -> bool:
         """Drop every cached block (e.g. after a weight reload). False while blocks are in use."""
         return self.pool.reset_prefix_cache()

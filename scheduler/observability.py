@@ -34,10 +34,13 @@ class SchedulerObservability:
                                  self.readiness.status)
         self._tasks: list[asyncio.Task] = []
 
-    def observer(self, scheduler: Scheduler, queue: RequestQueue) -> EngineObserver:
-        """The engine loop's hooks, with the scheduler's own counts exported at scrape time."""
+    def observer(self) -> EngineObserver:
+        """The engine core's and loop's hooks."""
+        return EngineObserver(self.metrics, self.readiness)
+
+    def watch(self, scheduler: Scheduler) -> None:
+        """Export the scheduler's own counts at scrape time."""
         self.metrics.watch(scheduler)
-        return EngineObserver(self.metrics, self.readiness, queue)
 
     def start(self, client: aioredis.Redis, queue: RequestQueue,
               queue_poll_s: float = 1.0) -> None:

@@ -1,8 +1,8 @@
 """The scheduler's side of Redis: intake through the consumer group, output, cancels.
 
 Durability rules (DESIGN.md §4) this module carries out:
-- a request leaves the stream only when it finished: ``ack`` (XACK + XDEL) comes after its
-  final event is written, in the same pipeline when ``publish(..., acks=...)`` is used;
+- a request leaves the stream only when it finished: its ack (XACK + XDEL) comes after its
+  final event is written, in the same pipeline (``publish(..., acks=...)``, ``exchange``);
 - an un-acked request of a dead scheduler is taken over by ``claim_stale`` (XAUTOCLAIM), so a
   live scheduler must ``touch`` its in-flight entries more often than the claim idle time;
 - a step's events go out in one pipeline, and an event Redis already has is rejected by id,
@@ -26,6 +26,19 @@ from common.redis_schema import MalformedEntry, OutputEvent, QueuedRequest, Redi
 logger = logging.getLogger(__name__)
 
 Entry = tuple[str, QueuedRequest]   # (stream entry id, request)
+_CANCEL_BATCH = 1000
+
+
+def _check_published(results: list) -> None:
+    """Raise a publish pipeline's errors, except an event Redis already has (by id)."""
+    for r in results:
+        if isinstance(r, ResponseError):
+            if "equal or smaller" in str(r):
+                logger.debug("event already published, skipped: %s", r)
+                continue
+            raise r
+        if isinstance(r, Exception):
+            raise r
 
 
 @dataclass(frozen=True)
@@ -165,30 +178,56 @@ class RequestQueue:
                                                    error=error)))
         await self.publish(events, acks=[entry_id for entry_id, *_ in doomed])
 
-    async def ack(self, entry_ids: str | Sequence[str]) -> None:
-        """Finished: drop the entries from the pending list and the stream (XACK + XDEL), so the
-        stream holds exactly the waiting and in-flight requests."""
-        ids = [entry_ids] if isinstance(entry_ids, str) else list(entry_ids)
-        if ids:
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.xack(self.stream, self.group, *ids)
-            pipe.xdel(self.stream, *ids)
-            await pipe.execute()
-
     # ---- output -----------------------------------------------------------------------------
     async def publish(self, events: Sequence[tuple[str, OutputEvent]],
                       acks: Sequence[str] = (), stats: tuple[str, dict] | None = None) -> None:
         """Write one step's events (and ack the entries of finished requests) in ONE pipeline.
 
         A final event expires the out stream and the record after ``finished_ttl_s`` (the
-        resume window) and records the outcome. ``acks`` run after every XADD of the batch:
-        Redis executes a pipeline in order, so a request is never acked before its final event
-        is stored. An event whose index Redis already holds is skipped (no double delivery).
+        resume window) and records the outcome. ``acks`` (XACK + XDEL: the stream keeps only
+        waiting and in-flight requests) run after every XADD of the batch: Redis executes a
+        pipeline in order, so a request is never acked before its final event is stored. An
+        event whose index Redis already holds is skipped (no double delivery).
         """
         if not events and not acks and stats is None:
             return
-        limits = self.limits
         pipe = self.redis.pipeline(transaction=False)
+        self._add_publish(pipe, events, acks, stats)
+        _check_published(await pipe.execute(raise_on_error=False))
+
+    async def exchange(self, events: Sequence[tuple[str, OutputEvent]], acks: Sequence[str],
+                       stats: tuple[str, dict] | None, read_count: int,
+                       block_ms: int | None = None) -> tuple[list[Entry], list[str]]:
+        """A steady step's one round trip: ``publish(events, acks, stats)``, then the cancels
+        since the last call and up to ``read_count`` new requests (blocking up to ``block_ms``
+        when given: idle). Returns (admitted requests, cancelled request ids). Admitting new
+        requests costs two more round trips, only when some arrived."""
+        if self._cancel_cursor is None:
+            await self._init_cancel_cursor()
+        pipe = self.redis.pipeline(transaction=False)
+        n = self._add_publish(pipe, events, acks, stats)
+        pipe.xread({self._cancels: self._cancel_cursor}, count=_CANCEL_BATCH)
+        if read_count > 0:
+            block = block_ms if block_ms and block_ms > 0 else None
+            pipe.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=read_count,
+                            block=block)
+        results = await pipe.execute(raise_on_error=False)
+        _check_published(results[:n])
+        for r in results[n:]:
+            if isinstance(r, Exception):
+                raise r
+        cancels = self._cancel_ids(results[n])
+        if self._last_batch_full(results[n], _CANCEL_BATCH):
+            cancels += [c for c in await self.drain_cancels() if c not in cancels]
+        raw = ([(entry_id, fields) for _, entries in (results[n + 1] or [])
+                for entry_id, fields in entries] if read_count > 0 else [])
+        return (await self._admit(raw) if raw else []), cancels
+
+    def _add_publish(self, pipe, events: Sequence[tuple[str, OutputEvent]], acks: Sequence[str],
+                     stats: tuple[str, dict] | None) -> int:
+        """Queue ``publish``'s commands on ``pipe``; returns how many replies they make."""
+        limits = self.limits
+        start = len(pipe.command_stack)
         now = time.time()
         for request_id, ev in events:
             out = schema.output_stream(request_id)
@@ -208,13 +247,7 @@ class RequestQueue:
             pipe.xdel(self.stream, *acks)
         if stats is not None:   # (key, mapping): the scheduler's gauges ride the same round trip
             pipe.hset(stats[0], mapping=stats[1])
-        results = await pipe.execute(raise_on_error=False)
-        for r in results:
-            if isinstance(r, ResponseError):
-                if "equal or smaller" in str(r):
-                    logger.debug("event already published, skipped: %s", r)
-                    continue
-                raise r
+        return len(pipe.command_stack) - start
 
     async def read_emitted(self, request_id: str) -> list[OutputEvent]:
         """The events already published for a request, in index order (recovery)."""
@@ -234,20 +267,30 @@ class RequestQueue:
         self._cancel_cursor = _text(last[0][0]) if last else "0-0"
 
     async def drain_cancels(self, batch: int = 1000) -> list[str]:
-        """Request ids cancelled since the last drain (call once per step; never blocks)."""
+        """Request ids cancelled since the last drain (never blocks; `exchange` does this as
+        part of a step's round trip)."""
         if self._cancel_cursor is None:
             await self._init_cancel_cursor()
-        ids: dict[str, None] = {}
+        ids: list[str] = []
         while True:
             reply = await self.redis.xread({self._cancels: self._cancel_cursor}, count=batch)
-            entries = reply[0][1] if reply else []
-            for entry_id, fields in entries:
-                self._cancel_cursor = _text(entry_id)
-                rid = fields.get(b"request_id", fields.get("request_id"))
-                if rid:
-                    ids[_text(rid)] = None
-            if len(entries) < batch:
-                return list(ids)
+            ids += [i for i in self._cancel_ids(reply) if i not in ids]
+            if not self._last_batch_full(reply, batch):
+                return ids
+
+    def _cancel_ids(self, reply) -> list[str]:
+        """The request ids of an XREAD reply on the cancels stream; advances the cursor."""
+        ids: dict[str, None] = {}
+        for entry_id, fields in (reply[0][1] if reply else []):
+            self._cancel_cursor = _text(entry_id)
+            rid = fields.get(b"request_id", fields.get("request_id"))
+            if rid:
+                ids[_text(rid)] = None
+        return list(ids)
+
+    @staticmethod
+    def _last_batch_full(reply, batch: int) -> bool:
+        return bool(reply) and len(reply[0][1]) >= batch
 
     # ---- metrics ----------------------------------------------------------------------------
     async def consumer_lag(self) -> GroupStats:

@@ -1,5 +1,6 @@
 """A request as the scheduler sees it: token accounting and a small status state machine.
 
+One user request of n sequences is n of these (scheduler.engine_core groups them).
 WAITING -> RUNNING -> FINISHED_*; RUNNING -> PREEMPTED (blocks freed, waits again, later
 recomputed from prompt + generated tokens) -> RUNNING. Accounting names follow vLLM:
 `num_prompt_tokens`, `num_computed_tokens` (in the KV cache), `num_tokens` (prompt + output).
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from common.sampling_params import SamplingParams
 
@@ -47,6 +49,8 @@ class Request:
     known_to_workers: bool = False   # sent in full since its last (re)admission
     num_slots: int = 0               # tokens its allocated blocks can hold
     num_worker_tokens: int = 0       # of all_token_ids, how many the workers were sent
+    owner: Any = None                # the user request it belongs to (engine_core.EngineRequest)
+    telemetry: Any = None            # the telemetry hooks' per-sequence state, if any
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.prompt_token_ids)

@@ -7,11 +7,12 @@ prefix-cache hits start a request with some tokens already computed. When blocks
 lowest-priority, latest-arrived running request is preempted: its blocks are freed and it
 waits again, to be recomputed from its prompt and the tokens it already produced.
 
-`schedule()` returns a StepPlan; `update(plan, output)` applies the workers' results and is
-the only loop over a step's outputs. With pipeline parallelism several steps are in flight at
-once: a request in a step not yet updated is skipped (and never preempted) by the next
-`schedule()`, so each step works on requests whose last token is known, and the steps'
-results are applied in the order they were planned.
+It schedules sequences (a user request of n sequences is n of them); `schedule()` returns a
+StepPlan, and scheduler.engine_core applies the workers' results (`EngineCore.update`, the
+only loop over a step's outputs) and groups sequences into requests. With pipeline
+parallelism several steps are in flight at once: a sequence in a step not yet updated is
+skipped (and never preempted) by the next `schedule()`, so each step works on sequences
+whose last token is known, and the steps' results are applied in the order they were planned.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import bisect
 import heapq
 from dataclasses import dataclass
 
-from common.step import NewSequence, RunningSequence, StepOutput, StepPlan
+from common.step import NewSequence, RunningSequence, StepPlan
 from scheduler.kv_cache_manager import KVCacheManager
 from scheduler.request import Request, RequestStatus
 
@@ -34,16 +35,6 @@ class SchedulerConfig:
     max_model_len: int = 2048
     enable_prefix_caching: bool = True
     hash_seed: int | None = None
-
-
-@dataclass(slots=True)
-class RequestEvent:
-    """What one step produced for one request: new tokens (usually one) and, at the end, why."""
-    request_id: str
-    new_token_ids: list[int]
-    finish_reason: str | None
-    logprobs: list | None = None
-    prompt_logprobs: list | None = None
 
 
 class Scheduler:
@@ -60,6 +51,7 @@ class Scheduler:
         self._finished_since_last_step: list[str] = []
         self.num_preemptions = 0
         self.in_flight: set[str] = set()    # requests in a planned step not yet updated
+        self._num_dead_waiting = 0          # aborted while waiting, still in the heap
 
     # ---- intake -------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -77,21 +69,33 @@ class Scheduler:
         heapq.heappush(self.waiting, (request.sort_key, request))
 
     def abort(self, request_id: str) -> bool:
-        """Finish a request at once and free everything it holds. False if unknown/finished."""
+        """Finish a sequence at once and free everything it holds. False if unknown/finished.
+        A waiting one stays in the heap, finished, until it reaches the top (no O(n) rebuild)."""
         req = self.requests.get(request_id)
         if req is None:
             return False
         if req.status == RequestStatus.RUNNING:
             self.running.remove(req)
         else:
-            self.waiting = [(k, r) for k, r in self.waiting if r is not req]
-            heapq.heapify(self.waiting)
+            self._num_dead_waiting += 1
         self._finish(req, RequestStatus.FINISHED_ABORTED)
         return True
 
+    def _drop_dead_head(self) -> None:
+        waiting = self.waiting
+        while waiting and waiting[0][1].status.finished:
+            heapq.heappop(waiting)
+            self._num_dead_waiting -= 1
+
+    @property
+    def head_of_queue(self) -> Request | None:
+        """The next waiting sequence to admit, if any."""
+        self._drop_dead_head()
+        return self.waiting[0][1] if self.waiting else None
+
     @property
     def has_unfinished(self) -> bool:
-        return bool(self.running or self.waiting)
+        return bool(self.running) or len(self.waiting) > self._num_dead_waiting
 
     # ---- schedule -----------------------------------------------------------------------
     def schedule(self) -> StepPlan:
@@ -140,6 +144,8 @@ class Scheduler:
             budget -= num_new
             i += 1
         # New work only when nothing had to be preempted (it would just thrash).
+        if self._num_dead_waiting:
+            self._drop_dead_head()
         while (self.waiting and budget > 0 and not preempted
                and len(self.running) < self.config.max_num_seqs):
             req = self.waiting[0][1]
@@ -157,6 +163,8 @@ class Scheduler:
                 req.num_computed_tokens = 0
                 break
             heapq.heappop(self.waiting)
+            if self._num_dead_waiting:
+                self._drop_dead_head()
             req.num_slots = len(new_blocks) * self.config.block_size   # hits included
             req.status = RequestStatus.RUNNING
             bisect.insort(self.running, req, key=lambda r: r.sort_key)
@@ -223,47 +231,11 @@ class Scheduler:
         self._step_id = 0
         self.in_flight.clear()
 
-    # ---- update -------------------------------------------------------------------------
-    def update(self, plan: StepPlan, output: StepOutput) -> list[RequestEvent]:
-        # NOTE: the hottest Python of a step (every running request, every step): keep the
-        # per-sequence work to a few attribute reads; anything rare goes behind one test.
-        events: list[RequestEvent] = []
-        sampled = output.sampled
-        prompt_logprobs = output.prompt_logprobs
-        requests = self.requests
-        cache = self.kv.cache_blocks
-        running = RequestStatus.RUNNING
-        max_len = self.config.max_model_len
-        finished: list[tuple[Request, RequestStatus]] = []
-        in_flight = self.in_flight
-        for seq in (*plan.new, *plan.running):
-            seq_id = seq.seq_id
-            if in_flight:
-                in_flight.discard(seq_id)
-            req = requests.get(seq_id)
-            if req is None or req.status is not running:
-                continue   # aborted while the step ran
-            req.num_computed_tokens += seq.num_scheduled_tokens
-            cache(seq_id, req.all_token_ids, req.num_computed_tokens)
-            tok = sampled.get(seq_id)
-            prompt_lp = prompt_logprobs.get(seq_id) if prompt_logprobs else None
-            if tok is None:
-                if prompt_lp:
-                    events.append(RequestEvent(seq_id, [], None, None, prompt_lp))
-                continue
-            token_id = tok.token_id
-            req.append_token(token_id)
-            status = req.check_stop(max_len)
-            reason = None
-            if status is not None:
-                finished.append((req, status))
-                reason = status.value
-            lp = None if tok.logprob is None else [(token_id, tok.logprob, tok.top_logprobs)]
-            events.append(RequestEvent(seq_id, [token_id], reason, lp, prompt_lp))
-        for req, status in finished:
-            self.running.remove(req)
-            self._finish(req, status)
-        return events
+    # ---- finish -------------------------------------------------------------------------
+    def finish(self, req: Request, status: RequestStatus) -> None:
+        """A running sequence is done (stop, length, or cut short by its driver)."""
+        self.running.remove(req)
+        self._finish(req, status)
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
         req.status = status
@@ -280,4 +252,4 @@ class Scheduler:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.waiting)
+        return len(self.waiting) - self._num_dead_waiting

@@ -1,5 +1,6 @@
 """The scheduler service (`tessera scheduler`): claims a worker group by a lease in Redis,
-sizes its KV pool from the workers' warm-up, and runs the engine loop.
+sizes its KV pool from the workers' warm-up, and runs the engine loop (scheduler.loop) around
+the engine core (scheduler.engine_core).
 
 One scheduler drives a worker group; a standby started for the same group waits on the lease
 and takes over when the holder stops renewing it.
@@ -17,11 +18,12 @@ import redis.asyncio as aioredis
 
 from common import redis_schema as schema
 from common.model_config import ModelConfig
+from scheduler.engine_core import EngineCore
 from scheduler.executor import GrpcExecutor
 from scheduler.loop import EngineLoop
 from scheduler.observability import SchedulerObservability
 from scheduler.queue import RequestQueue
-from scheduler.scheduler import Scheduler, SchedulerConfig
+from scheduler.scheduler import SchedulerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -104,15 +106,17 @@ async def serve(config: SchedulerServiceConfig) -> None:
         num_blocks = await asyncio.to_thread(executor.warmup, config.max_num_batched_tokens,
                                              config.max_num_seqs)
         obs.readiness.mark_forward()   # the warm-up ran a worst-case forward pass
-        scheduler = Scheduler(SchedulerConfig(
+        core = EngineCore(SchedulerConfig(
             num_blocks=num_blocks, block_size=config.block_size, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=max_model_len,
-            enable_prefix_caching=config.enable_prefix_caching))
+            enable_prefix_caching=config.enable_prefix_caching),
+            model_config.eos_token_ids, obs.observer())
+        obs.watch(core.scheduler)
         queue = RequestQueue(client, config.model_name, consumer)
         await queue.ensure_group()
-        loop = EngineLoop(scheduler, executor, queue, model_config.eos_token_ids,
+        loop = EngineLoop(core, executor, queue,
                           stats_key=schema.scheduler_stats(config.model_name, config.group),
-                          pipeline_depth=pp, observer=obs.observer(scheduler, queue))
+                          pipeline_depth=pp)
         obs.start(client, queue)
         print(f"scheduler ready: model {config.model_name}, group {config.group}, "
               f"{num_blocks} KV blocks, {tp}x{pp} (TP x PP) workers {','.join(config.workers)}",

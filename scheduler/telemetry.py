@@ -1,7 +1,9 @@
 """What the engine loop reports, and how: per-request spans, Prometheus metrics, readiness.
 
-The loop calls a handful of hooks (``sequence_added``, ``step_started``, ``step_finished``,
-``sequence_finished``, ``request_ended``, ``canary``); this module turns them into
+The engine core calls ``request_added``, ``sequence_added``, ``sequence_finished`` and
+``request_ended`` with its own request objects, and this module keeps its state on them
+(``EngineRequest.telemetry``, the scheduler Request's ``telemetry``: no tracker of its own);
+the loop calls ``step_started``, ``step_finished`` and ``canary``. This module turns them into
 
 - one span per request, a child of the gateway's span (the trace context rode in the
   QueuedRequest): ``engine request`` with ``queue wait`` (enqueued in Redis -> first
@@ -15,30 +17,34 @@ Hot-path rule: with tracing off nothing here touches a span or builds an attribu
 per-step work is O(new + preempted + mid-prefill sequences), never a loop over every running
 one (tokens per step are the workers' metric): ~5 us a step at 256 running. Intervals come
 from this process's monotonic clock, except the time a request waited in the Redis stream,
-which is measured on Redis's own clock (entry id vs TIME at admission).
+which the loop measures on Redis's own clock (entry id vs TIME at admission) and hands over
+as ``EngineRequest.queue_wait_s``.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, set_span_in_context
 
 from common import redis_schema as schema
 from common import telemetry
-from common.redis_schema import QueuedRequest
 from common.step import StepOutput, StepPlan
 from scheduler.health import Readiness
 from scheduler.metrics import SchedulerMetrics
-from scheduler.queue import RequestQueue
 from scheduler.request import Request
+
+if TYPE_CHECKING:
+    from scheduler.engine_core import EngineRequest
+    from scheduler.scheduler import Scheduler
 
 
 @dataclass(slots=True, eq=False)
 class _Req:
-    queued: QueuedRequest
-    queue_s: float                      # waited in the Redis stream (Redis's clock)
+    """Telemetry state of one request: ``EngineRequest.telemetry``."""
+    request: EngineRequest
     span: Span | None = None
     queue_span: Span | None = None
     open: int = 0
@@ -50,7 +56,7 @@ class _Req:
 
 @dataclass(slots=True, eq=False)
 class _Seq:
-    seq_id: str
+    """Telemetry state of one sequence: the scheduler Request's ``telemetry``."""
     index: int
     owner: _Req
     request: Request                    # the scheduler's: token counts, hits, preemptions
@@ -58,6 +64,7 @@ class _Seq:
     t_scheduled: float | None = None
     t_first_token: float | None = None
     preempted: bool = False
+    finished: bool = False
     span: Span | None = None            # prefill, then decode
     traceparent: str | None = None      # of ``span``: the workers' parent / link
 
@@ -68,23 +75,28 @@ def _sampled_traceparent(span: Span) -> str | None:
 
 
 class NullObserver:
-    """The loop without telemetry (tests, tools): every hook does nothing."""
+    """The core and loop without telemetry (the offline engine, tests): hooks do nothing."""
 
-    def sequence_added(self, entry_id: str, queued: QueuedRequest, k: int,
-                       request: Request) -> None:
-        """Sequence k of a request read from the stream (entry ``entry_id``) was added."""
+    def attach(self, scheduler: Scheduler) -> None:
+        """The core's scheduler: plans name sequences by id, its ``requests`` finds them."""
+
+    def request_added(self, request: EngineRequest) -> None:
+        """A request entered the core (its ``queue_wait_s`` and ``traceparent`` are set)."""
+
+    def sequence_added(self, request: EngineRequest, seq: Request) -> None:
+        """Sequence ``seq.seed_offset`` of a request was added to the scheduler."""
 
     def step_started(self, plan: StepPlan) -> float:
         """A non-empty plan goes to the workers; returns the token ``step_finished`` takes."""
         return 0.0
 
     def step_finished(self, plan: StepPlan, output: StepOutput, started: float) -> None:
-        """The workers answered and ``scheduler.update`` ran (before the events go out)."""
+        """The workers answered and ``core.update`` ran (before the events go out)."""
 
-    def sequence_finished(self, seq_id: str, reason: str) -> None:
-        """A sequence's final event (stop, length) is being published."""
+    def sequence_finished(self, request: EngineRequest, seq: Request, reason: str) -> None:
+        """A sequence finished (stop, length), in ``core.update`` (before ``step_finished``)."""
 
-    def request_ended(self, request_id: str, reason: str) -> None:
+    def request_ended(self, request: EngineRequest, reason: str) -> None:
         """A request was aborted or failed as a whole."""
 
     def canary(self) -> Request | None:
@@ -93,36 +105,34 @@ class NullObserver:
 
 
 class EngineObserver(NullObserver):
-    def __init__(self, metrics: SchedulerMetrics, readiness: Readiness,
-                 queue: RequestQueue | None = None, tracer=None) -> None:
+    def __init__(self, metrics: SchedulerMetrics, readiness: Readiness, tracer=None) -> None:
         self.metrics = metrics
         self.readiness = readiness
-        self.queue = queue
         self.tracing = tracer is not None or telemetry.tracing_enabled()
         self.tracer = tracer or telemetry.get_tracer("tessera.scheduler")
-        self._reqs: dict[str, _Req] = {}
-        self._seqs: dict[str, _Seq] = {}
+        self._seqs: dict[str, Request] = {}      # the scheduler's sequences, by id
         self._prefilling: dict[str, _Seq] = {}   # scheduled, no token yet
 
+    def attach(self, scheduler: Scheduler) -> None:
+        self._seqs = scheduler.requests
+
     # ---- requests -----------------------------------------------------------------------
-    def sequence_added(self, entry_id: str, queued: QueuedRequest, k: int,
-                       request: Request) -> None:
-        rid = queued.request_id
-        req = self._reqs.get(rid)
+    def request_added(self, request: EngineRequest) -> None:
+        req = request.telemetry = _Req(request)
+        if self.tracing:
+            self._start_request_span(req)
+
+    def sequence_added(self, request: EngineRequest, seq: Request) -> None:
+        req = request.telemetry
         if req is None:
-            admitted = self.queue.admitted_at if self.queue is not None else None
-            waited = max(admitted - schema.entry_time(entry_id), 0.0) if admitted else 0.0
-            req = self._reqs[rid] = _Req(queued, waited)
-            if self.tracing:
-                self._start_request_span(req)
-        seq = _Seq(request.request_id, k, req, request, time.monotonic())
-        req.seqs.append(seq)
+            return
+        st = seq.telemetry = _Seq(seq.seed_offset, req, seq, time.monotonic())
+        req.seqs.append(st)
         req.open += 1
-        self._seqs[seq.seq_id] = seq
 
     def _start_request_span(self, req: _Req) -> None:
-        q = req.queued
-        start = time.time_ns() - int(req.queue_s * 1e9)
+        q = req.request
+        start = time.time_ns() - int(q.queue_wait_s * 1e9)
         attrs = telemetry.genai_request_attributes(q.model, q.params)
         attrs.update({"gen_ai.response.id": q.request_id, "tessera.request.priority": q.priority})
         req.span = self.tracer.start_span(
@@ -130,14 +140,24 @@ class EngineObserver(NullObserver):
             kind=SpanKind.CONSUMER, attributes=attrs, start_time=start)
         req.queue_span = self.tracer.start_span(
             "queue wait", context=set_span_in_context(req.span), start_time=start,
-            attributes={"tessera.queue.redis_wait_s": req.queue_s})
+            attributes={"tessera.queue.redis_wait_s": q.queue_wait_s})
 
-    def sequence_finished(self, seq_id: str, reason: str) -> None:
-        seq = self._seqs.pop(seq_id, None)
-        if seq is None:
+    def sequence_finished(self, request: EngineRequest, seq: Request, reason: str) -> None:
+        st = seq.telemetry
+        if st is None:
             return
-        self._prefilling.pop(seq_id, None)
-        now, req, r = time.monotonic(), seq.owner, seq.request
+        # Finished by its first token (the core calls this before ``step_finished``).
+        if self._prefilling.pop(seq.request_id, None) is not None:
+            self._first_token(st, time.monotonic())
+        self._sequence_finished(st, reason)
+
+    def _sequence_finished(self, seq: _Seq, reason: str) -> None:
+        if seq.finished:
+            return
+        seq.finished = True
+        r = seq.request
+        self._prefilling.pop(r.request_id, None)
+        now, req = time.monotonic(), seq.owner
         sched, first = seq.t_scheduled, seq.t_first_token
         queue_s = None if sched is None else self._queue_s(seq)
         generated = len(r.output_token_ids)
@@ -157,29 +177,32 @@ class EngineObserver(NullObserver):
         if req.open == 0:
             self._end_request(req)
 
-    def request_ended(self, request_id: str, reason: str) -> None:
+    def request_ended(self, request: EngineRequest, reason: str) -> None:
         """Aborted or failed as a whole: its open sequences end with ``reason``."""
-        req = self._reqs.get(request_id)
+        req = request.telemetry
         if req is None:
             return
+        open_before = req.open
         for seq in req.seqs:
-            self.sequence_finished(seq.seq_id, reason)   # a no-op for those already finished
-        if request_id in self._reqs:   # no sequence was open
+            self._sequence_finished(seq, reason)   # a no-op for those already finished
+        if open_before == 0:   # no sequence was open
             self._end_request(req)
 
     def _queue_s(self, seq: _Seq) -> float:
         # Siblings (n > 1) join after sequence 0's first token: only their local wait counts.
-        waited = seq.owner.queue_s if seq.index == 0 else 0.0
+        waited = seq.owner.request.queue_wait_s if seq.index == 0 else 0.0
         return waited + (seq.t_scheduled - seq.t_added)
 
     def _end_request(self, req: _Req) -> None:
-        del self._reqs[req.queued.request_id]
+        if req.request.telemetry is None:
+            return   # ended already
+        req.request.telemetry = None
         span = req.span
         if span is None:
             return
         if req.queue_span is not None and req.queue_span.is_recording():
             req.queue_span.end()
-        attrs = telemetry.genai_usage_attributes(len(req.queued.prompt_token_ids),
+        attrs = telemetry.genai_usage_attributes(len(req.request.prompt_token_ids),
                                                  req.output_tokens, req.finish_reasons)
         s0 = req.seqs[0] if req.seqs else None
         attrs["tessera.request.preemptions"] = req.preemptions
@@ -189,7 +212,7 @@ class EngineObserver(NullObserver):
                 attrs["tessera.request.time_in_queue_s"] = self._queue_s(s0)
             if s0.t_first_token is not None:
                 attrs["tessera.request.time_to_first_token_s"] = \
-                    req.queue_s + (s0.t_first_token - s0.t_added)
+                    req.request.queue_wait_s + (s0.t_first_token - s0.t_added)
         span.set_attributes(attrs)
         span.add_event("finish", {"gen_ai.response.finish_reasons": req.finish_reasons})
         if "error" in req.finish_reasons:
@@ -201,12 +224,13 @@ class EngineObserver(NullObserver):
         now = time.monotonic()
         seqs = self._seqs
         for new in plan.new:
-            seq = seqs.get(new.seq_id)
+            r = seqs.get(new.seq_id)
+            seq = r.telemetry if r is not None else None
             if seq is None:
                 continue   # the canary
             if seq.t_scheduled is None:
                 seq.t_scheduled = now
-                self._prefilling[seq.seq_id] = seq
+                self._prefilling[new.seq_id] = seq
                 if self.tracing:
                     self._start_prefill(seq)
             elif seq.preempted:
@@ -215,7 +239,8 @@ class EngineObserver(NullObserver):
                     seq.span.add_event("resumed", {"tessera.num_computed_tokens":
                                                    new.num_computed_tokens})
         for seq_id in plan.preempted_ids:
-            seq = seqs.get(seq_id)
+            r = seqs.get(seq_id)
+            seq = r.telemetry if r is not None else None
             if seq is not None:
                 seq.preempted = True
                 if seq.span is not None:
@@ -248,7 +273,8 @@ class EngineObserver(NullObserver):
         limit = telemetry.MAX_STEP_LINKS
         for group in (plan.running, plan.new):
             for s in group:
-                seq = seqs.get(s.seq_id)
+                r = seqs.get(s.seq_id)
+                seq = r.telemetry if r is not None else None
                 if seq is None:
                     continue
                 if s.seq_id in prefilling and seq.span is not None:
@@ -271,15 +297,17 @@ class EngineObserver(NullObserver):
         if not self._prefilling:
             return
         for seq_id in [s for s in self._prefilling if s in sampled]:
-            seq = self._prefilling.pop(seq_id)
-            seq.t_first_token = now
-            metrics.prompt_tokens.inc(seq.request.num_prompt_tokens)
-            if seq.span is not None:
-                seq.span.end()
-                seq.span = self.tracer.start_span(
-                    "decode", context=set_span_in_context(seq.owner.span),
-                    attributes={"tessera.sequence.index": seq.index})
-                seq.traceparent = _sampled_traceparent(seq.span)
+            self._first_token(self._prefilling.pop(seq_id), now)
+
+    def _first_token(self, seq: _Seq, now: float) -> None:
+        seq.t_first_token = now
+        self.metrics.prompt_tokens.inc(seq.request.num_prompt_tokens)
+        if seq.span is not None:
+            seq.span.end()
+            seq.span = self.tracer.start_span(
+                "decode", context=set_span_in_context(seq.owner.span),
+                attributes={"tessera.sequence.index": seq.index})
+            seq.traceparent = _sampled_traceparent(seq.span)
 
     def canary(self) -> Request | None:
         return self.readiness.canary()

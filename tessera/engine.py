@@ -1,43 +1,74 @@
-"""The in-process engine: the scheduler core driving a local worker, plus text output.
+"""The in-process engine: the engine core (scheduler.engine_core) driving a local worker, plus
+text output.
 
-The loop is the service's loop without the network: `plan = scheduler.schedule()` ->
-`output = executor.execute(plan)` -> `events = scheduler.update(plan, output)`. Text (stop
-strings included) is produced here from token ids, as the gateway does for the services.
+The loop is the service's loop without the network: `plan = core.schedule()` ->
+`output = executor.execute(plan)` -> `events = core.update(plan, output)`; the core keeps the
+request and n-sequence bookkeeping, this module turns its events into `RequestOutput`s (text,
+stop strings included, is produced here from token ids, as the gateway does for the services).
+The KV cache is sized as a worker sizes it (`Worker.warmup`: a profiled worst-case step, then
+kv_cache_memory_bytes on CPU, the gpu_memory_utilization share on CUDA).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from common.detokenize import IncrementalDetokenizer
 from common.model_config import ModelConfig
+from common.redis_schema import OutputEvent
 from common.sampling_params import SamplingParams
 from common.step import StepOutput, StepPlan
 from common.tokenizer import Tokenizer
-from scheduler.request import Request
-from scheduler.scheduler import Scheduler, SchedulerConfig
+from scheduler.engine_core import EngineCore, EngineRequest
+from scheduler.scheduler import SchedulerConfig
 from tessera.outputs import CompletionOutput, RequestOutput
-from worker.kv_cache import kv_cache_bytes_per_block
-from worker.loader import parse_dtype
-from worker.runner import ModelRunner, compute_dtype
+from worker.runner import ModelRunner
 from worker.worker import Worker
+
+
+class _LocalStep:
+    """A step of the local worker: it runs when waited for (in the waiting thread)."""
+
+    def __init__(self, executor: "LocalExecutor", plan: StepPlan) -> None:
+        self.executor, self.plan = executor, plan
+
+    def result(self) -> StepOutput:
+        return self.executor.execute(self.plan)
 
 
 class LocalExecutor:
     """Runs a step on a worker in this process (the services use a gRPC executor instead)."""
 
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: Worker, kv_cache_memory_bytes: int = 2 << 30,
+                 gpu_memory_utilization: float = 0.9, enforce_eager: bool = False,
+                 max_num_blocks: int | None = None) -> None:
         self.worker = worker
+        self.kv_cache_memory_bytes = kv_cache_memory_bytes
+        self.gpu_memory_utilization = gpu_memory_utilization
+        self.enforce_eager = enforce_eager
+        self.max_num_blocks = max_num_blocks
+
+    def warmup(self, max_num_batched_tokens: int, max_num_seqs: int) -> int:
+        return self.worker.warmup(max_num_batched_tokens, max_num_seqs,
+                                  self.kv_cache_memory_bytes, self.gpu_memory_utilization,
+                                  self.enforce_eager, self.max_num_blocks)[0]
 
     def execute(self, plan: StepPlan) -> StepOutput:
         return self.worker.execute(plan)
 
+    def execute_async(self, plan: StepPlan) -> _LocalStep:
+        return _LocalStep(self, plan)
+
+    def reset(self) -> None:
+        self.worker.reset()
+
+    def close(self) -> None:
+        pass
+
 
 @dataclass
 class _Sequence:
-    """One of the n sequences of a request, as the output side tracks it."""
+    """One of the n sequences of a request, as the output side accumulates it."""
     index: int
     token_ids: list[int] = field(default_factory=list)
     logprobs: list | None = None
@@ -46,19 +77,11 @@ class _Sequence:
 
 
 @dataclass
-class _Tracked:
-    request_id: str
+class _Output:
+    """What a request's RequestOutput is built from (``EngineRequest.tag``)."""
     prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    priority: int
     seqs: list[_Sequence]
     prompt_logprobs: list | None = None
-    children_added: int = 1
-
-    @property
-    def finished(self) -> bool:
-        return all(s.finish_reason is not None for s in self.seqs)
 
 
 class LLMEngine:
@@ -68,7 +91,7 @@ class LLMEngine:
                  enable_prefix_caching: bool = True, seed: int = 0,
                  kv_cache_memory_bytes: int = 2 << 30, device: str = "cpu",
                  tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
-                 enforce_eager: bool = False) -> None:
+                 enforce_eager: bool = False, gpu_memory_utilization: float = 0.9) -> None:
         self.model_config = ModelConfig.from_dir(model)
         self.tokenizer = Tokenizer.from_dir(model)
         limit = self.model_config.max_position_embeddings
@@ -81,120 +104,100 @@ class LLMEngine:
             self.worker_group = LocalWorkerGroup(
                 model, tensor_parallel_size, pipeline_parallel_size, dtype, block_size, device,
                 kv_cache_memory_bytes, seed)
+            self.executor = self.worker_group.executor
             warm = self.worker_group.warmup(max_num_batched_tokens, max_num_seqs)
             num_kv_blocks = min(num_kv_blocks or warm, warm)
-        elif num_kv_blocks is None:
-            kv_dtype = compute_dtype(parse_dtype(dtype), torch.device(device))
-            per_block = kv_cache_bytes_per_block(self.model_config, block_size, kv_dtype)
-            num_kv_blocks = max(kv_cache_memory_bytes // per_block, 1)
-        self.scheduler = Scheduler(SchedulerConfig(
+        else:
+            runner = ModelRunner(self.model_config, dtype, 0, block_size, device)
+            self.executor = LocalExecutor(Worker(runner, seed=seed), kv_cache_memory_bytes,
+                                          gpu_memory_utilization, enforce_eager, num_kv_blocks)
+            # The worker's own warm-up: the same profiling and sizing as a gRPC worker's.
+            num_kv_blocks = self.executor.warmup(max_num_batched_tokens, max_num_seqs)
+            if num_kv_blocks == 0:
+                raise ValueError("no memory left for a single KV block")
+        self.core = EngineCore(SchedulerConfig(
             num_blocks=num_kv_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, max_model_len=self.max_model_len,
-            enable_prefix_caching=enable_prefix_caching))
-        if self.worker_group is not None:
-            self.executor = self.worker_group.executor
-        else:
-            runner = ModelRunner(self.model_config, dtype, num_kv_blocks, block_size, device)
-            if runner.device.type == "cuda" and not enforce_eager:
-                runner.capture_decode_graphs(max_num_seqs)   # decode steps replay CUDA graphs
-            self.executor = LocalExecutor(Worker(runner, seed=seed))
-        self.tracked: dict[str, _Tracked] = {}
-        self._child_of: dict[str, tuple[_Tracked, _Sequence]] = {}
+            enable_prefix_caching=enable_prefix_caching), self.model_config.eos_token_ids)
+        self.scheduler = self.core.scheduler
 
     # ---- requests -----------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, priority: int = 0) -> None:
-        if request_id in self.tracked:
-            raise ValueError(f"duplicate request id {request_id!r}")
-        if not prompt_token_ids:
-            raise ValueError("prompt is empty")
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_token_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if len(prompt_token_ids) >= self.max_model_len:
             raise ValueError(f"prompt of {len(prompt_token_ids)} tokens is too long: "
                              f"max_model_len is {self.max_model_len}")
-        seqs = [_Sequence(i) for i in range(params.n)]
-        t = _Tracked(request_id, prompt, list(prompt_token_ids), params, priority, seqs)
+        out = _Output(prompt, [_Sequence(i) for i in range(params.n)])
         if params.logprobs is not None:
-            for s in seqs:
+            for s in out.seqs:
                 s.logprobs = []
         if params.prompt_logprobs is not None:
-            t.prompt_logprobs = [None]   # the first prompt token has no logprob
-        self.tracked[request_id] = t
-        # The n sequences share the prompt's KV blocks through the prefix cache: the others
-        # are admitted once the first has computed (and cached) the prompt.
-        self._add_child(t, 0)
-
-    def _add_child(self, t: _Tracked, index: int) -> None:
-        seq = t.seqs[index]
-        if t.params.stop:
-            seq.detok = IncrementalDetokenizer(
-                self.tokenizer, t.prompt_token_ids, skip_special_tokens=t.params.skip_special_tokens,
-                stop=t.params.stop, include_stop_str_in_output=t.params.include_stop_str_in_output)
-        child_id = t.request_id if t.params.n == 1 else f"{t.request_id}#{index}"
-        self._child_of[child_id] = (t, seq)
-        self.scheduler.add_request(Request(
-            child_id, t.prompt_token_ids, t.params, priority=t.priority,
-            eos_token_ids=self.model_config.eos_token_ids, seed_offset=index))
+            out.prompt_logprobs = [None]   # the first prompt token has no logprob
+        if params.stop:
+            for s in out.seqs:
+                s.detok = IncrementalDetokenizer(
+                    self.tokenizer, list(prompt_token_ids),
+                    skip_special_tokens=params.skip_special_tokens, stop=params.stop,
+                    include_stop_str_in_output=params.include_stop_str_in_output)
+        self.core.add_request(EngineRequest(request_id, list(prompt_token_ids), params,
+                                            priority=priority, tag=out))
 
     def abort(self, request_id: str) -> None:
-        t = self.tracked.pop(request_id, None)
-        if t is None:
-            return
-        for child_id, (owner, seq) in list(self._child_of.items()):
-            if owner is t:
-                self.scheduler.abort(child_id)
-                del self._child_of[child_id]
+        self.core.abort(request_id)
 
     def has_unfinished(self) -> bool:
-        return bool(self.tracked)
+        return bool(self.core.requests)
 
     # ---- the loop -----------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        """One engine step; returns the requests that finished in it."""
-        plan = self.scheduler.schedule()
+    def step_events(self) -> list[tuple[EngineRequest, OutputEvent]]:
+        """One engine step: the core's per-request events (the service publishes the same)."""
+        plan = self.core.schedule()
         if plan.num_sequences == 0:
-            if self.scheduler.has_unfinished:
+            if self.core.has_unfinished:
                 raise RuntimeError("no request can be scheduled: the KV cache is too small "
                                    "for the waiting request")
             return []
-        output = self.executor.execute(plan)
-        finished = []
-        for ev in self.scheduler.update(plan, output):
-            t, seq = self._child_of[ev.request_id]
-            if ev.prompt_logprobs and seq.index == 0:
-                t.prompt_logprobs.extend(ev.prompt_logprobs)
-            if not ev.new_token_ids:
-                continue
-            if seq.index == 0 and t.children_added < t.params.n:
-                for k in range(1, t.params.n):
-                    self._add_child(t, k)
-                t.children_added = t.params.n
-            seq.token_ids.extend(ev.new_token_ids)
-            if seq.logprobs is not None and ev.logprobs:
-                seq.logprobs.extend(ev.logprobs)
-            reason = ev.finish_reason
-            if seq.detok is not None and reason != "abort":
-                seq.detok.add_tokens(ev.new_token_ids)
-                if seq.detok.stopped is not None and reason is None:
-                    self.scheduler.abort(ev.request_id)
-                    reason = "stop"
-            if reason is not None:
-                seq.finish_reason = reason
-                del self._child_of[ev.request_id]
-                if t.finished:
-                    finished.append(self._output(self.tracked.pop(t.request_id)))
+        return self.core.update(plan, self.executor.execute(plan))
+
+    def step(self) -> list[RequestOutput]:
+        """One engine step; returns the requests that finished in it."""
+        finished: list[RequestOutput] = []
+        for req, ev in self.step_events():
+            self._apply(req, ev, finished)
         return finished
 
-    def _output(self, t: _Tracked) -> RequestOutput:
+    def _apply(self, req: EngineRequest, ev: OutputEvent, finished: list[RequestOutput]) -> None:
+        out: _Output = req.tag
+        seq = out.seqs[ev.seq_index]
+        if ev.prompt_logprobs and ev.seq_index == 0:
+            out.prompt_logprobs.extend(ev.prompt_logprobs)
+        seq.token_ids.extend(ev.token_ids)
+        if seq.logprobs is not None and ev.logprobs:
+            seq.logprobs.extend(ev.logprobs)
+        if seq.detok is not None and ev.token_ids:
+            seq.detok.add_tokens(ev.token_ids)
+            if seq.detok.stopped is not None and ev.finish_reason is None:
+                stop = self.core.finish_sequence(req.request_id, ev.seq_index, "stop")
+                if stop is not None:
+                    self._apply(req, stop, finished)
+                return
+        if ev.finish_reason is not None:
+            seq.finish_reason = ev.finish_reason
+        if ev.final:
+            finished.append(self._output(req))
+
+    def _output(self, req: EngineRequest) -> RequestOutput:
+        out: _Output = req.tag
         outs = []
-        for s in t.seqs:
+        for s in out.seqs:
             if s.detok is not None:
                 s.detok.flush()   # releases text held back for a stop string that never came
                 text = s.detok.output_text
             else:
-                text = self.tokenizer.decode(s.token_ids, t.params.skip_special_tokens)
+                text = self.tokenizer.decode(s.token_ids, req.params.skip_special_tokens)
             outs.append(CompletionOutput(s.index, text, s.token_ids, s.finish_reason, s.logprobs))
-        return RequestOutput(t.request_id, t.prompt, t.prompt_token_ids, outs,
-                             prompt_logprobs=t.prompt_logprobs)
+        return RequestOutput(req.request_id, out.prompt, req.prompt_token_ids, outs,
+                             prompt_logprobs=out.prompt_logprobs)

@@ -1,4 +1,4 @@
-"""Hypothesis: random interleavings of admit / compute / append / free / fork / reset never leak
+"""Hypothesis: random interleavings of admit / compute / append / free / reset never leak
 a block, never double-free one, and never let a prefix hit return a block with other content.
 
 A ground-truth model records what each block holds (cache salt + the token prefix up to the end
@@ -104,17 +104,6 @@ class BlockManagerMachine(RuleBasedStateMachine):
         rid = data.draw(st.sampled_from(sorted(self.live)))
         del self.live[rid]
         self.kv.free(rid)
-
-    @precondition(lambda self: self.live)
-    @rule(data=st.data())
-    def fork(self, data: st.DataObject) -> None:
-        pid = data.draw(st.sampled_from(sorted(self.live)))
-        parent = self.live[pid]
-        cid = self._new_id()
-        shared = self.kv.fork(pid, cid, parent.computed)
-        assert shared == self.kv.get_block_ids(pid)[: parent.computed // BS]
-        child = self.live[cid] = _Seq(list(parent.token_ids), parent.salt)
-        child.computed = len(shared) * BS
 
     @rule()
     def reset(self) -> None:

@@ -23,7 +23,8 @@ from scheduler.health import Readiness
 from scheduler.loop import EngineLoop
 from scheduler.metrics import SchedulerMetrics
 from scheduler.queue import RequestQueue
-from scheduler.scheduler import Scheduler, SchedulerConfig
+from scheduler.engine_core import EngineCore
+from scheduler.scheduler import SchedulerConfig
 from scheduler.telemetry import EngineObserver
 from tessera.engine import LocalExecutor
 from worker.runner import ModelRunner
@@ -52,10 +53,13 @@ def engine(tiny_model, redis_url):
 def test_preemptions_are_span_events_and_metrics_and_idle_keeps_ready(engine):
     executor, exporter, tracer, redis_url = engine
     model = f"tel-{uuid.uuid4().hex[:6]}"
-    scheduler = Scheduler(SchedulerConfig(num_blocks=NUM_BLOCKS, block_size=BLOCK,
-                                          max_num_batched_tokens=64, max_model_len=512))
     metrics = SchedulerMetrics(model, 512)
     readiness = Readiness(ready_timeout_s=0.6)   # a canary every 0.2 s when idle
+    observer = EngineObserver(metrics, readiness, tracer=tracer)
+    core = EngineCore(SchedulerConfig(num_blocks=NUM_BLOCKS, block_size=BLOCK,
+                                      max_num_batched_tokens=64, max_model_len=512),
+                      observer=observer)
+    scheduler = core.scheduler
     parent_trace, parent_span = uuid.uuid4().hex, uuid.uuid4().hex[:16]
     prompts = [list(range(5 + i, 25 + i)) for i in range(3)]   # 20 tokens + 30 out: 4 blocks each
 
@@ -63,9 +67,8 @@ def test_preemptions_are_span_events_and_metrics_and_idle_keeps_ready(engine):
         client = aioredis.from_url(redis_url)
         queue = RequestQueue(client, model, "c0")
         await queue.ensure_group()
-        observer = EngineObserver(metrics, readiness, queue, tracer=tracer)
         metrics.watch(scheduler)
-        loop = EngineLoop(scheduler, executor, queue, observer=observer)
+        loop = EngineLoop(core, executor, queue)
         task = asyncio.create_task(loop.run())
         sub = RequestSubmitter(client)
         ids = [await sub.submit(QueuedRequest(

@@ -145,21 +145,6 @@ def test_forced_hash_collision_misses_instead_of_returning_the_wrong_block(monke
     assert kv.get_computed_blocks("same-prompt", PROMPT_A) == ([0], 4)
 
 
-def test_fork_shares_full_blocks_and_the_child_recomputes_its_partial_tail() -> None:
-    kv = _manager()
-    _admit(kv, "A", PROMPT_A)  # 10 tokens in [0, 1, 2]
-    assert kv.fork("A", "A.1", 10) == [0, 1]
-    assert [kv.pool.ref_count(b) for b in (0, 1, 2)] == [2, 2, 1]
-    assert kv.allocate_slots("A.1", 2, 8) == [3]
-    kv.cache_blocks("A.1", PROMPT_A, 10)
-    with pytest.raises(ValueError):
-        kv.fork("A", "A.1", 10)
-    kv.free("A")
-    kv.free("A.1")
-    assert kv.num_free_blocks == 10
-    assert [kv.pool.ref_count(b) for b in range(4)] == [0, 0, 0, 0]
-
-
 def test_disabled_caching_never_hits_or_counts() -> None:
     kv = _manager(enable_caching=False)
     _admit(kv, "A", PROMPT_A)

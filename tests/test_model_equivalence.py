@@ -104,7 +104,7 @@ def _run_chunked(runner: ModelRunner, prompts: list[list[int]], chunk: int,
     for _ in range(NEW_TOKENS - 1):
         seqs = [SequenceInput([g[-1]], len(p) + len(g) - 1, t)
                 for p, g, t in zip(prompts, generated, tables)]
-        for g, tok in zip(generated, runner.execute(seqs).greedy_token_ids):
+        for g, tok in zip(generated, runner.execute(seqs).logits.argmax(dim=-1).tolist()):
             g.append(tok)
     return [torch.cat(p) for p in prompt_logits], generated
 

@@ -99,7 +99,7 @@ def test_back_pressure_leaves_requests_in_redis(redis_url: str) -> None:
         assert len(taken) == 2
         assert await queue.queue_depth() == 3
         assert await queue.consumer_lag() == GroupStats(waiting=3, pending=2)
-        await queue.ack(taken[0][0])
+        await queue.publish([], acks=[taken[0][0]])
         assert await queue.consumer_lag() == GroupStats(waiting=3, pending=1)
         assert len(await queue.read_new(max_count=10)) == 3
         assert await queue.consumer_lag() == GroupStats(waiting=0, pending=4)

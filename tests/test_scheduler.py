@@ -1,4 +1,5 @@
-"""Scheduler narratives: exact plans, block ids, chunk progression and preemption, step by step.
+"""Scheduler narratives: exact plans, block ids, chunk progression and preemption, step by step,
+through the engine core with n = 1 requests (a request id is its sequence id).
 
 No model: a stand-in for the workers samples a fixed token for every sequence that reaches
 the end of its known tokens, which is exactly the rule the real worker follows.
@@ -6,35 +7,44 @@ the end of its known tokens, which is exactly the rule the real worker follows.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from common.sampling_params import SamplingParams
 from common.step import SampledToken, StepOutput
-from scheduler.request import Request, RequestStatus
-from scheduler.scheduler import Scheduler, SchedulerConfig
+from scheduler.engine_core import EngineCore, EngineRequest
+from scheduler.request import RequestStatus
+from scheduler.scheduler import SchedulerConfig
 
 EOS = 99
 
 
+@dataclass
+class Ev:
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: str | None
+
+
 def make(num_blocks=16, block_size=4, budget=8, max_seqs=8, max_len=256, caching=True):
-    return Scheduler(SchedulerConfig(num_blocks=num_blocks, block_size=block_size,
-                                     max_num_seqs=max_seqs, max_num_batched_tokens=budget,
-                                     max_model_len=max_len, enable_prefix_caching=caching,
-                                     hash_seed=0))
+    return EngineCore(SchedulerConfig(num_blocks=num_blocks, block_size=block_size,
+                                      max_num_seqs=max_seqs, max_num_batched_tokens=budget,
+                                      max_model_len=max_len, enable_prefix_caching=caching,
+                                      hash_seed=0), eos_token_ids=(EOS,))
 
 
 def req(rid, n_prompt, max_tokens=8, first=0, priority=0, **kw):
     params = SamplingParams(temperature=0, max_tokens=max_tokens, **kw)
-    return Request(rid, list(range(first, first + n_prompt)), params, priority=priority,
-                   eos_token_ids=(EOS,))
+    return EngineRequest(rid, list(range(first, first + n_prompt)), params, priority=priority)
 
 
-def step(s: Scheduler, token=7):
+def step(s: EngineCore, token=7):
     plan = s.schedule()
     out = StepOutput(plan.step_id)
     for seq in (*plan.new, *plan.running):
-        r = s.requests[seq.seq_id]
+        r = s.scheduler.requests[seq.seq_id]
         if r.num_computed_tokens + seq.num_scheduled_tokens == r.num_tokens:
             out.sampled[seq.seq_id] = SampledToken(token)
-    return plan, s.update(plan, out)
+    return plan, [Ev(r.request_id, ev.token_ids, ev.finish_reason) for r, ev in s.update(plan, out)]
 
 
 def test_chunked_prefill_then_decode_exact_blocks():
@@ -92,7 +102,7 @@ def test_preemption_frees_the_latest_arrival_and_recomputes_it():
     plan, _ = step(s)       # position 8: A needs a third block, none free -> B is preempted
     assert plan.preempted_ids == ["B"] and plan.finished_ids == ["B"]
     assert [(r.seq_id, r.new_block_ids) for r in plan.running] == [("A", [3])]
-    b = s.requests["B"]
+    b = s.scheduler.requests["B"]
     assert b.status == RequestStatus.PREEMPTED and b.num_computed_tokens == 0
     assert b.output_token_ids == [7, 7]
     s.abort("A")
@@ -116,7 +126,7 @@ def test_prefix_hit_shares_blocks_and_counts():
     assert (new_b.num_computed_tokens, new_b.num_scheduled_tokens) == (8, 3)
     assert new_b.block_ids[:2] == s.kv.get_block_ids("A")[:2]
     assert s.kv.prefix_hits == 8
-    assert s.requests["B"].num_cached_tokens == 8
+    assert s.scheduler.requests["B"].num_cached_tokens == 8
 
 
 def test_abort_frees_at_once_and_tells_workers_next_step():
@@ -153,10 +163,10 @@ def test_min_tokens_defers_eos():
     assert events[0].finish_reason == "stop"
 
 
-def _sample_all(s: Scheduler, plan, token: int) -> StepOutput:
+def _sample_all(s: EngineCore, plan, token: int) -> StepOutput:
     out = StepOutput(plan.step_id)
     for seq in (*plan.new, *plan.running):
-        r = s.requests[seq.seq_id]
+        r = s.scheduler.requests[seq.seq_id]
         if r.num_computed_tokens + seq.num_scheduled_tokens == r.num_tokens:
             out.sampled[seq.seq_id] = SampledToken(token)
     return out
@@ -192,10 +202,10 @@ def test_an_in_flight_request_is_never_preempted():
         step(s)                # both at 8 tokens, each holding 2 of the 4 blocks
     # Without pipelining A's next block would come from preempting B (the newest); with
     # B's step still in the pipeline, A waits instead of evicting it.
-    s.in_flight.add("B")
+    s.scheduler.in_flight.add("B")
     plan = s.schedule()
     assert plan.preempted_ids == [] and plan.num_sequences == 0
-    assert s.requests["B"].status == RequestStatus.RUNNING
-    s.in_flight.clear()
+    assert s.scheduler.requests["B"].status == RequestStatus.RUNNING
+    s.scheduler.in_flight.clear()
     plan = s.schedule()
     assert plan.preempted_ids == ["B"]

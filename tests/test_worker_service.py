@@ -16,9 +16,9 @@ from common.model_config import ModelConfig
 from common.proto.tessera.v1 import worker_pb2, worker_pb2_grpc
 from common.sampling_params import SamplingParams
 from common.step import NewSequence, RunningSequence, StepPlan
+from scheduler.engine_core import EngineCore, EngineRequest
 from scheduler.executor import GrpcExecutor
-from scheduler.request import Request
-from scheduler.scheduler import Scheduler, SchedulerConfig
+from scheduler.scheduler import SchedulerConfig
 from tessera import LLM
 from worker.runner import ModelRunner
 from worker.worker import Worker
@@ -109,16 +109,16 @@ def test_scheduler_core_drives_the_remote_worker_like_the_offline_engine(worker_
     model_dir, stub = worker_stub
     executor = GrpcExecutor([stub.address])
     num_blocks = executor.warmup(max_num_batched_tokens=64, max_num_seqs=8)
-    sched = Scheduler(SchedulerConfig(num_blocks=min(num_blocks, 24), block_size=16,
-                                      max_num_batched_tokens=64, max_model_len=512))
+    sched = EngineCore(SchedulerConfig(num_blocks=min(num_blocks, 24), block_size=16,
+                                       max_num_batched_tokens=64, max_model_len=512))
     prompts = [list(range(5, 5 + n)) for n in (3, 40, 90, 17)]
     for i, p in enumerate(prompts):
-        sched.add_request(Request(str(i), p, GREEDY))
+        sched.add_request(EngineRequest(str(i), p, GREEDY))
     tokens: dict[str, list[int]] = {}
     while sched.has_unfinished:
         plan = sched.schedule()
-        for ev in sched.update(plan, executor.execute(plan)):
-            tokens.setdefault(ev.request_id, []).extend(ev.new_token_ids)
+        for req, ev in sched.update(plan, executor.execute(plan)):
+            tokens.setdefault(req.request_id, []).extend(ev.token_ids)
     executor.close()
     expected = LLM(model_dir, num_kv_blocks=64).generate(
         [{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)

@@ -68,10 +68,6 @@ class RunnerOutput:
     logits: torch.Tensor | None               # [S, vocab] float32 (None before the last stage)
     all_logits: list[torch.Tensor] | None     # per sequence [n_tokens, vocab] when asked
 
-    @property
-    def greedy_token_ids(self) -> list[int]:
-        return self.logits.argmax(dim=-1).tolist()
-
 
 class ModelRunner:
     def __init__(self, config: ModelConfig, dtype: str | torch.dtype = "float32",

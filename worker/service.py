@@ -23,7 +23,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
-import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.convert import step_output_to_proto, step_plan_from_proto
@@ -31,7 +30,6 @@ from common.http_probe import start_probe
 from common.model_config import ModelConfig
 from common.proto.tessera.v1 import worker_pb2, worker_pb2_grpc
 from worker.group import join_group
-from worker.kv_cache import kv_cache_bytes_per_block
 from worker.parallel import get_pp_stage, get_tp_group
 from worker.runner import ModelRunner
 from worker.telemetry import WorkerHealth, WorkerTelemetry
@@ -108,23 +106,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             max_model_len=cfg.max_position_embeddings, vocab_size=cfg.vocab_size)
 
     def _warmup(self, max_tokens: int, max_seqs: int) -> tuple[int, int]:
-        runner = self.worker.runner
-        runner.profile_run(max(1, max_tokens), max(1, max_seqs))
-        per_block = kv_cache_bytes_per_block(self.model_config, self.config.block_size,
-                                             runner.dtype)
-        if runner.device.type == "cuda":
-            # What the activations of a worst-case step did not use, within our share.
-            free, total = torch.cuda.mem_get_info(runner.device)
-            used_by_others = total - free
-            budget = int(total * self.config.gpu_memory_utilization) - used_by_others
-        else:
-            budget = self.config.kv_cache_memory_bytes
-        num_blocks = max(budget // per_block, 0)
-        runner.allocate_kv_cache(num_blocks)
-        if runner.device.type == "cuda" and not self.config.enforce_eager and num_blocks:
-            runner.capture_decode_graphs(max_seqs)
-        self.worker.reset()
-        return num_blocks, per_block
+        c = self.config
+        return self.worker.warmup(max_tokens, max_seqs, c.kv_cache_memory_bytes,
+                                  c.gpu_memory_utilization, c.enforce_eager)
 
     async def _group_failed(self, context, e: Exception) -> None:
         """A collective failed: a peer is gone and this process group cannot be repaired in

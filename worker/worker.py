@@ -13,6 +13,7 @@ import torch
 
 from common.sampling_params import SamplingParams
 from common.step import NewSequence, SampledToken, StepOutput, StepPlan
+from worker.kv_cache import kv_cache_bytes_per_block
 from worker.runner import ModelRunner, SequenceInput
 from worker.sampler import Sampler, SamplingRow, compute_prompt_logprobs
 
@@ -57,6 +58,33 @@ class Worker:
         self.eos_token_ids = tuple(runner.config.eos_token_ids)
         self.states: dict[str, SequenceState] = {}
         self.last_step_id = 0
+
+    def warmup(self, max_num_batched_tokens: int, max_num_seqs: int,
+               kv_cache_memory_bytes: int = 2 << 30, gpu_memory_utilization: float = 0.9,
+               enforce_eager: bool = False, max_num_blocks: int | None = None
+               ) -> tuple[int, int]:
+        """Profile a worst-case step, then give the KV cache its budget: on CUDA what the
+        step's activations left of this process's share of the GPU (gpu_memory_utilization
+        of the total, less what others use), on CPU kv_cache_memory_bytes; at most
+        max_num_blocks when given. The gRPC worker and the offline engine both size their
+        cache here. Returns (blocks, bytes per block)."""
+        runner = self.runner
+        runner.profile_run(max(1, max_num_batched_tokens), max(1, max_num_seqs))
+        per_block = kv_cache_bytes_per_block(runner.config, runner.block_size, runner.dtype)
+        if runner.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(runner.device)
+            used_by_others = total - free
+            budget = int(total * gpu_memory_utilization) - used_by_others
+        else:
+            budget = kv_cache_memory_bytes
+        num_blocks = max(budget // per_block, 0)
+        if max_num_blocks is not None:
+            num_blocks = min(num_blocks, max_num_blocks)
+        runner.allocate_kv_cache(num_blocks)
+        if runner.device.type == "cuda" and not enforce_eager and num_blocks:
+            runner.capture_decode_graphs(max_num_seqs)   # decode steps replay CUDA graphs
+        self.reset()
+        return num_blocks, per_block
 
     def reset(self) -> None:
         self.states.clear()
