@@ -74,10 +74,10 @@ def fixed_prompts(n: int, length: int, vocab: int, seed: int = 1) -> list[list[i
 # ---------------------------------------------------------------------------- in-process
 
 def in_process(args, model_dir: str, prompts, ttft_prompts, warm_prompts):
+    # LLM warms its worker up as a served worker does (one worst-case step sizes the KV
+    # cache); then the warm-up requests of both sides
     llm = LLM(model_dir, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens)
-    # the worker's own warm-up (one worst-case step), then the warm-up requests of both sides
-    llm.engine.executor.worker.runner.profile_run(args.max_num_batched_tokens, args.max_num_seqs)
     warm = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     llm.generate([{"prompt_token_ids": p} for p in warm_prompts], warm, use_tqdm=False)
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)

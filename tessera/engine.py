@@ -145,8 +145,9 @@ class LLMEngine:
         self.core.add_request(EngineRequest(request_id, list(prompt_token_ids), params,
                                             priority=priority, tag=out))
 
-    def abort(self, request_id: str) -> None:
-        self.core.abort(request_id)
+    def abort(self, request_id: str) -> OutputEvent | None:
+        """End a request now; the core's final event for it (None if unknown)."""
+        return self.core.abort(request_id)
 
     def has_unfinished(self) -> bool:
         return bool(self.core.requests)
