@@ -106,6 +106,9 @@ class EngineCore:
         for k in range(n if req.emitted else 1):
             self._add_sequence(req, k)
         req.siblings_added = bool(req.emitted) or n == 1
+        if req.num_unfinished == 0:   # resumed with every sequence finished already
+            del self.requests[req.request_id]
+            raise ValueError(f"request {req.request_id!r} has finished already")
 
     def _add_sequence(self, req: EngineRequest, k: int) -> None:
         n = req.params.n
@@ -117,6 +120,10 @@ class EngineCore:
         if req.emitted and req.emitted[k]:
             for t in req.emitted[k]:
                 seq.append_token(t)
+            status = seq.check_stop(self.config.max_model_len)
+            if status is not None:   # it had finished already: nothing to schedule
+                seq.status = status
+                return
         self.scheduler.add_request(seq)
         req.num_unfinished += 1
         self.obs.sequence_added(req, seq)

@@ -245,3 +245,49 @@ def test_the_service_gives_the_llm_events(tiny_model, redis_url):
             p.wait(timeout=30)
     assert {rid: served[rid] for rid in "abd"} == expected
     assert served["c"] == run_core()[2]["c"] == [E(0, [], 0, "abort", True)]
+
+
+# ---- the recovery hooks (DESIGN.md §4) -------------------------------------------------------
+def _core(num_blocks: int = 16) -> tuple[EngineCore, ScriptedExecutor]:
+    core = EngineCore(SchedulerConfig(num_blocks=num_blocks, block_size=BLOCK,
+                                      max_num_batched_tokens=BUDGET, max_model_len=256))
+    return core, ScriptedExecutor(core)
+
+
+def _step(core: EngineCore, ex: ScriptedExecutor):
+    plan = core.schedule()
+    return plan, [ev for _, ev in core.update(plan, ex.execute(plan))]
+
+
+def test_a_resumed_request_recomputes_its_emitted_tokens_and_continues_the_indices():
+    core, ex = _core()
+    a0, a1 = sequence_id("a", 0, 2), sequence_id("a", 1, 2)
+    # a standby took a over after 4 events: sequence 0 had emitted 10, 11, sequence 1 13
+    core.add_request(EngineRequest("a", PROMPTS["a"], scenario_params()["a"],
+                                   emitted=[[10, 11], [13]], next_index=4))
+    plan, events = _step(core, ex)
+    assert [(s.seq_id, s.token_ids[6:], s.num_scheduled_tokens) for s in plan.new] == \
+        [(a0, [10, 11], 8), (a1, [13], 7)]
+    assert events == [E(4, [12], 0, "length"), E(5, [14], 1)]
+    _, events = _step(core, ex)
+    assert events == [E(6, [15], 1, "length", True)] and not core.has_unfinished
+    # resumed with every sequence done already: nothing to run
+    done = EngineRequest("x", PROMPTS["a"], scenario_params()["a"],
+                         emitted=[[1, 2, 3], [4, 5, 6]], next_index=6)
+    with pytest.raises(ValueError, match="finished already"):
+        core.add_request(done)
+    assert core.requests == {}
+
+
+def test_requeue_running_recomputes_everything_and_events_go_on():
+    core, ex = _core()
+    core.add_request(EngineRequest("d", PROMPTS["d"], scenario_params()["d"]))
+    _, events = _step(core, ex)
+    assert events == [E(0, [5])]
+    core.requeue_running()   # the workers lost their state
+    plan, events = _step(core, ex)
+    # sent again in full (prompt + its token), the full prompt block a prefix-cache hit
+    assert [(s.seq_id, s.token_ids, s.num_computed_tokens, s.num_scheduled_tokens)
+            for s in plan.new] == [("d", PROMPTS["d"] + [5], 4, 1)]
+    assert plan.step_id == 1 and events == [E(1, [6])]
+    assert core.num_preemptions == 1

@@ -2,7 +2,8 @@
 
 Everything a worker holds about a sequence (its tokens, blocks, params) came from the
 scheduler and is sent again in full after a reset or preemption, so losing a worker loses
-no request state. The gRPC worker service and the in-process executor both call `execute`.
+no request state. The gRPC worker service and the in-process executor both call `warmup`
+(profile a worst-case step, size the KV cache) and `execute`.
 """
 
 from __future__ import annotations
