@@ -19,6 +19,8 @@ import asyncio
 import logging
 from collections import deque
 
+from redis.exceptions import RedisError
+
 from common import redis_schema as schema
 from common.redis_schema import OutputEvent, QueuedRequest
 from common.step import StepOutput, StepPlan
@@ -60,9 +62,12 @@ class EngineLoop:
                     await self._canary()
                     continue
                 await self.step()
-        finally:
+        finally:   # stopped (lease lost, shutdown): what the last step produced still goes out
             if self._out or self._acks:
-                await self.queue.publish(self._out, acks=self._acks, stats=self._stats())
+                try:
+                    await self.queue.publish(self._out, acks=self._acks, stats=self._stats())
+                except (RedisError, OSError) as e:
+                    logger.error("could not publish the last step's events: %s", e)
 
     async def step(self) -> None:
         """Plan up to the pipeline's depth, wait for the oldest step, apply it; its events go

@@ -171,6 +171,35 @@ def test_one_steps_events_go_out_in_one_round_trip(redis_url: str) -> None:
     run(main())
 
 
+def test_a_steady_step_is_one_round_trip(redis_url: str) -> None:
+    """exchange(): the last step's events, acks and gauges out, cancels and new requests in,
+    in one pipeline (admitting new requests costs its own round trips, only when some came)."""
+    async def main() -> None:
+        client, counter = counting_client(redis_url)
+        model = new_model()
+        queue = RequestQueue(client, model, "s1", LIMITS)
+        await queue.ensure_group()
+        sub = RequestSubmitter(client, LIMITS)
+        ids = [await sub.submit(make_request(model)) for _ in range(3)]
+        entries, cancels = await queue.exchange([], [], None, read_count=2)
+        assert [q.request_id for _, q in entries] == ids[:2] and cancels == []
+        assert await sub.cancel(ids[1])
+        stats = ("tessera:test-stats:" + model, {"running": 1})
+        before = counter.writes
+        entries2, cancels = await queue.exchange(
+            [(ids[0], OutputEvent(0, [5], finish_reason="stop", final=True))],
+            [entries[0][0]], stats, read_count=0)
+        assert counter.writes - before == 1
+        assert entries2 == [] and cancels == [ids[1]]
+        assert [e.token_ids for e in await collect(sub, ids[0])] == [[5]]
+        assert await client.hget(stats[0], "running") == b"1"
+        assert await queue.consumer_lag() == GroupStats(waiting=1, pending=1)
+        entries3, _ = await queue.exchange([], [], None, read_count=5, block_ms=50)
+        assert [q.request_id for _, q in entries3] == ids[2:]
+        await client.aclose()
+    run(main())
+
+
 def test_resume_after_last_index_yields_only_later_events(redis_url: str) -> None:
     async def main() -> None:
         client, model, queue, sub = await setup(redis_url)
