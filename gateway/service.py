@@ -9,34 +9,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import pathlib
-from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 import uvicorn
 
+from common.config import GatewayConfig
 from gateway.generation import GatewayState
 from gateway.grpc_api import create_server
 from gateway.openai_api import create_app
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class GatewayConfig:
-    model: str                              # local HF model directory (tokenizer, config)
-    served_model_name: str | None = None    # default: the directory's basename
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    host: str = "127.0.0.1"
-    http_port: int = 8000                   # 0: any free port (the ready line names it)
-    grpc_port: int = 50051
-    max_body_bytes: int = 4 << 20
-    max_model_len: int | None = None        # default: the model's max_position_embeddings
-    max_redis_connections: int = 1024       # each open stream holds one while it waits
-
-    @property
-    def model_name(self) -> str:
-        return self.served_model_name or pathlib.Path(self.model).resolve().name
 
 
 async def serve(config: GatewayConfig) -> None:

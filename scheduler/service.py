@@ -11,11 +11,11 @@ import asyncio
 import logging
 import os
 import socket
-from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
 from common import redis_schema as schema
+from common.config import SchedulerServiceConfig, resolve_max_model_len
 from common.model_config import ModelConfig
 from scheduler.executor import GrpcExecutor
 from scheduler.loop import EngineLoop
@@ -24,31 +24,6 @@ from scheduler.queue import RequestQueue
 from scheduler.scheduler import Scheduler, SchedulerConfig
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SchedulerServiceConfig:
-    model: str                          # local model directory (config, eos ids, context)
-    workers: tuple[str, ...]            # worker gRPC addresses of the group
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    served_model_name: str | None = None
-    group: str = "0"
-    block_size: int = 16
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None
-    enable_prefix_caching: bool = True
-    lease_ms: int = 5000
-    step_timeout_s: float = 30.0
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    ready_timeout_s: float = 10.0       # ready: a forward pass finished within this
-    metrics_host: str = "0.0.0.0"
-    metrics_port: int = 8001            # /metrics /health /ready; 0: none
-
-    @property
-    def model_name(self) -> str:
-        return self.served_model_name or os.path.basename(os.path.normpath(self.model))
 
 
 class Lease:
@@ -79,8 +54,8 @@ class Lease:
 
 async def serve(config: SchedulerServiceConfig) -> None:
     model_config = ModelConfig.from_dir(config.model)
-    limit = model_config.max_position_embeddings
-    max_model_len = min(config.max_model_len or limit, limit)
+    max_model_len = resolve_max_model_len(config.max_model_len,
+                                          model_config.max_position_embeddings)
     consumer = f"{socket.gethostname()}-{os.getpid()}"
     client = aioredis.from_url(config.redis_url)
     obs = SchedulerObservability(config.model_name, config.group, max_model_len,

@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from common.config import EngineConfig, resolve_max_model_len
 from common.detokenize import IncrementalDetokenizer
+from common.limits import check_prompt
 from common.model_config import ModelConfig
 from common.sampling_params import SamplingParams
 from common.step import StepOutput, StepPlan
@@ -62,42 +64,37 @@ class _Tracked:
 
 
 class LLMEngine:
-    def __init__(self, model: str, dtype: str = "float32", block_size: int = 16,
-                 num_kv_blocks: int | None = None, max_num_seqs: int = 256,
-                 max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
-                 enable_prefix_caching: bool = True, seed: int = 0,
-                 kv_cache_memory_bytes: int = 2 << 30, device: str = "cpu",
-                 tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
-                 enforce_eager: bool = False) -> None:
-        self.model_config = ModelConfig.from_dir(model)
-        self.tokenizer = Tokenizer.from_dir(model)
-        limit = self.model_config.max_position_embeddings
-        self.max_model_len = min(max_model_len or limit, limit)
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.model_config = ModelConfig.from_dir(config.model)
+        self.tokenizer = Tokenizer.from_dir(config.model)
+        self.max_model_len = resolve_max_model_len(config.max_model_len,
+                                                   self.model_config.max_position_embeddings)
         self.worker_group = None
-        if tensor_parallel_size * pipeline_parallel_size > 1:
+        num_kv_blocks = config.num_kv_blocks
+        if config.world_size > 1:
             # A sharded model: worker processes, driven like the services drive them.
             from tessera.worker_group import LocalWorkerGroup
 
-            self.worker_group = LocalWorkerGroup(
-                model, tensor_parallel_size, pipeline_parallel_size, dtype, block_size, device,
-                kv_cache_memory_bytes, seed)
-            warm = self.worker_group.warmup(max_num_batched_tokens, max_num_seqs)
+            self.worker_group = LocalWorkerGroup(config)
+            warm = self.worker_group.warmup(config.max_num_batched_tokens, config.max_num_seqs)
             num_kv_blocks = min(num_kv_blocks or warm, warm)
         elif num_kv_blocks is None:
-            kv_dtype = compute_dtype(parse_dtype(dtype), torch.device(device))
-            per_block = kv_cache_bytes_per_block(self.model_config, block_size, kv_dtype)
-            num_kv_blocks = max(kv_cache_memory_bytes // per_block, 1)
+            kv_dtype = compute_dtype(parse_dtype(config.dtype), torch.device(config.device))
+            per_block = kv_cache_bytes_per_block(self.model_config, config.block_size, kv_dtype)
+            num_kv_blocks = max(config.kv_cache_memory_bytes // per_block, 1)
         self.scheduler = Scheduler(SchedulerConfig(
-            num_blocks=num_kv_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens, max_model_len=self.max_model_len,
-            enable_prefix_caching=enable_prefix_caching))
+            num_blocks=num_kv_blocks, block_size=config.block_size,
+            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=self.max_model_len, enable_prefix_caching=config.enable_prefix_caching))
         if self.worker_group is not None:
             self.executor = self.worker_group.executor
         else:
-            runner = ModelRunner(self.model_config, dtype, num_kv_blocks, block_size, device)
-            if runner.device.type == "cuda" and not enforce_eager:
-                runner.capture_decode_graphs(max_num_seqs)   # decode steps replay CUDA graphs
-            self.executor = LocalExecutor(Worker(runner, seed=seed))
+            runner = ModelRunner(self.model_config, config.dtype, num_kv_blocks, config.block_size,
+                                 config.device)
+            if runner.device.type == "cuda" and not config.enforce_eager:
+                runner.capture_decode_graphs(config.max_num_seqs)   # decode steps replay graphs
+            self.executor = LocalExecutor(Worker(runner, seed=config.seed))
         self.tracked: dict[str, _Tracked] = {}
         self._child_of: dict[str, tuple[_Tracked, _Sequence]] = {}
 
@@ -106,14 +103,7 @@ class LLMEngine:
                     prompt: str | None = None, priority: int = 0) -> None:
         if request_id in self.tracked:
             raise ValueError(f"duplicate request id {request_id!r}")
-        if not prompt_token_ids:
-            raise ValueError("prompt is empty")
-        vocab = self.model_config.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_token_ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise ValueError(f"prompt of {len(prompt_token_ids)} tokens is too long: "
-                             f"max_model_len is {self.max_model_len}")
+        check_prompt(prompt_token_ids, self.max_model_len, self.model_config.vocab_size)
         seqs = [_Sequence(i) for i in range(params.n)]
         t = _Tracked(request_id, prompt, list(prompt_token_ids), params, priority, seqs)
         if params.logprobs is not None:

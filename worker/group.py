@@ -8,22 +8,12 @@ a headless Service) or, with a Redis URL and no address, rank 0 picks a free por
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import time
 
 from worker.parallel import default_backend, init_worker_group
 
 logger = logging.getLogger(__name__)
-
-
-def rank_from_hostname(hostname: str | None = None) -> int:
-    """A StatefulSet pod's ordinal: "workers-g0-3" -> 3."""
-    name = hostname or os.environ.get("HOSTNAME") or socket.gethostname()
-    tail = name.rsplit("-", 1)[-1]
-    if not tail.isdigit():
-        raise ValueError(f"--rank hostname: {name!r} does not end in -<ordinal>")
-    return int(tail)
 
 
 def _advertised_host(bind_host: str) -> str:

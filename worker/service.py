@@ -20,12 +20,12 @@ import logging
 import os
 import socket
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from common.config import WorkerConfig
 from common.convert import step_output_to_proto, step_plan_from_proto
 from common.http_probe import start_probe
 from common.model_config import ModelConfig
@@ -38,40 +38,6 @@ from worker.telemetry import WorkerHealth, WorkerTelemetry
 from worker.worker import StepMismatchError, Worker
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    model: str
-    dtype: str = "float32"
-    device: str = "cpu"
-    block_size: int = 16
-    host: str = "127.0.0.1"
-    port: int = 50061
-    kv_cache_memory_bytes: int = 2 << 30      # the KV budget on CPU
-    gpu_memory_utilization: float = 0.9       # the fraction of GPU memory this process may use
-    seed: int = 0
-    redis_url: str | None = None              # where to register (None: not registered)
-    served_model_name: str | None = None
-    worker_id: str | None = None
-    heartbeat_ttl_s: float = 5.0
-    metrics_port: int = 8002                  # /metrics /health /ready on ``host``; 0: none
-    ready_timeout_s: float = 10.0             # not ready while a step runs longer than this
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    rank: int = 0                             # in the group: pp_stage * tp_size + tp_rank
-    dist_init_addr: str | None = None         # host:port of rank 0's TCP store
-    group: str = "0"                          # the worker group's name (Redis rendezvous)
-    dist_timeout_s: float = 120.0
-    enforce_eager: bool = False               # CUDA: no decode graphs
-
-    @property
-    def world_size(self) -> int:
-        return self.tensor_parallel_size * self.pipeline_parallel_size
-
-    @property
-    def model_name(self) -> str:
-        return self.served_model_name or os.path.basename(os.path.normpath(self.model))
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
