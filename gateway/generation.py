@@ -168,9 +168,7 @@ class GatewayState:
             groups = await self.redis.smembers(schema.ready_groups(self.model_name))
             if not groups:
                 return False
-            keys = [schema.scheduler_ready(self.model_name,
-                                           g.decode() if isinstance(g, bytes) else g)
-                    for g in groups]
+            keys = [schema.scheduler_ready(self.model_name, schema.text(g)) for g in groups]
             return bool(await self.redis.exists(*keys))
         except (RedisError, OSError) as e:   # no Redis: nothing can be served
             logger.warning("readiness: Redis does not answer: %s", e)

@@ -34,9 +34,6 @@ class GroupStats:
     pending: int   # delivered to a scheduler and not yet finished (in flight)
 
 
-def _text(v: str | bytes) -> str:
-    return v.decode() if isinstance(v, bytes) else v
-
 
 class RequestQueue:
     """One scheduler's view of its model's request stream, output streams and cancels."""
@@ -91,7 +88,7 @@ class RequestQueue:
         reply = await self.redis.xautoclaim(self.stream, self.group, self.consumer,
                                             min_idle_time=min_idle_ms,
                                             start_id=self._claim_cursor, count=count)
-        self._claim_cursor = _text(reply[0])
+        self._claim_cursor = schema.text(reply[0])
         # Entries deleted while pending come back as None (Redis drops them from the PEL).
         raw = [(eid, fields) for eid, fields in reply[1] if fields]
         return await self._admit(raw)
@@ -109,7 +106,7 @@ class RequestQueue:
         good: list[Entry] = []
         doomed: list[tuple[str, str, str | None, str | None]] = []  # id, req id, reason, error
         for entry_id, fields in raw:
-            entry_id = _text(entry_id)
+            entry_id = schema.text(entry_id)
             try:
                 good.append((entry_id, QueuedRequest.from_fields(fields)))
             except MalformedEntry as e:
@@ -128,7 +125,7 @@ class RequestQueue:
             self.admitted_at = int(secs) + int(usecs) / 1e6
             kept, done = [], []
             for (entry_id, q), (cancelled, state) in zip(good, records):
-                if state is not None and _text(state) in schema.TERMINAL_STATES:
+                if state is not None and schema.text(state) in schema.TERMINAL_STATES:
                     done.append(entry_id)
                 elif cancelled:
                     doomed.append((entry_id, q.request_id, "abort", None))
@@ -231,7 +228,7 @@ class RequestQueue:
     # which _admit checks when the request is read or claimed.
     async def _init_cancel_cursor(self) -> None:
         last = await self.redis.xrevrange(self._cancels, count=1)
-        self._cancel_cursor = _text(last[0][0]) if last else "0-0"
+        self._cancel_cursor = schema.text(last[0][0]) if last else "0-0"
 
     async def drain_cancels(self, batch: int = 1000) -> list[str]:
         """Request ids cancelled since the last drain (call once per step; never blocks)."""
@@ -242,10 +239,10 @@ class RequestQueue:
             reply = await self.redis.xread({self._cancels: self._cancel_cursor}, count=batch)
             entries = reply[0][1] if reply else []
             for entry_id, fields in entries:
-                self._cancel_cursor = _text(entry_id)
+                self._cancel_cursor = schema.text(entry_id)
                 rid = fields.get(b"request_id", fields.get("request_id"))
                 if rid:
-                    ids[_text(rid)] = None
+                    ids[schema.text(rid)] = None
             if len(entries) < batch:
                 return list(ids)
 
@@ -257,7 +254,7 @@ class RequestQueue:
         pipe.xlen(self.stream)
         groups, length = await pipe.execute()
         for g in groups:
-            if _text(g["name"]) == self.group:
+            if schema.text(g["name"]) == self.group:
                 pending = int(g["pending"])
                 lag = g.get("lag")
                 # Redis answers nil lag when deletions make it unknowable; since finished

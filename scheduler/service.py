@@ -40,7 +40,7 @@ class Lease:
         while True:
             await asyncio.sleep(self.ttl_ms / 3000)
             holder = await self.client.get(self.key)
-            if holder is None or (holder.decode() if isinstance(holder, bytes) else holder) != self.owner:
+            if holder is None or schema.text(holder) != self.owner:
                 logger.error("lost the lease %s (now held by %r): stopping", self.key, holder)
                 lost.set()
                 return
@@ -48,7 +48,7 @@ class Lease:
 
     async def release(self) -> None:
         holder = await self.client.get(self.key)
-        if holder is not None and (holder.decode() if isinstance(holder, bytes) else holder) == self.owner:
+        if holder is not None and schema.text(holder) == self.owner:
             await self.client.delete(self.key)
 
 

@@ -28,7 +28,7 @@ def _observe(config: LogConfig, service: str) -> None:
 
 
 def _add_make_model(subparsers: argparse._SubParsersAction) -> None:
-    from tessera.make_model import ARCHS, DTYPES, PRESETS
+    from tessera.make_model import ARCHS, PRESETS
 
     p = subparsers.add_parser(
         "make-model",

@@ -62,8 +62,8 @@ def resolve_init_addr(config) -> str:
         while time.monotonic() < deadline:
             addr = client.get(key)
             # A dead rank 0's address can linger (a restarted group): wait for one that answers.
-            if addr is not None and _listening(addr.decode()):
-                return addr.decode()
+            if addr is not None and _listening(schema.text(addr)):
+                return schema.text(addr)
             time.sleep(0.2)
         raise TimeoutError(f"rank 0 of group {config.group} never published {key}")
     finally:
