@@ -145,20 +145,35 @@ class Stack:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def start_group(stack: Stack, config: ServeConfig, name: str, redis_url: str,
-                group: str) -> list[str]:
+def worker_config(config: ServeConfig, redis_url: str, group: str) -> WorkerConfig:
+    """What a worker of group `group` takes from `tessera serve`'s settings (rank and ports
+    are set per rank by worker_procs)."""
+    return pick(WorkerConfig, config, served_model_name=config.model_name, redis_url=redis_url,
+                group=group)
+
+
+def scheduler_config(config: ServeConfig, redis_url: str, group: str,
+                     workers: tuple[str, ...]) -> SchedulerServiceConfig:
+    return pick(SchedulerServiceConfig, config, served_model_name=config.model_name,
+                redis_url=redis_url, group=group, workers=workers, metrics_host="127.0.0.1",
+                metrics_port=free_port())
+
+
+def gateway_config(config: ServeConfig, redis_url: str) -> GatewayConfig:
+    return pick(GatewayConfig, config, served_model_name=config.model_name, redis_url=redis_url,
+                host=config.host, http_port=config.http_port, grpc_port=config.grpc_port)
+
+
+def start_group(stack: Stack, config: ServeConfig, redis_url: str, group: str) -> list[str]:
     """One worker group and its scheduler; returns their metrics endpoints, "URL (label)"."""
     size, dp = config.world_size, config.data_parallel_size
     labels = ["worker"] if size * dp == 1 else [f"worker{group}-{rank}" for rank in range(size)]
-    worker = pick(WorkerConfig, config, served_model_name=name, redis_url=redis_url,
-                  group=group)
-    workers = worker_procs(worker, labels, env=cpu_share(size * dp))
+    workers = worker_procs(worker_config(config, redis_url, group), labels,
+                           env=cpu_share(size * dp))
     stack.start("worker" if size * dp == 1 else f"worker group {group}",
                 [p for p, _, _ in workers])
     label = "scheduler" if dp == 1 else f"scheduler{group}"
-    scheduler = pick(SchedulerServiceConfig, config, served_model_name=name, redis_url=redis_url,
-                     group=group, workers=tuple(a for _, a, _ in workers),
-                     metrics_host="127.0.0.1", metrics_port=free_port())
+    scheduler = scheduler_config(config, redis_url, group, tuple(a for _, a, _ in workers))
     stack.start(label, [Proc(label, [*TESSERA, "scheduler",
                                      *to_argv(scheduler, SchedulerServiceConfig)],
                              "scheduler ready")])
@@ -182,9 +197,8 @@ def serve(config: ServeConfig) -> int:
             redis_url = redis.url
         metrics = [f"http://{config.host}:{config.http_port}/metrics (gateway)"]
         for group in range(config.data_parallel_size):
-            metrics += start_group(stack, config, name, redis_url, str(group))
-        gateway = pick(GatewayConfig, config, served_model_name=name, redis_url=redis_url,
-                       host=config.host, http_port=config.http_port, grpc_port=config.grpc_port)
+            metrics += start_group(stack, config, redis_url, str(group))
+        gateway = gateway_config(config, redis_url)
         stack.start("gateway", [Proc("gateway", [*TESSERA, "gateway",
                                                  *to_argv(gateway, GatewayConfig)],
                                      "gateway ready")])
