@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 import uvicorn
 
 from common.config import GatewayConfig
+from common.redis_client import connect
 from gateway.generation import GatewayState
 from gateway.grpc_api import create_server
 from gateway.openai_api import create_app
@@ -24,7 +25,7 @@ logger = logging.getLogger(__name__)
 async def serve(config: GatewayConfig) -> None:
     """Serve until cancelled; prints "gateway ready http://HOST:PORT grpc HOST:PORT" once
     both faces listen. ``run_until_signal`` wraps it for a process of its own."""
-    redis = aioredis.from_url(config.redis_url, max_connections=config.max_redis_connections)
+    redis = connect(config.redis_url, max_connections=config.max_redis_connections)
     state = GatewayState.load(config.model, config.model_name, redis,
                               max_body_bytes=config.max_body_bytes,
                               max_model_len=config.max_model_len)

@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 
 from common import redis_schema as schema
 from common.config import SchedulerServiceConfig, resolve_max_model_len
+from common.redis_client import connect
 from common.model_config import ModelConfig
 from scheduler.executor import GrpcExecutor
 from scheduler.loop import EngineLoop
@@ -39,12 +40,22 @@ class Lease:
     async def renew_forever(self, lost: asyncio.Event) -> None:
         while True:
             await asyncio.sleep(self.ttl_ms / 3000)
-            holder = await self.client.get(self.key)
-            if holder is None or schema.text(holder) != self.owner:
-                logger.error("lost the lease %s (now held by %r): stopping", self.key, holder)
-                lost.set()
-                return
-            await self.client.pexpire(self.key, self.ttl_ms)
+            try:
+                holder = await self.client.get(self.key)
+                if holder is None:
+                    # Expired while Redis was away (restarted): ours again unless taken.
+                    if await self.client.set(self.key, self.owner, nx=True, px=self.ttl_ms):
+                        logger.warning("re-took the lease %s after it expired", self.key)
+                        continue
+                    holder = await self.client.get(self.key)
+                if holder is None or schema.text(holder) != self.owner:
+                    logger.error("lost the lease %s (now held by %r): stopping", self.key,
+                                 holder)
+                    lost.set()
+                    return
+                await self.client.pexpire(self.key, self.ttl_ms)
+            except (aioredis.RedisError, OSError) as e:   # past the client's retries
+                logger.warning("lease %s: Redis does not answer (%s)", self.key, e)
 
     async def release(self) -> None:
         holder = await self.client.get(self.key)
@@ -57,7 +68,7 @@ async def serve(config: SchedulerServiceConfig) -> None:
     max_model_len = resolve_max_model_len(config.max_model_len,
                                           model_config.max_position_embeddings)
     consumer = f"{socket.gethostname()}-{os.getpid()}"
-    client = aioredis.from_url(config.redis_url)
+    client = connect(config.redis_url)
     obs = SchedulerObservability(config.model_name, config.group, max_model_len,
                                  config.ready_timeout_s, config.metrics_host, config.metrics_port)
     lease = Lease(client, schema.group_lease(config.model_name, config.group), consumer,

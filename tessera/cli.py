@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from common import logging_setup, settings
-from common.config import (DTYPES, GatewayConfig, LogConfig, SchedulerServiceConfig,
+from common.config import (EngineConfig, GatewayConfig, LogConfig, SchedulerServiceConfig,
                            ServeConfig, WorkerConfig)
 
 
@@ -28,6 +28,7 @@ def _observe(config: LogConfig, service: str) -> None:
 
 
 def _add_make_model(subparsers: argparse._SubParsersAction) -> None:
+    from common.config import DTYPES
     from tessera.make_model import ARCHS, PRESETS
 
     p = subparsers.add_parser(
@@ -58,13 +59,12 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
         "generate", help="generate text from prompts with the offline API",
         description="Load a local model directory and generate from one or more prompts, "
         "in process (no services).")
-    p.add_argument("--model", required=True, help="local Hugging Face model directory")
     p.add_argument("--prompt", action="append", required=True,
                    help="a prompt; repeat the flag for several")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    settings.add_arguments(p, EngineConfig, skip=("seed",))   # --seed is the request's here
     p.set_defaults(handler=_run_generate)
 
 
@@ -73,7 +73,7 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     from tessera import LLM, SamplingParams
 
-    llm = LLM(args.model, dtype=args.dtype)
+    llm = LLM(config=settings.from_args(EngineConfig, args, seed=0))
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens,
                             seed=args.seed)
     start = time.perf_counter()

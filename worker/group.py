@@ -46,11 +46,10 @@ def resolve_init_addr(config) -> str:
         return config.dist_init_addr
     if not config.redis_url:
         raise ValueError("a worker group needs --dist-init-addr or --redis-url to meet")
-    import redis
-
     from common import redis_schema as schema
+    from common.redis_client import connect_sync
 
-    client = redis.Redis.from_url(config.redis_url)
+    client = connect_sync(config.redis_url)
     key = schema.group_rendezvous(config.model_name, config.group)
     try:
         if config.rank == 0:

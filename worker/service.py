@@ -160,26 +160,38 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 async def heartbeat(config: WorkerConfig, address: str) -> None:
     """Register in the model's worker registry and keep a heartbeat key alive: the key
     vanishing (TTL) is how the rest of the system learns that this worker is gone."""
-    import redis.asyncio as aioredis
+    from redis.exceptions import RedisError
 
     from common import redis_schema as schema
+    from common.redis_client import connect
 
     worker_id = config.worker_id or f"{socket.gethostname()}-{os.getpid()}"
-    client = aioredis.from_url(config.redis_url)
+    client = connect(config.redis_url)
     key = schema.worker_heartbeat(config.model_name, worker_id)
     ttl_ms = int(config.heartbeat_ttl_s * 1000)
+    registry = schema.workers_registry(config.model_name)
+    tp, pp = get_tp_group(), get_pp_stage()
+    entry = json.dumps(
+        {"address": address, "model": config.model, "device": config.device,
+         "group": config.group, "rank": config.rank, "tp_rank": tp.rank, "tp_size": tp.size,
+         "pp_rank": pp.rank, "pp_size": pp.size})
     try:
-        tp, pp = get_tp_group(), get_pp_stage()
-        await client.hset(schema.workers_registry(config.model_name), worker_id, json.dumps(
-            {"address": address, "model": config.model, "device": config.device,
-             "group": config.group, "rank": config.rank, "tp_rank": tp.rank, "tp_size": tp.size,
-             "pp_rank": pp.rank, "pp_size": pp.size}))
         while True:
-            await client.set(key, address, px=ttl_ms)
+            # The entry with every beat: a Redis that lost it (restarted) learns it again.
+            try:
+                async with client.pipeline(transaction=False) as pipe:
+                    pipe.hset(registry, worker_id, entry)
+                    pipe.set(key, address, px=ttl_ms)
+                    await pipe.execute()
+            except (RedisError, OSError) as e:   # past the client's retries: beat on
+                logger.warning("heartbeat: Redis does not answer (%s)", e)
             await asyncio.sleep(config.heartbeat_ttl_s / 3)
     finally:
-        await client.delete(key)
-        await client.hdel(schema.workers_registry(config.model_name), worker_id)
+        try:   # the TTL removes the key anyway: do not hang a shutdown on a dead Redis
+            await asyncio.wait_for(asyncio.gather(client.delete(key),
+                                                  client.hdel(registry, worker_id)), 2.0)
+        except (RedisError, OSError, asyncio.TimeoutError):
+            pass
         await client.aclose()
 
 
