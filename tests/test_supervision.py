@@ -16,8 +16,13 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cli_procs import start_serve
+import redis
+from cli_procs import listed, start_serve
+from common.redis_schema import SCHEDULERS_GROUP, requests_stream
 from tessera.procs import free_port
+
+
+TOKENS = 400   # long enough that the requests are mid-generation when Redis dies
 
 
 def children(pid: int) -> dict[str, int]:
@@ -34,7 +39,7 @@ def children(pid: int) -> dict[str, int]:
         if ppid != pid:
             continue
         words = [w.decode() for w in argv if w]
-        if words and words[0].endswith("redis-server"):
+        if words and "redis-server" in words[0]:   # it rewrites its title: "PATH HOST:PORT"
             found["redis"] = int(entry.name)
         elif "tessera.cli" in words:
             found[words[words.index("tessera.cli") + 1]] = int(entry.name)
@@ -79,14 +84,14 @@ def stack(tiny_model):
                                "--max-num-batched-tokens", "128"], timeout=180)
     metrics = dict((svc, url) for url, svc in re.findall(
         r"(http://\S+/metrics) \((\w+)\)", next(l for l in lines if "Metrics" in l)))
-    yield proc, f"http://127.0.0.1:{http}", os.path.basename(model_dir), metrics
+    yield proc, f"http://127.0.0.1:{http}", os.path.basename(model_dir), metrics, lines
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0
 
 
 @pytest.mark.parametrize("service", ["gateway", "worker", "scheduler"])
 def test_a_killed_child_is_restarted_and_serves_again(stack, service):
-    proc, base, name, metrics = stack
+    proc, base, name, metrics, _ = stack
     assert complete(base, name), "serves before the kill"
     before = children(proc.pid)
     assert {"gateway", "worker", "scheduler", "redis"} <= set(before)
@@ -108,25 +113,40 @@ def test_redis_restart_is_a_pause_for_in_flight_requests(stack):
     """SIGKILL of the private redis-server mid-generation: the supervisor restarts it on its
     port, from its AOF; the services' clients retry with backoff, and the requests in flight
     finish with every token."""
-    proc, base, name, _ = stack
+    proc, base, name, _, lines = stack
     assert complete(base, name)
+
+    r = redis.Redis.from_url(listed(lines, "Redis"))
+    # (a scheduler killed above leaves what it had read pending: count from here)
+    before = r.xpending(requests_stream(name), SCHEDULERS_GROUP)["pending"]
 
     async def run(n: int) -> list[dict]:
         async with httpx.AsyncClient(timeout=240) as client:
             async def one(i: int) -> dict:
                 r = await client.post(base + "/v1/completions", json={
-                    "model": name, "prompt": f"request {i}", "max_tokens": 48,
+                    "model": name, "prompt": f"request {i}", "max_tokens": TOKENS,
                     "temperature": 0, "ignore_eos": True})
                 return r.json() | {"status": r.status_code}
             tasks = [asyncio.create_task(one(i)) for i in range(n)]
-            await asyncio.sleep(1.5)   # under way
+            # under way: the scheduler has the requests (the stream's group has read them)
+            # and none has finished
+            for _ in range(600):
+                pending = r.xpending(requests_stream(name), SCHEDULERS_GROUP)["pending"]
+                if pending == before + n:
+                    break
+                await asyncio.sleep(0.05)
+            assert pending == before + n and not any(t.done() for t in tasks)
             os.kill(children(proc.pid)["redis"], signal.SIGKILL)
             return await asyncio.gather(*tasks)
 
+    services = {k: v for k, v in children(proc.pid).items() if k != "redis"}
     results = asyncio.run(run(4))
-    assert "redis restarted (restarts: 1)" in proc.output()
     assert all(r["status"] == 200 for r in results), results
-    assert all(r["usage"]["completion_tokens"] == 48 for r in results)
+    wait_for(lambda: "redis restarted (restarts: 1)" in proc.output(), 60, "redis's restart")
+    after = children(proc.pid)
+    assert {k: after[k] for k in services} == services, "the services reconnected, none exited"
+    assert all(r["status"] == 200 for r in results), results
+    assert all(r["usage"]["completion_tokens"] == TOKENS for r in results)
     assert complete(base, name), "new requests are served too"
 
 
