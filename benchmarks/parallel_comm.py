@@ -84,7 +84,7 @@ def _e2e(model_dir: str) -> None:
     base = None
     for tp, pp in [(1, 1), (2, 1), (1, 2)]:
         with LLM(model_dir, tensor_parallel_size=tp, pipeline_parallel_size=pp,
-                 kv_cache_memory_bytes=64 << 20) as llm:
+                 kv_cache_memory_gb=64 / 1024) as llm:
             llm.generate(prompts[:2], SamplingParams(max_tokens=4), use_tqdm=False)
             t = time.perf_counter()
             outs = llm.generate(prompts, params, use_tqdm=False)

@@ -43,19 +43,17 @@ import gc
 import os
 import pathlib
 import random
-import signal
 import statistics
-import subprocess
 import tempfile
-import threading
 import time
 
 import httpx
 
+from common.config import served_model_name
 from common.model_config import ModelConfig
 from tessera import LLM, SamplingParams
 from tessera.bench_serve import sse_chunks
-from tessera.launcher import free_port
+from tessera.procs import TESSERA, Proc, free_port
 
 READY = "Ctrl-C stops everything."
 
@@ -98,41 +96,19 @@ def in_process(args, model_dir: str, prompts, ttft_prompts, warm_prompts):
 
 # ---------------------------------------------------------------------------- the stack
 
-def start_stack(args, model_dir: str, env: dict[str, str] | None = None
-                ) -> tuple[subprocess.Popen, str]:
+def start_stack(args, model_dir: str, env: dict[str, str | None] | None = None
+                ) -> tuple[Proc, str]:
     http_port, grpc_port = free_port(), free_port()
-    argv = [sys.executable, "-m", "tessera.cli", "serve", "--model", model_dir,
+    argv = [*TESSERA, "serve", "--model", model_dir,
             "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--dtype", args.dtype,
             "--max-num-seqs", str(args.max_num_seqs),
             "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, env=env)
-    deadline = time.monotonic() + args.start_timeout
-    tail: list[str] = []
-    try:
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line and proc.poll() is not None:
-                break
-            tail = (tail + [line])[-20:]
-            if READY in line:
-                # keep draining its output so a full pipe never blocks it
-                threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
-                return proc, f"http://127.0.0.1:{http_port}"
-    finally:
-        if not tail or READY not in tail[-1]:
-            stop_stack(proc)
-    raise RuntimeError("the stack did not become ready:\n" + "".join(tail))
+    proc = Proc("tessera serve", argv, READY, env).start().wait_ready(args.start_timeout)
+    return proc, f"http://127.0.0.1:{http_port}"
 
 
-def stop_stack(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)        # serve stops its children on SIGTERM
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)     # its own session: only the processes it started
-        proc.wait()
+def stop_stack(proc: Proc) -> None:
+    proc.stop(timeout=30)        # serve stops its children on SIGTERM; then its whole session
 
 
 async def stream_one(client: httpx.AsyncClient, url: str, body: dict) -> tuple[float, int]:
@@ -226,7 +202,7 @@ def tree_cpu_seconds(root: int) -> float:
 def tracing_cost(args, model_dir: str, name: str, prompts, ttft_prompts, warm_prompts) -> None:
     """Both stacks run side by side (the idle one costs almost nothing) and the measurements
     alternate between them, so that a change in the machine's background load hits both."""
-    plain = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    plain = {k: None for k in os.environ if k.startswith("OTEL_")}   # unset in the stack
     sink = SpanSink()
     traced = {**plain, "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink.port}",
               "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}
@@ -295,7 +271,7 @@ def main() -> None:
         from tessera.make_model import make_model
         model_dir = str(make_model(tempfile.mkdtemp() + f"/{args.preset}", "llama", preset=args.preset))
     model_dir = os.path.abspath(model_dir)
-    name = os.path.basename(os.path.normpath(model_dir))
+    name = served_model_name(model_dir)
     vocab = ModelConfig.from_dir(model_dir).vocab_size
     prompts = workload(args.num_requests, vocab)
     ttft_prompts = fixed_prompts(args.ttft_requests, args.ttft_prompt_len, vocab)

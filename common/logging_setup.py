@@ -12,7 +12,6 @@ and code that could must ask ``prompts_allowed()`` first.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -32,15 +31,6 @@ _log_prompts = False
 def prompts_allowed() -> bool:
     """Whether prompt and output text may be logged (``--log-prompts``; off by default)."""
     return _log_prompts
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The logging flags every service takes."""
-    parser.add_argument("--log-format", choices=LOG_FORMATS, default="text",
-                        help="text (default) or json: one JSON object per line, with request "
-                        "and trace ids")
-    parser.add_argument("--log-prompts", action="store_true",
-                        help="debug: allow prompt and output text in the logs (default: never)")
 
 
 def _ids(record: logging.LogRecord) -> dict[str, str]:

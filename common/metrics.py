@@ -18,7 +18,9 @@ request waited in the stream), never by subtracting two machines' clocks.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+import os
+
+from prometheus_client import CollectorRegistry, Counter, ProcessCollector, generate_latest
 
 PREFIX = "tessera:"
 LABELS = ("model_name",)
@@ -51,11 +53,21 @@ def buckets_1_2_5(max_value: int) -> list[int]:
         exponent += 1
 
 
+# Set by `tessera serve` in the environment of a child it restarted (tessera/launcher.py).
+RESTARTS_ENV, SERVICE_ENV = "TESSERA_PROCESS_RESTARTS", "TESSERA_SERVICE_NAME"
+
+
 def new_registry() -> CollectorRegistry:
     """A private registry (not prometheus_client's global one) with the process metrics, so
-    that several services in one test process never collide."""
+    that several services in one test process never collide; in a process its supervisor
+    restarted, also ``tessera:process_restarts_total{service}`` (how many times it was)."""
     registry = CollectorRegistry(auto_describe=True)
     ProcessCollector(registry=registry)
+    restarts = os.environ.get(RESTARTS_ENV)
+    if restarts and restarts.isdigit():
+        Counter(name("process_restarts"), "times the supervisor restarted this process",
+                ["service"], registry=registry).labels(
+                    os.environ.get(SERVICE_ENV, "")).inc(int(restarts))
     return registry
 
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# HF `architectures` name -> our model family. The worker's registry maps the same names to
-# classes; this table only says which config keys a family uses.
+# HF `architectures` name -> our model family: the one list of supported architectures. The
+# worker's registry maps each family to its class; make-model writes these names.
 ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",

@@ -96,7 +96,7 @@ def ready_groups(model: str) -> str:
 
 def entry_time(entry_id: str | bytes) -> float:
     """When Redis added a stream entry (its id's milliseconds part), in Redis's clock seconds."""
-    return int(_text(entry_id).split("-", 1)[0]) / 1000.0
+    return int(text(entry_id).split("-", 1)[0]) / 1000.0
 
 
 def idempotency_key(tenant: str, key: str) -> str:
@@ -139,13 +139,14 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"))
 
 
-def _text(value: str | bytes) -> str:
+def text(value: str | bytes) -> str:
+    """A Redis reply (or gRPC metadata) value as str, whether the client decodes or not."""
     return value.decode() if isinstance(value, bytes) else value
 
 
 def _decode(fields: Mapping[Any, Any]) -> dict[str, str]:
     """Entry fields as str -> str, whether the client decodes responses or not."""
-    return {_text(k): _text(v) for k, v in fields.items()}
+    return {text(k): text(v) for k, v in fields.items()}
 
 
 def params_to_json(params: SamplingParams) -> dict[str, Any]:

@@ -34,6 +34,8 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, TraceFlags
 
+from common.redis_schema import text
+
 from common.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -179,7 +181,7 @@ def context_from_carrier(carrier: Mapping[str, str] | Iterable[tuple[str, str]])
     items = carrier.items() if isinstance(carrier, Mapping) else carrier
     for key, value in items:
         if key.lower() == TRACEPARENT:
-            return context_from_traceparent(value if isinstance(value, str) else value.decode())
+            return context_from_traceparent(text(value))
     return None
 
 

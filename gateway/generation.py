@@ -25,7 +25,9 @@ from redis.exceptions import RedisError
 
 from common import redis_schema as schema
 from common.convert import Choice, GenerateResult, ModelInfo, StreamChunk
+from common.config import resolve_max_model_len
 from common.detokenize import IncrementalDetokenizer
+from common.limits import PromptError, check_prompt
 from common.logging_setup import prompts_allowed
 from common.model_config import ModelConfig
 from common.redis_schema import OutputEvent, QueuedRequest
@@ -86,9 +88,7 @@ class GatewayState:
              max_body_bytes: int = 4 << 20, max_model_len: int | None = None) -> GatewayState:
         config = ModelConfig.from_dir(model_dir)
         tokenizer = Tokenizer.from_dir(model_dir)
-        limit = max_model_len or config.max_position_embeddings
-        if not 0 < limit <= config.max_position_embeddings:
-            raise ValueError(f"max_model_len must be in [1, {config.max_position_embeddings}]")
+        limit = resolve_max_model_len(max_model_len, config.max_position_embeddings)
         # Ids past the model's embedding rows would crash a worker: the model's size rules.
         return cls(tokenizer, model_name, limit, config.vocab_size, redis, max_body_bytes)
 
@@ -111,16 +111,12 @@ class GatewayState:
             raise invalid(str(e), str(e).split(" ", 1)[0]) from None
 
     def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
-        if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt)
-        else:
-            ids = list(prompt)
-            bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
-            if bad is not None:
-                raise invalid(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})",
-                              "prompt")
-        if not ids:
-            raise invalid("the prompt is empty", "prompt")
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        try:
+            # The length is check_length's, with the OpenAI message that counts max_tokens.
+            check_prompt(ids, vocab_size=self.vocab_size)
+        except PromptError as e:
+            raise invalid(str(e), e.param) from None
         return ids
 
     def render_chat(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
@@ -172,9 +168,7 @@ class GatewayState:
             groups = await self.redis.smembers(schema.ready_groups(self.model_name))
             if not groups:
                 return False
-            keys = [schema.scheduler_ready(self.model_name,
-                                           g.decode() if isinstance(g, bytes) else g)
-                    for g in groups]
+            keys = [schema.scheduler_ready(self.model_name, schema.text(g)) for g in groups]
             return bool(await self.redis.exists(*keys))
         except (RedisError, OSError) as e:   # no Redis: nothing can be served
             logger.warning("readiness: Redis does not answer: %s", e)

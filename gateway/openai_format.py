@@ -18,7 +18,7 @@ def completion_prompts(state: GatewayState, prompt: str | list
     if isinstance(prompt, str):
         return [state.encode_prompt(prompt)], [prompt]
     if not prompt:
-        raise invalid("prompt must not be empty", "prompt")
+        raise invalid("the prompt is empty", "prompt")
     if isinstance(prompt[0], str):
         return [state.encode_prompt(p) for p in prompt], list(prompt)
     if isinstance(prompt[0], int):

@@ -41,9 +41,6 @@ return ARGV[2]
 """
 
 
-def _text(v: str | bytes) -> str:
-    return v.decode() if isinstance(v, bytes) else v
-
 
 class RequestSubmitter:
     """Enqueue requests, stream their events, cancel them: the gateway's Redis client.
@@ -75,7 +72,7 @@ class RequestSubmitter:
                   schema.requests_stream(queued.model)],
             args=["1" if has_idem else "0", queued.request_id, self.limits.record_ttl_ms,
                   len(rec_args), *rec_args, *entry_args])
-        return _text(rid)
+        return schema.text(rid)
 
     async def events(self, request_id: str, last_index: int = -1,
                      block_ms: int = 1000) -> AsyncIterator[OutputEvent]:
@@ -123,7 +120,7 @@ class RequestSubmitter:
                 raise RequestNotFound(request_id)
             # The final XADD precedes the state change in the scheduler's pipeline: once the
             # state is terminal, one more non-blocking read sees everything there will be.
-            over = _text(state) in schema.TERMINAL_STATES
+            over = schema.text(state) in schema.TERMINAL_STATES
             block = None if over else block_ms
 
     async def cancel(self, request_id: str) -> bool:
@@ -135,11 +132,11 @@ class RequestSubmitter:
         """
         rec = schema.request_record(request_id)
         model, state = await self.redis.hmget(rec, ["model", "state"])
-        if model is None or state is None or _text(state) in schema.TERMINAL_STATES:
+        if model is None or state is None or schema.text(state) in schema.TERMINAL_STATES:
             return False
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(rec, "cancelled", "1")
-        pipe.xadd(schema.cancels_stream(_text(model)), {"request_id": request_id},
+        pipe.xadd(schema.cancels_stream(schema.text(model)), {"request_id": request_id},
                   maxlen=self.limits.cancels_maxlen, approximate=True)
         await pipe.execute()
         return True

@@ -9,12 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import pathlib
-from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 import uvicorn
 
+from common.config import GatewayConfig
+from common.redis_client import connect
 from gateway.generation import GatewayState
 from gateway.grpc_api import create_server
 from gateway.openai_api import create_app
@@ -22,27 +22,10 @@ from gateway.openai_api import create_app
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class GatewayConfig:
-    model: str                              # local HF model directory (tokenizer, config)
-    served_model_name: str | None = None    # default: the directory's basename
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    host: str = "127.0.0.1"
-    http_port: int = 8000                   # 0: any free port (the ready line names it)
-    grpc_port: int = 50051
-    max_body_bytes: int = 4 << 20
-    max_model_len: int | None = None        # default: the model's max_position_embeddings
-    max_redis_connections: int = 1024       # each open stream holds one while it waits
-
-    @property
-    def model_name(self) -> str:
-        return self.served_model_name or pathlib.Path(self.model).resolve().name
-
-
 async def serve(config: GatewayConfig) -> None:
     """Serve until cancelled; prints "gateway ready http://HOST:PORT grpc HOST:PORT" once
     both faces listen. ``run_until_signal`` wraps it for a process of its own."""
-    redis = aioredis.from_url(config.redis_url, max_connections=config.max_redis_connections)
+    redis = connect(config.redis_url, max_connections=config.max_redis_connections)
     state = GatewayState.load(config.model, config.model_name, redis,
                               max_body_bytes=config.max_body_bytes,
                               max_model_len=config.max_model_len)

@@ -47,9 +47,6 @@ class GroupStats:
     pending: int   # delivered to a scheduler and not yet finished (in flight)
 
 
-def _text(v: str | bytes) -> str:
-    return v.decode() if isinstance(v, bytes) else v
-
 
 class RequestQueue:
     """One scheduler's view of its model's request stream, output streams and cancels."""
@@ -104,7 +101,7 @@ class RequestQueue:
         reply = await self.redis.xautoclaim(self.stream, self.group, self.consumer,
                                             min_idle_time=min_idle_ms,
                                             start_id=self._claim_cursor, count=count)
-        self._claim_cursor = _text(reply[0])
+        self._claim_cursor = schema.text(reply[0])
         # Entries deleted while pending come back as None (Redis drops them from the PEL).
         raw = [(eid, fields) for eid, fields in reply[1] if fields]
         return await self._admit(raw)
@@ -122,7 +119,7 @@ class RequestQueue:
         good: list[Entry] = []
         doomed: list[tuple[str, str, str | None, str | None]] = []  # id, req id, reason, error
         for entry_id, fields in raw:
-            entry_id = _text(entry_id)
+            entry_id = schema.text(entry_id)
             try:
                 good.append((entry_id, QueuedRequest.from_fields(fields)))
             except MalformedEntry as e:
@@ -141,7 +138,7 @@ class RequestQueue:
             self.admitted_at = int(secs) + int(usecs) / 1e6
             kept, done = [], []
             for (entry_id, q), (cancelled, state) in zip(good, records):
-                if state is not None and _text(state) in schema.TERMINAL_STATES:
+                if state is not None and schema.text(state) in schema.TERMINAL_STATES:
                     done.append(entry_id)
                 elif cancelled:
                     doomed.append((entry_id, q.request_id, "abort", None))
@@ -264,7 +261,7 @@ class RequestQueue:
     # which _admit checks when the request is read or claimed.
     async def _init_cancel_cursor(self) -> None:
         last = await self.redis.xrevrange(self._cancels, count=1)
-        self._cancel_cursor = _text(last[0][0]) if last else "0-0"
+        self._cancel_cursor = schema.text(last[0][0]) if last else "0-0"
 
     async def drain_cancels(self, batch: int = 1000) -> list[str]:
         """Request ids cancelled since the last drain (never blocks; `exchange` does this as
@@ -282,10 +279,10 @@ class RequestQueue:
         """The request ids of an XREAD reply on the cancels stream; advances the cursor."""
         ids: dict[str, None] = {}
         for entry_id, fields in (reply[0][1] if reply else []):
-            self._cancel_cursor = _text(entry_id)
+            self._cancel_cursor = schema.text(entry_id)
             rid = fields.get(b"request_id", fields.get("request_id"))
             if rid:
-                ids[_text(rid)] = None
+                ids[schema.text(rid)] = None
         return list(ids)
 
     @staticmethod
@@ -300,7 +297,7 @@ class RequestQueue:
         pipe.xlen(self.stream)
         groups, length = await pipe.execute()
         for g in groups:
-            if _text(g["name"]) == self.group:
+            if schema.text(g["name"]) == self.group:
                 pending = int(g["pending"])
                 lag = g.get("lag")
                 # Redis answers nil lag when deletions make it unknowable; since finished

@@ -21,6 +21,7 @@ import bisect
 import heapq
 from dataclasses import dataclass
 
+from common.limits import check_prompt
 from common.step import NewSequence, RunningSequence, StepPlan
 from scheduler.kv_cache_manager import KVCacheManager
 from scheduler.request import Request, RequestStatus
@@ -57,12 +58,7 @@ class Scheduler:
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
             raise ValueError(f"duplicate request id {request.request_id!r}")
-        if request.num_prompt_tokens == 0:
-            raise ValueError("prompt is empty")
-        if request.num_prompt_tokens >= self.config.max_model_len:
-            raise ValueError(f"prompt of {request.num_prompt_tokens} tokens does not fit "
-                             f"max_model_len {self.config.max_model_len} (at least one token "
-                             "must remain for the output)")
+        check_prompt(request.prompt_token_ids, self.config.max_model_len)
         request.arrival = self._arrivals
         self._arrivals += 1
         self.requests[request.request_id] = request

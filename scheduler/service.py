@@ -12,11 +12,12 @@ import asyncio
 import logging
 import os
 import socket
-from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
 from common import redis_schema as schema
+from common.config import SchedulerServiceConfig, resolve_max_model_len
+from common.redis_client import connect
 from common.model_config import ModelConfig
 from scheduler.engine_core import EngineCore
 from scheduler.executor import GrpcExecutor
@@ -26,31 +27,6 @@ from scheduler.queue import RequestQueue
 from scheduler.scheduler import SchedulerConfig
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SchedulerServiceConfig:
-    model: str                          # local model directory (config, eos ids, context)
-    workers: tuple[str, ...]            # worker gRPC addresses of the group
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    served_model_name: str | None = None
-    group: str = "0"
-    block_size: int = 16
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None
-    enable_prefix_caching: bool = True
-    lease_ms: int = 5000
-    step_timeout_s: float = 30.0
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    ready_timeout_s: float = 10.0       # ready: a forward pass finished within this
-    metrics_host: str = "0.0.0.0"
-    metrics_port: int = 8001            # /metrics /health /ready; 0: none
-
-    @property
-    def model_name(self) -> str:
-        return self.served_model_name or os.path.basename(os.path.normpath(self.model))
 
 
 class Lease:
@@ -66,25 +42,35 @@ class Lease:
     async def renew_forever(self, lost: asyncio.Event) -> None:
         while True:
             await asyncio.sleep(self.ttl_ms / 3000)
-            holder = await self.client.get(self.key)
-            if holder is None or (holder.decode() if isinstance(holder, bytes) else holder) != self.owner:
-                logger.error("lost the lease %s (now held by %r): stopping", self.key, holder)
-                lost.set()
-                return
-            await self.client.pexpire(self.key, self.ttl_ms)
+            try:
+                holder = await self.client.get(self.key)
+                if holder is None:
+                    # Expired while Redis was away (restarted): ours again unless taken.
+                    if await self.client.set(self.key, self.owner, nx=True, px=self.ttl_ms):
+                        logger.warning("re-took the lease %s after it expired", self.key)
+                        continue
+                    holder = await self.client.get(self.key)
+                if holder is None or schema.text(holder) != self.owner:
+                    logger.error("lost the lease %s (now held by %r): stopping", self.key,
+                                 holder)
+                    lost.set()
+                    return
+                await self.client.pexpire(self.key, self.ttl_ms)
+            except (aioredis.RedisError, OSError) as e:   # past the client's retries
+                logger.warning("lease %s: Redis does not answer (%s)", self.key, e)
 
     async def release(self) -> None:
         holder = await self.client.get(self.key)
-        if holder is not None and (holder.decode() if isinstance(holder, bytes) else holder) == self.owner:
+        if holder is not None and schema.text(holder) == self.owner:
             await self.client.delete(self.key)
 
 
 async def serve(config: SchedulerServiceConfig) -> None:
     model_config = ModelConfig.from_dir(config.model)
-    limit = model_config.max_position_embeddings
-    max_model_len = min(config.max_model_len or limit, limit)
+    max_model_len = resolve_max_model_len(config.max_model_len,
+                                          model_config.max_position_embeddings)
     consumer = f"{socket.gethostname()}-{os.getpid()}"
-    client = aioredis.from_url(config.redis_url)
+    client = connect(config.redis_url)
     obs = SchedulerObservability(config.model_name, config.group, max_model_len,
                                  config.ready_timeout_s, config.metrics_host, config.metrics_port)
     lease = Lease(client, schema.group_lease(config.model_name, config.group), consumer,

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from common.config import EngineConfig, resolve_max_model_len
 from common.detokenize import IncrementalDetokenizer
+from common.limits import check_prompt
 from common.model_config import ModelConfig
 from common.redis_schema import OutputEvent
 from common.sampling_params import SamplingParams
@@ -85,51 +87,44 @@ class _Output:
 
 
 class LLMEngine:
-    def __init__(self, model: str, dtype: str = "float32", block_size: int = 16,
-                 num_kv_blocks: int | None = None, max_num_seqs: int = 256,
-                 max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
-                 enable_prefix_caching: bool = True, seed: int = 0,
-                 kv_cache_memory_bytes: int = 2 << 30, device: str = "cpu",
-                 tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
-                 enforce_eager: bool = False, gpu_memory_utilization: float = 0.9) -> None:
-        self.model_config = ModelConfig.from_dir(model)
-        self.tokenizer = Tokenizer.from_dir(model)
-        limit = self.model_config.max_position_embeddings
-        self.max_model_len = min(max_model_len or limit, limit)
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.model_config = ModelConfig.from_dir(config.model)
+        self.tokenizer = Tokenizer.from_dir(config.model)
+        self.max_model_len = resolve_max_model_len(config.max_model_len,
+                                                   self.model_config.max_position_embeddings)
         self.worker_group = None
-        if tensor_parallel_size * pipeline_parallel_size > 1:
+        if config.world_size > 1:
             # A sharded model: worker processes, driven like the services drive them.
             from tessera.worker_group import LocalWorkerGroup
 
-            self.worker_group = LocalWorkerGroup(
-                model, tensor_parallel_size, pipeline_parallel_size, dtype, block_size, device,
-                kv_cache_memory_bytes, seed)
+            self.worker_group = LocalWorkerGroup(config)
             self.executor = self.worker_group.executor
-            warm = self.worker_group.warmup(max_num_batched_tokens, max_num_seqs)
-            num_kv_blocks = min(num_kv_blocks or warm, warm)
+            warm = self.worker_group.warmup(config.max_num_batched_tokens, config.max_num_seqs)
+            num_kv_blocks = min(config.num_kv_blocks or warm, warm)
         else:
-            runner = ModelRunner(self.model_config, dtype, 0, block_size, device)
-            self.executor = LocalExecutor(Worker(runner, seed=seed), kv_cache_memory_bytes,
-                                          gpu_memory_utilization, enforce_eager, num_kv_blocks)
+            runner = ModelRunner(self.model_config, config.dtype, 0, config.block_size,
+                                 config.device)
+            self.executor = LocalExecutor(Worker(runner, seed=config.seed),
+                                          config.kv_cache_memory_bytes,
+                                          config.gpu_memory_utilization, config.enforce_eager,
+                                          config.num_kv_blocks)
             # The worker's own warm-up: the same profiling and sizing as a gRPC worker's.
-            num_kv_blocks = self.executor.warmup(max_num_batched_tokens, max_num_seqs)
+            num_kv_blocks = self.executor.warmup(config.max_num_batched_tokens,
+                                                 config.max_num_seqs)
             if num_kv_blocks == 0:
                 raise ValueError("no memory left for a single KV block")
         self.core = EngineCore(SchedulerConfig(
-            num_blocks=num_kv_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens, max_model_len=self.max_model_len,
-            enable_prefix_caching=enable_prefix_caching), self.model_config.eos_token_ids)
+            num_blocks=num_kv_blocks, block_size=config.block_size,
+            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=self.max_model_len, enable_prefix_caching=config.enable_prefix_caching),
+            self.model_config.eos_token_ids)
         self.scheduler = self.core.scheduler
 
     # ---- requests -----------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, priority: int = 0) -> None:
-        vocab = self.model_config.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_token_ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise ValueError(f"prompt of {len(prompt_token_ids)} tokens is too long: "
-                             f"max_model_len is {self.max_model_len}")
+        check_prompt(prompt_token_ids, self.max_model_len, self.model_config.vocab_size)
         out = _Output(prompt, [_Sequence(i) for i in range(params.n)])
         if params.logprobs is not None:
             for s in out.seqs:

@@ -1,120 +1,37 @@
-"""`tessera serve`: the whole topology as separate processes on one machine.
+"""`tessera serve`: the whole topology as separate processes on one machine, supervised.
 
-A private `redis-server` on a free port (unless a Redis URL is given); per data-parallel
-group, TP x PP workers (which meet at a TCP store on a free port) and one scheduler; one
-gateway: the same processes, with the same flags, that compose and Kubernetes run one per
-container. Each tier is started when the one before it is ready; the endpoints are printed
-once the gateway listens; Ctrl-C or SIGTERM stops every process.
+A private `redis-server` on a free port with AOF (unless a Redis URL is given); per
+data-parallel group, TP x PP workers (which meet at a TCP store on a free port) and one
+scheduler; one gateway: the same processes, with the same flags, that compose and Kubernetes
+run one per container. Each child's flags are generated from `ServeConfig`
+(`settings.to_argv`), so every setting a child takes is also a `tessera serve` flag. Each tier
+is started when the one before it is ready; the endpoints are printed once the gateway listens.
+
+Supervision, as Kubernetes does it: a child that dies is restarted with exponential backoff
+(a worker group as a group: its ranks cannot re-form a process group one by one), its restart
+count printed and exported by the restarted process as `tessera:process_restarts_total`
+(common/metrics.py); `--no-restart` stops the stack instead. Ctrl-C or SIGTERM stops every
+process.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
 
+from common.config import GatewayConfig, SchedulerServiceConfig, ServeConfig, WorkerConfig
+from common.metrics import RESTARTS_ENV, SERVICE_ENV
+from common.settings import pick, to_argv
+from tessera.procs import TESSERA, Proc, ProcessGroup, RedisProc, free_port
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class ServeConfig:
-    model: str
-    host: str = "127.0.0.1"
-    http_port: int = 8000
-    grpc_port: int = 50051
-    redis_url: str | None = None
-    served_model_name: str | None = None
-    dtype: str = "float32"
-    worker_args: list[str] = field(default_factory=list)
-    scheduler_args: list[str] = field(default_factory=list)
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    data_parallel_size: int = 1
-    log_args: list[str] = field(default_factory=list)       # --log-format / --log-prompts, to all
-
-
-class Stack:
-    """The processes of one local stack, stopped in reverse order of their start."""
-
-    def __init__(self) -> None:
-        self.procs: list[tuple[str, subprocess.Popen]] = []
-        self._tmp = tempfile.mkdtemp(prefix="tessera-")
-
-    def start(self, name: str, argv: list[str], ready: str, timeout: float = 300) -> None:
-        self.wait_ready(name, self.spawn(name, argv), ready, timeout)
-
-    def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None
-              ) -> subprocess.Popen:
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True,
-                                env=None if env is None else {**os.environ, **env})
-        self.procs.append((name, proc))
-        return proc
-
-    def wait_ready(self, name: str, proc: subprocess.Popen, ready: str,
-                   timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        tail: list[str] = []
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line and proc.poll() is not None:
-                break
-            tail = (tail + [line])[-20:]
-            if ready in line:
-                # keep draining its output so a full pipe never blocks the process
-                threading.Thread(target=self._relay, args=(name, proc), daemon=True).start()
-                return
-        raise RuntimeError(f"{name} did not become ready:\n{''.join(tail)}")
-
-    @staticmethod
-    def _relay(name: str, proc: subprocess.Popen) -> None:
-        for line in proc.stdout:
-            if os.environ.get("TESSERA_SERVE_VERBOSE"):
-                sys.stderr.write(f"[{name}] {line}")
-
-    def start_redis(self) -> str:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise RuntimeError("redis-server is not installed (apt-get install redis-server), "
-                               "or pass --redis-url")
-        port = free_port()
-        self.start("redis", [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", self._tmp],
-                   "Ready to accept connections")
-        return f"redis://127.0.0.1:{port}/0"
-
-    def stop(self) -> None:
-        for name, proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.terminate()
-        for name, proc in reversed(self.procs):
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        shutil.rmtree(self._tmp, ignore_errors=True)
-
-    def wait_any(self) -> tuple[str, int]:
-        """Blocks until a process exits; returns its name and exit status."""
-        while True:
-            for name, proc in self.procs:
-                if proc.poll() is not None:
-                    return name, proc.returncode
-            time.sleep(0.5)
-
-
-TESSERA = [sys.executable, "-m", "tessera.cli"]
+BACKOFF_S = (1.0, 30.0)   # first delay, longest delay; doubles per failure in a row
+STABLE_S = 60.0           # a unit that ran this long before dying starts the backoff over
 
 
 def cpu_share(num_workers: int) -> dict[str, str]:
@@ -127,79 +44,174 @@ def cpu_share(num_workers: int) -> dict[str, str]:
     return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // num_workers))}
 
 
-def parallel_flags(tp: int, pp: int) -> list[str]:
-    return ["--tensor-parallel-size", str(tp), "--pipeline-parallel-size", str(pp)]
-
-
-def start_workers(stack: Stack, tp: int, pp: int, worker_args: list[str], labels: list[str],
-                  env: dict[str, str] | None = None, metrics: bool = True
-                  ) -> list[tuple[str, str, int]]:
-    """The TP x PP workers of one group, all started before any is awaited (they meet first,
-    at a TCP store on a free port); per rank: (label, gRPC address, metrics port or 0)."""
-    dist_addr = f"127.0.0.1:{free_port()}"
-    started = []
+def worker_procs(config: WorkerConfig, labels: list[str], env: dict[str, str] | None = None
+                 ) -> list[tuple[Proc, str, int]]:
+    """The TP x PP workers of one group, not started: `config` with, per rank, its rank and
+    free ports (a metrics port unless `config.metrics_port` is 0); per rank: (the Proc, its
+    gRPC address, its metrics port). They meet at a TCP store on a free port, so all must be
+    started before any is awaited."""
+    dist_addr = config.dist_init_addr or f"127.0.0.1:{free_port()}"
+    procs = []
     for rank, label in enumerate(labels):
-        port, metrics_port = free_port(), (free_port() if metrics else 0)
-        proc = stack.spawn(label, [
-            *TESSERA, "worker", "--port", str(port), *parallel_flags(tp, pp), "--rank", str(rank),
-            "--dist-init-addr", dist_addr, "--metrics-port", str(metrics_port), *worker_args],
-            env)
-        started.append((label, proc, f"127.0.0.1:{port}", metrics_port))
-    for label, proc, _, _ in started:
-        stack.wait_ready(label, proc, "worker ready")
-    return [(label, address, metrics_port) for label, _, address, metrics_port in started]
+        rank_config = dataclasses.replace(
+            config, rank=rank, port=free_port(), dist_init_addr=dist_addr,
+            metrics_port=free_port() if config.metrics_port else 0)
+        argv = [*TESSERA, "worker", *to_argv(rank_config, WorkerConfig)]
+        procs.append((Proc(label, argv, "worker ready", env),
+                      f"127.0.0.1:{rank_config.port}", rank_config.metrics_port))
+    return procs
 
 
-def start_group(stack: Stack, config: ServeConfig, name: str, redis_url: str,
-                group: str) -> list[str]:
+class Unit:
+    """Processes restarted together (a worker group; or one process), with its restarts."""
+
+    def __init__(self, name: str, procs: list[Proc]) -> None:
+        self.name, self.procs, self.restarts = name, procs, 0
+        self.started_at = time.monotonic()
+
+    def start(self, timeout: float = 300.0) -> None:
+        for proc in self.procs:
+            if self.restarts:
+                proc.env = {**(proc.env or os.environ), RESTARTS_ENV: str(self.restarts),
+                            SERVICE_ENV: proc.name}
+            proc.start()
+        for proc in self.procs:
+            proc.wait_ready(timeout)
+        self.started_at = time.monotonic()
+
+    def dead(self) -> Proc | None:
+        return next((p for p in self.procs if p.poll() is not None), None)
+
+    def stop(self) -> None:
+        group = ProcessGroup()
+        group.procs = self.procs
+        group.stop()
+
+
+class Stack:
+    """The units of one local stack: started in order, supervised, stopped in reverse."""
+
+    def __init__(self, restart: bool = True) -> None:
+        self.units: list[Unit] = []
+        self.restart = restart
+        self.tmp = tempfile.mkdtemp(prefix="tessera-")
+        self.stopping = threading.Event()
+        self.failed: str | None = None       # with --no-restart: why the stack stops
+
+    def start(self, name: str, procs: list[Proc]) -> Unit:
+        unit = Unit(name, procs)
+        self.units.append(unit)
+        unit.start()
+        return unit
+
+    def supervise(self) -> None:
+        """Until stop(): restart dead units (one thread each), or record the first death."""
+        for unit in self.units:
+            threading.Thread(target=self._watch, args=(unit,), daemon=True,
+                             name=f"supervise-{unit.name}").start()
+
+    def _watch(self, unit: Unit) -> None:
+        failures = 0
+        while not self.stopping.wait(0.5):
+            dead = unit.dead()
+            if dead is None:
+                continue
+            code = dead.returncode
+            if not self.restart:
+                self.failed = f"{dead.name} exited with status {code}"
+                self.stopping.set()
+                return
+            failures = 1 if time.monotonic() - unit.started_at > STABLE_S else failures + 1
+            delay = min(BACKOFF_S[0] * 2 ** (failures - 1), BACKOFF_S[1])
+            unit.restarts += 1
+            print(f"{dead.name} exited with status {code}: restarting {unit.name} in "
+                  f"{delay:.0f} s (restarts: {unit.restarts})", file=sys.stderr, flush=True)
+            unit.stop()
+            if self.stopping.wait(delay):
+                return
+            try:
+                unit.start()
+                print(f"{unit.name} restarted (restarts: {unit.restarts})", flush=True)
+                if self.stopping.is_set():   # stop() ran while this unit was starting
+                    unit.stop()
+            except RuntimeError as e:   # not ready again: dead once more, next round
+                print(f"{unit.name} failed to restart: {e}", file=sys.stderr, flush=True)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        group = ProcessGroup()
+        group.procs = [p for unit in self.units for p in unit.procs]
+        group.stop()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def worker_config(config: ServeConfig, redis_url: str, group: str) -> WorkerConfig:
+    """What a worker of group `group` takes from `tessera serve`'s settings (rank and ports
+    are set per rank by worker_procs)."""
+    return pick(WorkerConfig, config, served_model_name=config.model_name, redis_url=redis_url,
+                group=group)
+
+
+def scheduler_config(config: ServeConfig, redis_url: str, group: str,
+                     workers: tuple[str, ...]) -> SchedulerServiceConfig:
+    return pick(SchedulerServiceConfig, config, served_model_name=config.model_name,
+                redis_url=redis_url, group=group, workers=workers, metrics_host="127.0.0.1",
+                metrics_port=free_port())
+
+
+def gateway_config(config: ServeConfig, redis_url: str) -> GatewayConfig:
+    return pick(GatewayConfig, config, served_model_name=config.model_name, redis_url=redis_url,
+                host=config.host, http_port=config.http_port, grpc_port=config.grpc_port)
+
+
+def start_group(stack: Stack, config: ServeConfig, redis_url: str, group: str) -> list[str]:
     """One worker group and its scheduler; returns their metrics endpoints, "URL (label)"."""
-    tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
-    single = tp * pp * config.data_parallel_size == 1
-    labels = ["worker"] if single else [f"worker{group}-{rank}" for rank in range(tp * pp)]
-    workers = start_workers(
-        stack, tp, pp, ["--model", config.model, "--dtype", config.dtype, "--redis-url", redis_url,
-                        "--served-model-name", name, "--group", group, *config.log_args,
-                        *config.worker_args],
-        labels, env=cpu_share(tp * pp * config.data_parallel_size))
-    label, metrics_port = ("scheduler" if config.data_parallel_size == 1
-                           else f"scheduler{group}"), free_port()
-    stack.start(label, [
-        *TESSERA, "scheduler", "--model", config.model,
-        "--workers", ",".join(a for _, a, _ in workers), "--redis-url", redis_url,
-        "--served-model-name", name, "--group", group, *parallel_flags(tp, pp),
-        "--metrics-host", "127.0.0.1", "--metrics-port", str(metrics_port), *config.log_args,
-        *config.scheduler_args], "scheduler ready")
-    return [f"http://127.0.0.1:{metrics_port}/metrics ({label})",
-            *(f"http://127.0.0.1:{m}/metrics ({w})" for w, _, m in workers)]
+    size, dp = config.world_size, config.data_parallel_size
+    labels = ["worker"] if size * dp == 1 else [f"worker{group}-{rank}" for rank in range(size)]
+    workers = worker_procs(worker_config(config, redis_url, group), labels,
+                           env=cpu_share(size * dp))
+    stack.start("worker" if size * dp == 1 else f"worker group {group}",
+                [p for p, _, _ in workers])
+    label = "scheduler" if dp == 1 else f"scheduler{group}"
+    scheduler = scheduler_config(config, redis_url, group, tuple(a for _, a, _ in workers))
+    stack.start(label, [Proc(label, [*TESSERA, "scheduler",
+                                     *to_argv(scheduler, SchedulerServiceConfig)],
+                             "scheduler ready")])
+    return [f"http://127.0.0.1:{scheduler.metrics_port}/metrics ({label})",
+            *(f"http://127.0.0.1:{m}/metrics ({p.name})" for p, _, m in workers)]
 
 
 def serve(config: ServeConfig) -> int:
-    tessera = TESSERA
-    name = config.served_model_name or os.path.basename(os.path.normpath(config.model))
-    stack = Stack()
+    name = config.model_name
+    stack = Stack(restart=config.restart)
 
     def on_signal(signum, frame):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        redis_url = config.redis_url or stack.start_redis()
+        redis_url = config.redis_url
+        if redis_url is None:
+            redis = RedisProc(stack.tmp)
+            stack.start("redis", [redis])
+            redis_url = redis.url
         metrics = [f"http://{config.host}:{config.http_port}/metrics (gateway)"]
         for group in range(config.data_parallel_size):
-            metrics += start_group(stack, config, name, redis_url, str(group))
-        stack.start("gateway", [*tessera, "gateway", "--model", config.model,
-                                "--served-model-name", name, "--redis-url", redis_url,
-                                "--host", config.host, "--http-port", str(config.http_port),
-                                "--grpc-port", str(config.grpc_port), *config.log_args],
-                    "gateway ready")
+            metrics += start_group(stack, config, redis_url, str(group))
+        gateway = gateway_config(config, redis_url)
+        stack.start("gateway", [Proc("gateway", [*TESSERA, "gateway",
+                                                 *to_argv(gateway, GatewayConfig)],
+                                     "gateway ready")])
         print(f"tessera serving {name}\n"
               f"  OpenAI HTTP  http://{config.host}:{config.http_port}/v1\n"
               f"  gRPC         {config.host}:{config.grpc_port}\n"
               f"  Redis        {redis_url}\n"
               f"  Metrics      {', '.join(metrics)}\n"
               f"Ctrl-C stops everything.", flush=True)
-        died, code = stack.wait_any()
-        print(f"{died} exited with status {code}; stopping the stack", file=sys.stderr)
+        stack.supervise()
+        while not stack.stopping.wait(1.0):
+            pass
+        print(f"{stack.failed}; stopping the stack (--no-restart)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 0

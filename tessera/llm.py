@@ -6,10 +6,13 @@ engine, and the call returns when all have finished, in the order given.
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+import dataclasses
+from typing import Any, Sequence, Union
 
 from tqdm.auto import tqdm
 
+from common.config import EngineConfig
+from common.limits import check_prompt
 from common.sampling_params import SamplingParams
 from tessera.engine import LLMEngine
 from tessera.outputs import RequestOutput
@@ -19,28 +22,25 @@ Message = dict
 
 
 class LLM:
-    def __init__(self, model: str, dtype: str = "float32", block_size: int = 16,
-                 num_kv_blocks: int | None = None, max_num_seqs: int = 256,
-                 max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
-                 enable_prefix_caching: bool = True, seed: int = 0, device: str = "cpu",
-                 tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
-                 kv_cache_memory_bytes: int = 2 << 30, enforce_eager: bool = False,
-                 gpu_memory_utilization: float = 0.9) -> None:
-        """tensor_parallel_size x pipeline_parallel_size > 1 runs the model sharded over that
-        many worker processes (gloo on CPU, NCCL on CUDA); `close()` stops them. On CUDA,
-        decode steps replay CUDA graphs unless enforce_eager. The KV cache is sized as a
-        worker sizes it, after a profiled worst-case step: kv_cache_memory_bytes on CPU, the
-        gpu_memory_utilization share of the GPU on CUDA (num_kv_blocks caps it)."""
-        self.engine = LLMEngine(model, dtype=dtype, block_size=block_size,
-                                num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs,
-                                max_num_batched_tokens=max_num_batched_tokens,
-                                max_model_len=max_model_len,
-                                enable_prefix_caching=enable_prefix_caching, seed=seed,
-                                device=device, kv_cache_memory_bytes=kv_cache_memory_bytes,
-                                tensor_parallel_size=tensor_parallel_size,
-                                pipeline_parallel_size=pipeline_parallel_size,
-                                enforce_eager=enforce_eager,
-                                gpu_memory_utilization=gpu_memory_utilization)
+    """`LLM(model, **settings)` or `LLM(config=EngineConfig(...))`: the settings are
+    EngineConfig's fields (common/config.py), e.g. `LLM(model, tensor_parallel_size=2)`.
+
+    tensor_parallel_size x pipeline_parallel_size > 1 runs the model sharded over that many
+    worker processes (gloo on CPU, NCCL on CUDA); `close()` stops them. On CUDA, decode
+    steps replay CUDA graphs unless enforce_eager. The KV cache is sized as a worker sizes it,
+    after a profiled worst-case step: kv_cache_memory_gb on CPU, the gpu_memory_utilization
+    share of the GPU on CUDA (num_kv_blocks caps it)."""
+
+    def __init__(self, model: str | None = None, *, config: EngineConfig | None = None,
+                 **settings: Any) -> None:
+        if config is None:
+            if model is None:
+                raise TypeError("LLM() needs a model directory or config=EngineConfig(...)")
+            config = EngineConfig(model=model, **settings)
+        elif model is not None or settings:
+            config = dataclasses.replace(config, **({"model": model} if model else {}),
+                                         **settings)
+        self.engine = LLMEngine(config)
         self.tokenizer = self.engine.tokenizer
         self._next_id = 0
 
@@ -81,11 +81,7 @@ class LLM:
         # Validate everything before queueing anything: a bad prompt fails the call cleanly.
         inputs = [self._prompt_ids(p) for p in prompts]
         for _, ids in inputs:
-            if not ids:
-                raise ValueError("prompt is empty")
-            if len(ids) >= self.engine.max_model_len:
-                raise ValueError(f"prompt of {len(ids)} tokens is too long: max_model_len is "
-                                 f"{self.engine.max_model_len}")
+            check_prompt(ids, self.engine.max_model_len, self.engine.model_config.vocab_size)
         ids = []
         for (text, token_ids), p in zip(inputs, params):
             rid = str(self._next_id)

@@ -17,20 +17,16 @@ import pathlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from common.config import DTYPES
+from common.model_config import ARCHITECTURES
 from tessera.tokenizer_build import FAMILIES, Family, tokenizer_json
 
 if TYPE_CHECKING:  # torch is imported where weights are made, so the CLI parses flags fast
     import torch
 
-ARCHS = ("llama", "mistral", "qwen2", "gpt2")
-DTYPES = ("float32", "bfloat16", "float16")
-
-_ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "gpt2": "GPT2LMHeadModel",
-}
+# Our families and the HF `architectures` name each is written with (common/model_config.py).
+_ARCHITECTURES = {family: hf_name for hf_name, family in ARCHITECTURES.items()}
+ARCHS = tuple(_ARCHITECTURES)
 
 
 @dataclass(frozen=True)

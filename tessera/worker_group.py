@@ -1,8 +1,9 @@
 """A worker group for the offline API: TP x PP `tessera worker` processes on this machine.
 
 `LLM(model, tensor_parallel_size=2)` runs the same worker processes the services run (each
-rank one process, joined by torch.distributed over gloo on CPU, NCCL on CUDA) and drives them
-through the scheduler's gRPC executor; the engine loop is unchanged.
+rank one process, joined by torch.distributed over gloo on CPU, NCCL on CUDA), started the way
+`tessera serve` starts them (tessera/launcher.py), and drives them through the scheduler's
+gRPC executor; the engine loop is unchanged.
 """
 
 from __future__ import annotations
@@ -10,27 +11,28 @@ from __future__ import annotations
 import atexit
 import weakref
 
+from common.config import EngineConfig, WorkerConfig
+from common.settings import pick
 from scheduler.executor import GrpcExecutor
-from tessera.launcher import Stack, cpu_share, start_workers
+from tessera.launcher import cpu_share, worker_procs
+from tessera.procs import ProcessGroup
 
 
 class LocalWorkerGroup:
-    def __init__(self, model: str, tensor_parallel_size: int, pipeline_parallel_size: int,
-                 dtype: str = "float32", block_size: int = 16, device: str = "cpu",
-                 kv_cache_memory_bytes: int = 2 << 30, seed: int = 0,
-                 step_timeout_s: float = 300.0) -> None:
-        tp, pp = tensor_parallel_size, pipeline_parallel_size
-        self.stack = Stack()
-        self._finalizer = weakref.finalize(self, self.stack.stop)
+    """The worker processes of one sharded `LLM`; `close()` (or exit) stops them."""
+
+    def __init__(self, config: EngineConfig, step_timeout_s: float = 300.0) -> None:
+        self.procs = ProcessGroup()
+        self._finalizer = weakref.finalize(self, self.procs.stop)
         atexit.register(self._finalizer)
         try:
-            args = ["--model", model, "--dtype", dtype, "--device", device,
-                    "--block-size", str(block_size), "--seed", str(seed),
-                    "--kv-cache-memory-gb", repr(kv_cache_memory_bytes / (1 << 30))]
-            workers = start_workers(self.stack, tp, pp, args,
-                                    [f"worker.{rank}" for rank in range(tp * pp)],
-                                    cpu_share(tp * pp) if device == "cpu" else None,
-                                    metrics=False)
+            worker = pick(WorkerConfig, config, metrics_port=0)
+            workers = worker_procs(worker, [f"worker.{rank}" for rank in range(config.world_size)],
+                                   cpu_share(config.world_size) if config.device == "cpu" else None)
+            for proc, _, _ in workers:
+                self.procs.add(proc).start()
+            for proc, _, _ in workers:
+                proc.wait_ready()
             self.executor = GrpcExecutor([a for _, a, _ in workers], step_timeout_s)
             self.executor.info(60.0)
         except BaseException:

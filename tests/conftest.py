@@ -38,7 +38,8 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory):
 
     Tests sharing it keep apart by using their own model names / request ids.
     """
-    from redis_server import redis_server_path, start_redis_server
+    from redis_server import start_redis_server
+    from tessera.procs import redis_server_path
 
     if redis_server_path() is None:
         pytest.skip("redis-server is not installed (apt-get install redis-server)")

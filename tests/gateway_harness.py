@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 import redis.asyncio as aioredis
-from redis_server import free_port
+from tessera.procs import free_port
 
 from common.redis_schema import OutputEvent, QueuedRequest
 from common.tokenizer import Tokenizer

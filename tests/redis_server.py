@@ -1,4 +1,5 @@
-"""A private, throw-away ``redis-server`` for tests (no persistence, a free port).
+"""A private, throw-away ``redis-server`` for tests (no persistence, a free port), started
+the way `tessera serve` starts its own (tessera/procs.py).
 
 Service tests run the real server a user would run: nothing here fakes Redis.
 """
@@ -6,71 +7,17 @@ Service tests run the real server a user would run: nothing here fakes Redis.
 from __future__ import annotations
 
 import pathlib
-import shutil
-import socket
-import subprocess
-import time
-from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import Connection, ConnectionPool
 
-
-def redis_server_path() -> str | None:
-    return shutil.which("redis-server")
+from tessera.procs import RedisProc
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _answers_ping(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-@dataclass
-class RedisServer:
-    process: subprocess.Popen
-    port: int
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-
-def start_redis_server(workdir: pathlib.Path, timeout_s: float = 10.0) -> RedisServer:
-    """Start redis-server in ``workdir`` and wait until it answers PING."""
-    exe = redis_server_path()
-    if exe is None:
-        raise FileNotFoundError("redis-server is not installed")
-    port = free_port()
-    proc = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    server = RedisServer(proc, port)
-    deadline = time.monotonic() + timeout_s
-    while not _answers_ping(port):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            server.stop()
-            raise RuntimeError(f"redis-server did not start on port {port}")
-        time.sleep(0.02)
-    return server
+def start_redis_server(workdir: pathlib.Path, timeout_s: float = 10.0) -> RedisProc:
+    """Start redis-server in ``workdir`` (no persistence) and wait until it is ready;
+    ``.url`` names it, ``.stop()`` stops it."""
+    return RedisProc(workdir, appendonly=False).start().wait_ready(timeout_s)
 
 
 class CountingConnection(Connection):

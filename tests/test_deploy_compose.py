@@ -17,7 +17,7 @@ import yaml
 import compose_stack
 import k8s_render
 from compose_stack import COMPOSE_FILE, REPO, LocalStack, published_port
-from redis_server import free_port, redis_server_path
+from tessera.procs import free_port, redis_server_path
 
 MODEL = "compose-demo"   # TESSERA_SERVED_MODEL_NAME stays unset: the directory's name is served
 

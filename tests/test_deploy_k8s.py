@@ -123,7 +123,7 @@ def test_the_worker_group_is_one_shape_everywhere(rendered, build_name):
         "a group of several workers needs the worker CLI's --tensor-parallel-size"
     size = getattr(worker_args, "tensor_parallel_size", 1) * getattr(worker_args, "pipeline_parallel_size", 1)
     name, service = workers["metadata"]["name"], headless["metadata"]["name"]
-    assert scheduler_args.workers.split(",") == [f"{name}-{i}.{service}:{worker_args.port}"
+    assert list(scheduler_args.workers) == [f"{name}-{i}.{service}:{worker_args.port}"
                                                  for i in range(replicas)]
     assert replicas == size
     assert port_number(worker_container, "grpc") == worker_args.port

@@ -149,7 +149,7 @@ def _stop_id(model_dir: str) -> int:
 def run_llm(model_dir: str, rids: str, stop_id: int, num_blocks: int = NUM_BLOCKS):
     from tessera import LLM
 
-    llm = LLM(model_dir, block_size=BLOCK, kv_cache_memory_bytes=kv_bytes(num_blocks),
+    llm = LLM(model_dir, block_size=BLOCK, kv_cache_memory_gb=kv_bytes(num_blocks) / 2**30,
               max_num_batched_tokens=BUDGET)
     engine = llm.engine
     # sized by the worker's own warm-up, from the byte budget

@@ -18,7 +18,7 @@ import redis
 from gateway_harness import MAX_BODY, REPLY, stack, wait_until  # noqa: F401 (fixture)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from redis_server import free_port
+from tessera.procs import free_port
 
 from common import redis_schema as schema
 from common.proto.tessera.v1 import generate_pb2, generate_pb2_grpc

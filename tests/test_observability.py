@@ -15,11 +15,8 @@ import os
 import pathlib
 import re
 import signal
-import subprocess
-import sys
 import time
 import uuid
-from dataclasses import dataclass
 
 import grpc
 import httpx
@@ -27,45 +24,17 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from otlp_receiver import OtlpReceiver
 from prometheus_client.parser import text_string_to_metric_families
-from redis_server import free_port
+from tessera.procs import TESSERA, Proc, free_port
 
 CHUNK = 32           # the scheduler's --max-num-batched-tokens: prefill chunks of 32 tokens
 READY_TIMEOUT = 3.0  # the scheduler's --ready-timeout
 BOUND = 3 * READY_TIMEOUT + 1   # readiness must follow the worker within this
 
 
-@dataclass
-class Service:
-    name: str
-    argv: list[str]
-    log: pathlib.Path
-    env: dict[str, str]
-    proc: subprocess.Popen | None = None
-
-    def start(self, ready: str, timeout: float = 120) -> None:
-        offset = self.log.stat().st_size if self.log.exists() else 0   # a restart appends
-        with self.log.open("a") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "tessera.cli", *self.argv],
-                                         stdout=out, stderr=subprocess.STDOUT, env=self.env)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if ready in self.log.read_text()[offset:]:
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"{self.name} did not start:\n{self.log.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+def service(name: str, argv: list[str], ready: str, log: pathlib.Path,
+            env: dict[str, str]) -> Proc:
+    """`tessera ARGV...`, its output appended to `log` (a restart appends too)."""
+    return Proc(name, [*TESSERA, *argv], ready, env, log)
 
 
 @pytest.fixture(scope="module")
@@ -80,21 +49,22 @@ def obs(tiny_model, redis_url, tmp_path_factory):
     ports = {k: free_port() for k in ("worker", "worker_metrics", "scheduler_metrics", "http", "grpc")}
     common = ["--model", model_dir, "--served-model-name", name, "--redis-url", redis_url,
               "--log-format", "json"]
-    worker = Service("worker", ["worker", *common, "--port", str(ports["worker"]),
+    worker = service("worker", ["worker", *common, "--port", str(ports["worker"]),
                                 "--kv-cache-memory-gb", "0.01",
                                 "--metrics-port", str(ports["worker_metrics"])],
-                     logs / "worker.log", env)
-    scheduler = Service("scheduler", [
+                     "worker ready", logs / "worker.log", env)
+    scheduler = service("scheduler", [
         "scheduler", *common, "--workers", f"127.0.0.1:{ports['worker']}",
         "--max-num-batched-tokens", str(CHUNK), "--step-timeout", "5",
         "--ready-timeout", str(READY_TIMEOUT), "--metrics-host", "127.0.0.1",
-        "--metrics-port", str(ports["scheduler_metrics"])], logs / "scheduler.log", env)
-    gateway = Service("gateway", ["gateway", *common, "--http-port", str(ports["http"]),
-                                  "--grpc-port", str(ports["grpc"])], logs / "gateway.log", env)
+        "--metrics-port", str(ports["scheduler_metrics"])], "scheduler ready",
+        logs / "scheduler.log", env)
+    gateway = service("gateway", ["gateway", *common, "--http-port", str(ports["http"]),
+                                  "--grpc-port", str(ports["grpc"])], "gateway ready",
+                      logs / "gateway.log", env)
     try:
-        worker.start("worker ready")
-        scheduler.start("scheduler ready")
-        gateway.start("gateway ready")
+        for proc in (worker, scheduler, gateway):
+            proc.start().wait_ready(120)
         yield {"name": name, "receiver": receiver, "worker": worker, "scheduler": scheduler,
                "gateway": gateway, "base": f"http://127.0.0.1:{ports['http']}",
                "grpc": f"127.0.0.1:{ports['grpc']}",
@@ -303,8 +273,8 @@ def test_a_standby_scheduler_is_live_and_ready_to_take_over(obs, tmp_path):
     port = free_port()
     argv = list(active.argv)
     argv[argv.index("--metrics-port") + 1] = str(port)
-    standby = Service("standby", argv, tmp_path / "standby.log", active.env)
-    standby.start("waiting for the lease")
+    standby = Proc("standby", argv, "waiting for the lease", active.env, tmp_path / "standby.log")
+    standby.start().wait_ready(120)
     try:
         base = f"http://127.0.0.1:{port}"
         assert _wait(lambda: _get(base + "/health") == 200, BOUND)
@@ -356,21 +326,21 @@ def test_readiness_follows_the_worker_and_liveness_stays(obs):
     assert grpc_status("tessera.v1.Generate") == health_pb2.HealthCheckResponse.SERVING
 
     # A stopped (wedged) worker: the idle canary cannot finish, readiness turns false.
-    worker.proc.send_signal(signal.SIGSTOP)
+    worker.send_signal(signal.SIGSTOP)
     try:
         assert _wait(not_ready, BOUND), "readiness still true with the worker stopped"
         assert grpc_status("tessera.v1.Generate") == health_pb2.HealthCheckResponse.NOT_SERVING
         assert alive()
     finally:
-        worker.proc.send_signal(signal.SIGCONT)
+        worker.send_signal(signal.SIGCONT)
     assert _wait(ready, BOUND + 5), "readiness did not come back after SIGCONT"
 
     # A killed worker, then a new process on the same port: re-warmed, ready again.
-    worker.proc.kill()
-    worker.proc.wait()
+    worker.kill()
+    worker.wait()
     assert _wait(not_ready, BOUND), "readiness still true with the worker dead"
     assert alive()
-    worker.start("worker ready")
+    worker.start().wait_ready(120)
     assert _wait(ready, BOUND + 5), "readiness did not come back with the restarted worker"
     assert _wait(lambda: _get(worker_http + "/ready") == 200, BOUND)
     channel.close()

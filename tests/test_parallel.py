@@ -8,7 +8,7 @@ import multiprocessing as mp
 import pytest
 import torch
 
-from redis_server import free_port
+from tessera.procs import free_port
 from tessera import LLM, SamplingParams
 from test_model_equivalence import NEW_TOKENS, _hf_reference, _prompts, assert_same_greedy
 
@@ -107,7 +107,7 @@ def test_sharded_offline_greedy_matches_single_worker_and_hf(references, arch, t
     model_dir, prompts, hf, single = references(arch)
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     with LLM(model_dir, tensor_parallel_size=tp, pipeline_parallel_size=pp,
-             kv_cache_memory_bytes=8 << 20) as llm:
+             kv_cache_memory_gb=8 / 1024) as llm:
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     for out, (hf_tokens, hf_logprobs, _), one in zip(outs, hf, single):
         ours = out.outputs[0].token_ids

@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from common.redis_schema import QueuedRequest, scheduler_stats
 from gateway.queue import RequestSubmitter
 from cli_procs import listed, start_cli, start_serve
-from redis_server import free_port
+from tessera.procs import free_port
 from tessera import LLM, SamplingParams
 
 PROMPTS = ["The quick brown fox", "def main():\n    return", "Once upon a time, in a land far",

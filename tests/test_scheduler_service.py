@@ -16,7 +16,7 @@ from common.redis_schema import QueuedRequest, worker_heartbeat, workers_registr
 from common.sampling_params import SamplingParams
 from gateway.queue import RequestSubmitter
 from cli_procs import start_cli
-from redis_server import free_port
+from tessera.procs import free_port
 from tessera import LLM
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)

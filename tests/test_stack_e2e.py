@@ -15,7 +15,7 @@ import redis
 
 from common.redis_schema import scheduler_stats
 from cli_procs import start_serve
-from redis_server import free_port
+from tessera.procs import free_port
 from tessera import LLM, SamplingParams
 
 PROMPTS = ["The quick brown fox", "def main():\n    return", "Once upon a time, in a land far"]

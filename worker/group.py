@@ -8,22 +8,12 @@ a headless Service) or, with a Redis URL and no address, rank 0 picks a free por
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import time
 
 from worker.parallel import default_backend, init_worker_group
 
 logger = logging.getLogger(__name__)
-
-
-def rank_from_hostname(hostname: str | None = None) -> int:
-    """A StatefulSet pod's ordinal: "workers-g0-3" -> 3."""
-    name = hostname or os.environ.get("HOSTNAME") or socket.gethostname()
-    tail = name.rsplit("-", 1)[-1]
-    if not tail.isdigit():
-        raise ValueError(f"--rank hostname: {name!r} does not end in -<ordinal>")
-    return int(tail)
 
 
 def _advertised_host(bind_host: str) -> str:
@@ -56,11 +46,10 @@ def resolve_init_addr(config) -> str:
         return config.dist_init_addr
     if not config.redis_url:
         raise ValueError("a worker group needs --dist-init-addr or --redis-url to meet")
-    import redis
-
     from common import redis_schema as schema
+    from common.redis_client import connect_sync
 
-    client = redis.Redis.from_url(config.redis_url)
+    client = connect_sync(config.redis_url)
     key = schema.group_rendezvous(config.model_name, config.group)
     try:
         if config.rank == 0:
@@ -72,8 +61,8 @@ def resolve_init_addr(config) -> str:
         while time.monotonic() < deadline:
             addr = client.get(key)
             # A dead rank 0's address can linger (a restarted group): wait for one that answers.
-            if addr is not None and _listening(addr.decode()):
-                return addr.decode()
+            if addr is not None and _listening(schema.text(addr)):
+                return schema.text(addr)
             time.sleep(0.2)
         raise TimeoutError(f"rank 0 of group {config.group} never published {key}")
     finally:

@@ -93,7 +93,7 @@ def load_model(config: ModelConfig, dtype: str | torch.dtype = "float32",
                device: str | torch.device = "cpu") -> nn.Module:
     """Build the model for `config` and load its weights from `config.model_dir`."""
     torch_dtype = parse_dtype(dtype)
-    cls = MODELS.get(config.architecture)
+    cls = MODELS.get(config.family)
     if cls is None:
         raise ModelConfigError(f"unsupported architecture {config.architecture!r}; "
                                f"supported are {sorted(MODELS)}")

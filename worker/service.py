@@ -20,11 +20,11 @@ import logging
 import os
 import socket
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from common.config import WorkerConfig
 from common.convert import step_output_to_proto, step_plan_from_proto
 from common.http_probe import start_probe
 from common.model_config import ModelConfig
@@ -36,40 +36,6 @@ from worker.telemetry import WorkerHealth, WorkerTelemetry
 from worker.worker import StepMismatchError, Worker
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    model: str
-    dtype: str = "float32"
-    device: str = "cpu"
-    block_size: int = 16
-    host: str = "127.0.0.1"
-    port: int = 50061
-    kv_cache_memory_bytes: int = 2 << 30      # the KV budget on CPU
-    gpu_memory_utilization: float = 0.9       # the fraction of GPU memory this process may use
-    seed: int = 0
-    redis_url: str | None = None              # where to register (None: not registered)
-    served_model_name: str | None = None
-    worker_id: str | None = None
-    heartbeat_ttl_s: float = 5.0
-    metrics_port: int = 8002                  # /metrics /health /ready on ``host``; 0: none
-    ready_timeout_s: float = 10.0             # not ready while a step runs longer than this
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    rank: int = 0                             # in the group: pp_stage * tp_size + tp_rank
-    dist_init_addr: str | None = None         # host:port of rank 0's TCP store
-    group: str = "0"                          # the worker group's name (Redis rendezvous)
-    dist_timeout_s: float = 120.0
-    enforce_eager: bool = False               # CUDA: no decode graphs
-
-    @property
-    def world_size(self) -> int:
-        return self.tensor_parallel_size * self.pipeline_parallel_size
-
-    @property
-    def model_name(self) -> str:
-        return self.served_model_name or os.path.basename(os.path.normpath(self.model))
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
@@ -178,26 +144,38 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 async def heartbeat(config: WorkerConfig, address: str) -> None:
     """Register in the model's worker registry and keep a heartbeat key alive: the key
     vanishing (TTL) is how the rest of the system learns that this worker is gone."""
-    import redis.asyncio as aioredis
+    from redis.exceptions import RedisError
 
     from common import redis_schema as schema
+    from common.redis_client import connect
 
     worker_id = config.worker_id or f"{socket.gethostname()}-{os.getpid()}"
-    client = aioredis.from_url(config.redis_url)
+    client = connect(config.redis_url)
     key = schema.worker_heartbeat(config.model_name, worker_id)
     ttl_ms = int(config.heartbeat_ttl_s * 1000)
+    registry = schema.workers_registry(config.model_name)
+    tp, pp = get_tp_group(), get_pp_stage()
+    entry = json.dumps(
+        {"address": address, "model": config.model, "device": config.device,
+         "group": config.group, "rank": config.rank, "tp_rank": tp.rank, "tp_size": tp.size,
+         "pp_rank": pp.rank, "pp_size": pp.size})
     try:
-        tp, pp = get_tp_group(), get_pp_stage()
-        await client.hset(schema.workers_registry(config.model_name), worker_id, json.dumps(
-            {"address": address, "model": config.model, "device": config.device,
-             "group": config.group, "rank": config.rank, "tp_rank": tp.rank, "tp_size": tp.size,
-             "pp_rank": pp.rank, "pp_size": pp.size}))
         while True:
-            await client.set(key, address, px=ttl_ms)
+            # The entry with every beat: a Redis that lost it (restarted) learns it again.
+            try:
+                async with client.pipeline(transaction=False) as pipe:
+                    pipe.hset(registry, worker_id, entry)
+                    pipe.set(key, address, px=ttl_ms)
+                    await pipe.execute()
+            except (RedisError, OSError) as e:   # past the client's retries: beat on
+                logger.warning("heartbeat: Redis does not answer (%s)", e)
             await asyncio.sleep(config.heartbeat_ttl_s / 3)
     finally:
-        await client.delete(key)
-        await client.hdel(schema.workers_registry(config.model_name), worker_id)
+        try:   # the TTL removes the key anyway: do not hang a shutdown on a dead Redis
+            await asyncio.wait_for(asyncio.gather(client.delete(key),
+                                                  client.hdel(registry, worker_id)), 2.0)
+        except (RedisError, OSError, asyncio.TimeoutError):
+            pass
         await client.aclose()
 
 

@@ -1,4 +1,5 @@
-"""HF `architectures` name -> our model class. Adding a model is one line here."""
+"""Model family -> our model class. The HF `architectures` names and their families are
+common/model_config.py's ARCHITECTURES (the one list); adding a model is a line in each."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from worker.models.gpt2 import GPT2LMHeadModel
 from worker.models.llama import LlamaForCausalLM
 
 MODELS: dict[str, type[nn.Module]] = {
-    "LlamaForCausalLM": LlamaForCausalLM,
-    "MistralForCausalLM": LlamaForCausalLM,
-    "Qwen2ForCausalLM": LlamaForCausalLM,
-    "GPT2LMHeadModel": GPT2LMHeadModel,
+    "llama": LlamaForCausalLM,
+    "mistral": LlamaForCausalLM,
+    "qwen2": LlamaForCausalLM,
+    "gpt2": GPT2LMHeadModel,
 }

@@ -1,0 +1,207 @@
+"""Every setting of every process, declared once (see common/settings.py for the machinery).
+
+Small groups hold the settings several processes share; each process's config is the union
+of the groups it needs plus its own settings (frozen, keyword-only dataclasses, so fields
+read flat: `config.block_size`):
+
+    group            settings                                          used by
+    ModelSource      model, served_model_name                          all
+    ContextConfig    max_model_len                                     gateway, scheduler, engine
+    SchedulingConfig max_num_seqs, max_num_batched_tokens, prefix cache scheduler, engine
+    BlockConfig      block_size                                        scheduler, worker, engine
+    CacheConfig      + kv_cache_memory_gb, gpu_memory_utilization      worker, engine
+    DeviceConfig     device, dtype, seed, enforce_eager                worker, engine
+    ParallelConfig   tensor_parallel_size, pipeline_parallel_size      scheduler, worker, engine
+    LogConfig        log_format, log_prompts                           services
+
+`EngineConfig` is the offline `LLM`'s, `ServeConfig` (`tessera serve`) is an EngineConfig plus
+the stack's own settings, from which each child's flags are generated (`settings.to_argv`).
+The values derived from settings (the served model name, the clamp of max_model_len) are
+computed here and nowhere else; common/limits.py checks prompts against them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+from common.logging_setup import LOG_FORMATS
+from common.settings import setting
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def served_model_name(model: str, name: str | None = None) -> str:
+    """The model's name in the APIs and in Redis keys: `name`, else the model directory's
+    name as the user wrote the path (`.` is the current directory; a symlink keeps its own
+    name): every service derives it here, so separately started services agree."""
+    if name:
+        return name
+    return os.path.basename(os.path.abspath(model)) or "model"
+
+
+def resolve_max_model_len(requested: int | None, limit: int) -> int:
+    """The context length a deployment serves: `requested` (default: the model's `limit`,
+    its max_position_embeddings), which must lie in [1, limit]."""
+    if requested is None:
+        return limit
+    if not 1 <= requested <= limit:
+        raise ValueError(f"max_model_len must be in [1, {limit}] for this model, got {requested}")
+    return requested
+
+
+def parse_rank(value: str | int) -> int:
+    """`--rank N`, or `--rank hostname`: a StatefulSet pod's ordinal ("workers-g0-3" -> 3)."""
+    if value != "hostname":
+        return int(value)
+    name = os.environ.get("HOSTNAME") or socket.gethostname()
+    tail = name.rsplit("-", 1)[-1]
+    if not tail.isdigit():
+        raise ValueError(f"--rank hostname: {name!r} does not end in -<ordinal>")
+    return int(tail)
+
+
+# Keyword-only: a config lists its groups most general last, so that the model comes first in
+# --help (dataclasses collect fields from the last base to the first).
+GROUPS = dict(frozen=True, kw_only=True)
+
+
+@dataclass(**GROUPS)
+class ModelSource:
+    model: str = setting(help="local Hugging Face model directory")
+    served_model_name: str | None = setting(
+        None, "the model's name in the APIs and in Redis keys (default: the directory's name)")
+
+    @property
+    def model_name(self) -> str:
+        return served_model_name(self.model, self.served_model_name)
+
+
+@dataclass(**GROUPS)
+class ContextConfig:
+    max_model_len: int | None = setting(
+        None, "longest sequence (prompt + output) served, in tokens (default: the model's "
+        "max_position_embeddings)")
+
+
+@dataclass(**GROUPS)
+class SchedulingConfig(ContextConfig):
+    max_num_seqs: int = setting(256, "sequences running at once")
+    max_num_batched_tokens: int = setting(2048, "tokens per step: the prefill chunk budget")
+    enable_prefix_caching: bool = setting(True, "do not reuse the KV blocks of shared prefixes")
+
+
+@dataclass(**GROUPS)
+class BlockConfig:
+    block_size: int = setting(16, "tokens per KV cache block")
+
+
+@dataclass(**GROUPS)
+class CacheConfig(BlockConfig):
+    kv_cache_memory_gb: float = setting(2.0, "KV cache budget on CPU, in GiB")
+    gpu_memory_utilization: float = setting(
+        0.9, "fraction of GPU memory a worker may use (weights, activations, KV cache)")
+
+    @property
+    def kv_cache_memory_bytes(self) -> int:
+        return int(self.kv_cache_memory_gb * (1 << 30))
+
+
+@dataclass(**GROUPS)
+class DeviceConfig:
+    device: str = setting("cpu", "cpu or cuda[:N]")
+    dtype: str = setting("float32", "weight and compute dtype", choices=DTYPES)
+    seed: int = setting(0, "base seed of sampling")
+    enforce_eager: bool = setting(
+        False, "CUDA: run decode steps eagerly instead of replaying CUDA graphs")
+
+
+@dataclass(**GROUPS)
+class ParallelConfig:
+    tensor_parallel_size: int = setting(
+        1, "workers per pipeline stage, splitting each layer", short="-tp")
+    pipeline_parallel_size: int = setting(
+        1, "pipeline stages, each holding a range of layers", short="-pp")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
+@dataclass(**GROUPS)
+class LogConfig:
+    log_format: str = setting("text", "text, or json: one JSON object per line, with request "
+                              "and trace ids", choices=LOG_FORMATS)
+    log_prompts: bool = setting(False, "debug: allow prompt and output text in the logs "
+                                "(default: never)")
+
+
+@dataclass(**GROUPS)
+class EngineConfig(ParallelConfig, DeviceConfig, CacheConfig, SchedulingConfig, ModelSource):
+    """The offline engine's settings: `LLM(model, tensor_parallel_size=2)` builds one."""
+    num_kv_blocks: int | None = setting(None, cli=False)   # fixed pool size (tests); default: profiled
+
+
+@dataclass(**GROUPS)
+class WorkerConfig(LogConfig, ParallelConfig, DeviceConfig, CacheConfig, ModelSource):
+    """`tessera worker`: one model shard and its KV cache behind gRPC."""
+    host: str = setting("127.0.0.1", "bind address of the gRPC and metrics ports")
+    port: int = setting(50061, "gRPC port")
+    redis_url: str | None = setting(None, "register in this Redis with a heartbeat key")
+    worker_id: str | None = setting(None, "name in the worker registry (default: HOSTNAME-PID)")
+    rank: int = setting(0, "this worker's rank in its group, pp_stage * tp_size + tp_rank; "
+                        "'hostname' takes the trailing ordinal of $HOSTNAME (StatefulSet pods)",
+                        arg_type=str, convert=parse_rank)
+    dist_init_addr: str | None = setting(
+        None, "the group's torch.distributed TCP store, hosted by rank 0 (default: rank 0 "
+        "publishes one in Redis)", metavar="HOST:PORT")
+    group: str = setting("0", "worker group name")
+    dist_timeout_s: float = setting(
+        120.0, "seconds a group waits to form, and a collective waits for a peer",
+        flag="--dist-timeout")
+    metrics_port: int = setting(8002, "HTTP /metrics /health /ready on --host (0: none)")
+    ready_timeout_s: float = setting(
+        10.0, "not ready while a step runs longer than this, in seconds", flag="--ready-timeout")
+    heartbeat_ttl_s: float = setting(5.0, cli=False)
+
+
+@dataclass(**GROUPS)
+class SchedulerServiceConfig(LogConfig, ParallelConfig, BlockConfig, SchedulingConfig,
+                             ModelSource):
+    """`tessera scheduler`: continuous batching over one worker group, leased in Redis."""
+    workers: tuple[str, ...] = setting(
+        help="comma-separated gRPC addresses of every worker of the group (any order)")
+    redis_url: str = setting("redis://127.0.0.1:6379/0", "Redis of the request streams")
+    group: str = setting("0", "worker group name (one active scheduler each)")
+    step_timeout_s: float = setting(30.0, "seconds per step", flag="--step-timeout")
+    ready_timeout_s: float = setting(
+        10.0, "ready while the worker group finished a forward pass within this many seconds; "
+        "idle, a one-token canary step keeps it honest", flag="--ready-timeout")
+    metrics_host: str = setting("0.0.0.0", "bind address of --metrics-port")
+    metrics_port: int = setting(8001, "HTTP /metrics /health /ready (0: none)")
+    lease_ms: int = setting(5000, cli=False)
+
+
+@dataclass(**GROUPS)
+class GatewayConfig(LogConfig, ContextConfig, ModelSource):
+    """`tessera gateway`: the OpenAI HTTP and tessera.v1 gRPC faces of one model."""
+    redis_url: str = setting("redis://127.0.0.1:6379/0", "Redis of the request streams")
+    host: str = setting("127.0.0.1", "bind address")
+    http_port: int = setting(8000, "OpenAI-compatible HTTP port (0: any free port)")
+    grpc_port: int = setting(50051, "tessera.v1 gRPC port")
+    max_body_bytes: int = setting(4 << 20, "largest request body / gRPC message accepted")
+    max_redis_connections: int = setting(1024, cli=False)   # each open stream holds one
+
+
+@dataclass(**GROUPS)
+class ServeConfig(LogConfig, EngineConfig):
+    """`tessera serve`: the whole stack on one machine; every child's settings, plus these."""
+    host: str = setting("127.0.0.1", "bind address of the gateway")
+    http_port: int = setting(8000, "OpenAI-compatible HTTP port")
+    grpc_port: int = setting(50051, "tessera.v1 gRPC port")
+    redis_url: str | None = setting(None, "use this Redis instead of a private redis-server")
+    data_parallel_size: int = setting(
+        1, "worker groups, each with its own scheduler, sharing the request stream", short="-dp")
+    restart: bool = setting(True, "stop the whole stack when a process dies instead of "
+                            "restarting it (debugging)", flag="--no-restart")
