@@ -33,6 +33,7 @@ class GatewayConfig:
     max_body_bytes: int = 4 << 20
     max_model_len: int | None = None        # default: the model's max_position_embeddings
     max_redis_connections: int = 1024       # each open stream holds one while it waits
+    resume_ttl_s: float = 600.0             # disconnect=continue: cancel if nobody resumes by then
 
     @property
     def model_name(self) -> str:
@@ -45,7 +46,8 @@ async def serve(config: GatewayConfig) -> None:
     redis = aioredis.from_url(config.redis_url, max_connections=config.max_redis_connections)
     state = GatewayState.load(config.model, config.model_name, redis,
                               max_body_bytes=config.max_body_bytes,
-                              max_model_len=config.max_model_len)
+                              max_model_len=config.max_model_len,
+                              resume_ttl_s=config.resume_ttl_s)
     grpc_server, grpc_port = await create_server(state, f"{config.host}:{config.grpc_port}")
     http = uvicorn.Server(uvicorn.Config(create_app(state), host=config.host,
                                          port=config.http_port, log_level="warning",

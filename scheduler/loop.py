@@ -16,7 +16,10 @@ import logging
 from collections import deque
 from dataclasses import dataclass, field
 
+from redis.exceptions import RedisError
+
 from common.redis_schema import OutputEvent, QueuedRequest
+from scheduler.admission import check_admissible, check_plan_for_test_poison
 from scheduler.executor import Executor, WorkerMismatch, WorkerUnavailable
 from scheduler.queue import RequestQueue
 from scheduler.request import Request
@@ -90,10 +93,14 @@ class EngineLoop:
     def _add(self, entry_id: str, queued: QueuedRequest) -> None:
         req = _InFlight(entry_id, queued, unfinished={0})
         try:
+            check_admissible(queued)
             self._add_sequence(req, 0)
-        except ValueError as e:   # e.g. a prompt the gateway should not have let through
-            req.unfinished.clear()
-            self._pending_errors.append((req, str(e)))
+        except Exception as e:   # noqa: BLE001 - whatever it is, the request fails alone
+            # e.g. a prompt or a number the gateway should not have let through; _fail's
+            # cleanup aborts sequence 0 if the scheduler already holds it.
+            logger.warning("request %s refused at intake: %s", queued.request_id, e,
+                           extra={"request_id": queued.request_id})
+            self._pending_errors.append((req, f"the scheduler cannot process this request: {e}"))
             return
         self.inflight[queued.request_id] = req
 
@@ -121,9 +128,33 @@ class EngineLoop:
             if not self.scheduler.has_unfinished and not self._pending:
                 await self._canary()
                 continue
-            await self.step()
+            try:
+                await self.step()
+            except (WorkerMismatch, WorkerUnavailable, RedisError, OSError):
+                raise   # not a request's fault: worker and Redis failures have their own paths
+            except Exception as e:   # noqa: BLE001 - a request's processing raised
+                await self._step_raised(e)
+
+    async def _step_raised(self, error: Exception) -> None:
+        """A step raised outside the workers' protocol: some request's processing failed.
+        Which one cannot be known here, so the requests that have not produced an event yet
+        (those the failed step introduced are among them) fail; the others are recomputed
+        from their tokens after a reset, exactly as after a worker reset. The process lives:
+        the request that raised is acked with its error, so it cannot come back."""
+        logger.exception("a step raised: failing the requests it introduced")
+        await self._drain_pending()
+        suspects = [r for r in self.inflight.values() if r.next_index == 0]
+        await self._fail(suspects, f"the scheduler failed processing this request: {error}")
+        self.scheduler.reset_workers()
+        reset = getattr(self.executor, "reset", None)   # an in-process executor has none
+        if reset is not None:
+            try:
+                await asyncio.to_thread(reset)
+            except (WorkerUnavailable, WorkerMismatch):
+                pass
 
     def _submit(self, plan):
+        check_plan_for_test_poison(plan)
         if hasattr(self.executor, "execute_async"):
             return self.executor.execute_async(plan)
         return _Deferred(self.executor, plan)

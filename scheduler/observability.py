@@ -36,7 +36,7 @@ class SchedulerObservability:
 
     def observer(self, scheduler: Scheduler, queue: RequestQueue) -> EngineObserver:
         """The engine loop's hooks, with the scheduler's own counts exported at scrape time."""
-        self.metrics.watch(scheduler)
+        self.metrics.watch(scheduler, queue)
         return EngineObserver(self.metrics, self.readiness, queue)
 
     def start(self, client: aioredis.Redis, queue: RequestQueue,

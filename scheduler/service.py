@@ -45,6 +45,7 @@ class SchedulerServiceConfig:
     ready_timeout_s: float = 10.0       # ready: a forward pass finished within this
     metrics_host: str = "0.0.0.0"
     metrics_port: int = 8001            # /metrics /health /ready; 0: none
+    max_deliveries: int = 3             # a request re-delivered more often is dead-lettered
 
     @property
     def model_name(self) -> str:
@@ -108,7 +109,8 @@ async def serve(config: SchedulerServiceConfig) -> None:
             num_blocks=num_blocks, block_size=config.block_size, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=max_model_len,
             enable_prefix_caching=config.enable_prefix_caching))
-        queue = RequestQueue(client, config.model_name, consumer)
+        queue = RequestQueue(client, config.model_name, consumer,
+                             max_deliveries=config.max_deliveries)
         await queue.ensure_group()
         loop = EngineLoop(scheduler, executor, queue, model_config.eos_token_ids,
                           stats_key=schema.scheduler_stats(config.model_name, config.group),

@@ -184,6 +184,9 @@ def _add_scheduler(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics-host", default="0.0.0.0", help="bind address of --metrics-port")
     p.add_argument("--metrics-port", type=int, default=8001,
                    help="HTTP /metrics /health /ready (default 8001; 0: none)")
+    p.add_argument("--max-deliveries", type=int, default=3,
+                   help="dead-letter a request delivered this many times without finishing "
+                   "(default 3)")
     logging_setup.add_arguments(p)
     p.set_defaults(handler=_run_scheduler)
 
@@ -203,7 +206,7 @@ def _run_scheduler(args: argparse.Namespace) -> int:
         tensor_parallel_size=args.tensor_parallel_size,
         pipeline_parallel_size=args.pipeline_parallel_size,
         ready_timeout_s=args.ready_timeout, metrics_host=args.metrics_host,
-        metrics_port=args.metrics_port)
+        metrics_port=args.metrics_port, max_deliveries=args.max_deliveries)
     try:
         asyncio.run(serve(config))
     except KeyboardInterrupt:
@@ -226,6 +229,9 @@ def _add_gateway(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--grpc-port", type=int, default=50051)
     p.add_argument("--max-body-bytes", type=int, default=4 << 20,
                    help="largest request body / gRPC message accepted (default 4 MiB)")
+    p.add_argument("--resume-ttl", type=float, default=600.0,
+                   help="seconds a disconnect=continue request keeps generating for its client "
+                   "to resume it before it is cancelled (default 600)")
     logging_setup.add_arguments(p)
     p.set_defaults(handler=_run_gateway)
 
@@ -238,7 +244,8 @@ def _run_gateway(args: argparse.Namespace) -> int:
     _observe(args, "gateway")
     config = GatewayConfig(model=args.model, served_model_name=args.served_model_name,
                            redis_url=args.redis_url, host=args.host, http_port=args.http_port,
-                           grpc_port=args.grpc_port, max_body_bytes=args.max_body_bytes)
+                           grpc_port=args.grpc_port, max_body_bytes=args.max_body_bytes,
+                           resume_ttl_s=args.resume_ttl)
     asyncio.run(run_until_signal(config))
     return 0
 
