@@ -201,12 +201,14 @@ class GatewayState:
         if last_index >= 0:
             self.telemetry.metrics.stream_resumes.inc()
         try:
-            await self.submitter.attach(request_id)
+            attached = await self.submitter.attach(request_id)
         except RequestNotFound:
             raise GatewayError(404, f"request {request_id} is unknown or expired",
                                "request_id", "request_not_found") from None
-        return Generation(self, request_id, meta.prompt_tail, meta.params, meta.disconnect,
-                          last_index, meta=meta)
+        gen = Generation(self, request_id, meta.prompt_tail, meta.params, meta.disconnect,
+                         last_index, meta=meta)
+        gen.attached = attached
+        return gen
 
     async def is_ready(self) -> bool:
         """Some scheduler of this model is ready: its worker group finished a real forward
@@ -228,19 +230,19 @@ class GatewayState:
         an await there would be cancelled too, so the cancel runs as its own task."""
         self._spawn(self.submitter.cancel(request_id))
 
-    def detach_soon(self, request_id: str) -> None:
+    def detach_soon(self, request_id: str, attached: int) -> None:
         """A "continue" client went away: cancel the request after ``resume_ttl_s`` unless a
         client re-attached meanwhile (on any replica: the record's attach count says so).
         NOTE: the timer lives in this process; if it dies too, the request runs to its end
         (bounded by max_tokens) and its events stay resumable for the finished TTL."""
-        self._spawn(self._cancel_unless_attached(request_id))
+        self._spawn(self._cancel_unless_attached(request_id, attached))
 
-    async def _cancel_unless_attached(self, request_id: str) -> None:
+    async def _cancel_unless_attached(self, request_id: str, attached: int) -> None:
+        """``attached``: the record's attach count when the leaving client attached."""
         rec = schema.request_record(request_id)
         try:
-            before = await self.redis.hget(rec, "attached")
             await asyncio.sleep(self.resume_ttl_s)
-            if await self.redis.hget(rec, "attached") == before:
+            if int(await self.redis.hget(rec, "attached") or 0) == attached:
                 await self.submitter.cancel(request_id)
         except (RedisError, OSError) as e:
             logger.warning("resume TTL of %s: Redis does not answer: %s", request_id, e)
@@ -283,6 +285,7 @@ class Generation:
         self.prompt_token_ids = prompt_token_ids
         self.meta = meta
         self.num_prompt_tokens = meta.num_prompt_tokens if meta else len(prompt_token_ids)
+        self.attached = 0   # the record's attach count as this relay attached (0: the first)
         self.params = params
         self.disconnect = disconnect
         self.done = False
@@ -388,7 +391,7 @@ class Generation:
         if not self.done:
             self.done = True
             if self.disconnect == schema.DISCONNECT_CONTINUE:
-                self.state.detach_soon(self.request_id)
+                self.state.detach_soon(self.request_id, self.attached)
             else:
                 self.state.cancel_soon(self.request_id)
 
