@@ -35,7 +35,9 @@ from common.tokenizer import Tokenizer
 from gateway.queue import RequestSubmitter
 from redis_server import free_port
 from scheduler.admission import POISON_ENV
+from scheduler.metrics import SchedulerMetrics
 from scheduler.queue import RequestQueue
+from scheduler.scheduler import Scheduler, SchedulerConfig
 from tessera.client import TesseraClient, TesseraError
 
 MAX_TOKENS = 40
@@ -356,6 +358,10 @@ def test_a_request_redelivered_past_max_deliveries_is_dead_lettered(redis_url: s
             last = RequestQueue(client, model, "s3", max_deliveries=3)
             assert await last.claim_stale(0) == []                               # delivery 4
             assert last.num_deadlettered == 1
+            metrics = SchedulerMetrics(model, 2048)
+            metrics.watch(Scheduler(SchedulerConfig(num_blocks=4)), last)
+            assert f'tessera:deadlettered_total{{model_name="{model}"}} 1.0' in \
+                metrics.render().decode()
             (_, letter), = await client.xrange(schema.deadletter_stream(model))
             assert letter[b"request_id"].decode() == rid and letter[b"deliveries"] == b"4"
             assert b"delivered 4 times" in letter[b"reason"]

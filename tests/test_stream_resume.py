@@ -73,6 +73,10 @@ def test_every_event_has_an_id_and_a_second_replica_replays_the_rest(stack, repl
     assert rest == events[4:]
     _, everything = stream(replica.base_url, "GET", f"/v1/streams/{rid}")
     assert everything == events
+    metrics = httpx.get(replica.base_url + "/metrics").text
+    resumes = next(line for line in metrics.splitlines()
+                   if line.startswith("tessera:stream_resumes_total{"))
+    assert float(resumes.split()[-1]) >= 4, "each resume after an event seen counts"
 
 
 def test_chat_resume_keeps_the_role_finish_and_usage_chunks(stack, replica) -> None:
