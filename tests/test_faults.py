@@ -116,13 +116,18 @@ def _prompt(i: int) -> str:
     return f"Story {i}: once upon a time"
 
 
+def _sampling(i: int) -> dict:
+    """Greedy, except every fourth stream: seeded temperature-1.0 sampling."""
+    return {"temperature": 1.0, "seed": 1000 + i} if i % 4 == 3 else {"temperature": 0}
+
+
 def _http_body(i: int, max_tokens: int) -> tuple[str, dict]:
     if i % 2:
         return "/v1/chat/completions", {
             "messages": [{"role": "user", "content": _prompt(i)}], "max_tokens": max_tokens,
-            "temperature": 0, "ignore_eos": True, "stream": True}
-    return "/v1/completions", {"prompt": _prompt(i), "max_tokens": max_tokens, "temperature": 0,
-                               "ignore_eos": True, "stream": True}
+            "ignore_eos": True, "stream": True, **_sampling(i)}
+    return "/v1/completions", {"prompt": _prompt(i), "max_tokens": max_tokens,
+                               "ignore_eos": True, "stream": True, **_sampling(i)}
 
 
 def _text_of(data: dict) -> str:
@@ -190,7 +195,7 @@ def _grpc_stream(address: str, rid: str, i: int, pause_after: int | None,
     try:
         with TesseraClient(address, timeout=60) as client:
             for chunk in client.stream(_prompt(i), request_id=rid, max_tokens=MAX_TOKENS,
-                                       temperature=0, ignore_eos=True):
+                                       ignore_eos=True, **_sampling(i)):
                 out.append(chunk)
                 if pause_after is not None and len(out) == pause_after:
                     paused.set()
@@ -221,12 +226,35 @@ def _reference(stack: Stack, base_url: str, grpc_address: str, n_http: int, n_gr
                                        for out in grpc_out]
 
 
+def _post_result(base_url: str, key: str) -> dict:
+    """A non-streamed completion, long enough to be running when its gateway dies."""
+    with httpx.Client(timeout=120) as c:
+        r = c.post(base_url + "/v1/completions", headers={"Idempotency-Key": key}, json={
+            "prompt": "not streamed", "max_tokens": 1000, "temperature": 0, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+
 def test_gateway_killed_mid_stream_clients_resume_on_another_replica(stack: Stack) -> None:
-    n_http, n_grpc = 8, 8
+    """32 concurrent streams (16 HTTP, completions and chat; 16 gRPC; a quarter of them
+    seeded temperature-1.0 sampling, the rest greedy) and one non-streamed request."""
+    n_http, n_grpc = 16, 16
     a_proc, a_http, a_grpc = stack.gateway()
     _, b_http, b_grpc = stack.gateway()
     ref_http, ref_grpc = _reference(stack, b_http, b_grpc, n_http, n_grpc)
     assert all(len(t) > 0 for t in ref_http + ref_grpc)
+    ref_post = _post_result(b_http, f"ref-{uuid.uuid4().hex}")
+    key = f"k-{uuid.uuid4().hex}"
+    cut: list[BaseException] = []
+
+    def post_to_a() -> None:
+        try:
+            _post_result(a_http, key)
+        except httpx.HTTPError as e:
+            cut.append(e)
+
+    post = threading.Thread(target=post_to_a)
+    post.start()
 
     go = threading.Event()
     streams = [HttpStream(i, a_http, 3 + i % 4, go) for i in range(n_http)]
@@ -245,8 +273,16 @@ def test_gateway_killed_mid_stream_clients_resume_on_another_replica(stack: Stac
     a_proc.send_signal(signal.SIGKILL)
     a_proc.wait(10)
     go.set()
-    for t in threads:
+    for t in threads + [post]:
         t.join(120)
+    assert cut, "the non-streamed request was still running when its gateway died"
+    # The non-streamed client retries with its Idempotency-Key on the other replica: it
+    # attaches to the generation that ran on meanwhile, and gets the fault-free result.
+    again = _post_result(b_http, key)
+    assert again["choices"] == ref_post["choices"] and again["usage"] == ref_post["usage"]
+    with httpx.Client(timeout=60) as c:
+        fetched = c.get(f"{b_http}/v1/requests/{again['id']}").json()
+    assert fetched["choices"] == ref_post["choices"]
 
     tok = Tokenizer.from_dir(stack.model_dir)
     with redis.Redis.from_url(stack.redis_url) as r:
