@@ -72,6 +72,7 @@ class EngineLoop:
         self.stopped = asyncio.Event()
         self.steps = 0
         self._pending_errors: list[tuple[_InFlight, str]] = []
+        self._last_plan = None   # the plan most recently sent (_step_raised's suspects)
         # Telemetry hooks (spans, metrics, readiness): scheduler.telemetry.EngineObserver.
         self.obs = observer or NullObserver()
 
@@ -137,13 +138,18 @@ class EngineLoop:
 
     async def _step_raised(self, error: Exception) -> None:
         """A step raised outside the workers' protocol: some request's processing failed.
-        Which one cannot be known here, so the requests that have not produced an event yet
-        (those the failed step introduced are among them) fail; the others are recomputed
-        from their tokens after a reset, exactly as after a worker reset. The process lives:
-        the request that raised is acked with its error, so it cannot come back."""
+        Which one cannot be known for sure: the suspects are the requests the last planned
+        step introduced that have produced nothing yet (else every request it introduced);
+        they fail with an error event, the others are recomputed from their tokens after a
+        reset, exactly as after a worker reset. The process lives, and the request that raised
+        is acked with its error, so it cannot come back."""
         logger.exception("a step raised: failing the requests it introduced")
         await self._drain_pending()
-        suspects = [r for r in self.inflight.values() if r.next_index == 0]
+        plan, self._last_plan = self._last_plan, None
+        introduced = {id(o[0]): o[0] for s in (plan.new if plan is not None else ())
+                      if (o := self._owner.get(s.seq_id)) is not None}
+        suspects = ([r for r in introduced.values() if r.next_index == 0]
+                    or list(introduced.values()))
         await self._fail(suspects, f"the scheduler failed processing this request: {error}")
         self.scheduler.reset_workers()
         reset = getattr(self.executor, "reset", None)   # an in-process executor has none
@@ -154,6 +160,7 @@ class EngineLoop:
                 pass
 
     def _submit(self, plan):
+        self._last_plan = plan   # for _step_raised: the step a failure most likely belongs to
         check_plan_for_test_poison(plan)
         if hasattr(self.executor, "execute_async"):
             return self.executor.execute_async(plan)
