@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import uuid
 
+import grpc
 import httpx
 import pytest
 import redis
@@ -18,8 +19,9 @@ from gateway_harness import GatewayThread, stack, wait_until  # noqa: F401 (fixt
 from redis_server import free_port
 
 from common import redis_schema as schema
+from common.proto.tessera.v1 import generate_pb2, generate_pb2_grpc
 from gateway.service import GatewayConfig
-from tessera.client import TesseraClient
+from tessera.client import AsyncTesseraClient, TesseraClient
 
 
 @pytest.fixture(scope="module")
@@ -180,3 +182,51 @@ def sse_first_id(response: httpx.Response) -> str:
         if line.startswith("id: "):
             return line[4:]
     raise AssertionError("no event id")
+
+
+class _ReplayingGateway(generate_pb2_grpc.GenerateServicer):
+    """A SCRIPTED gRPC stand-in for a gateway that replays events (as a resume racing a live
+    relay could): the client library must hand each index to its caller once."""
+
+    async def GenerateStream(self, request, context):
+        for index in (0, 1, 1, 2, 0, 3, 3):
+            yield generate_pb2.GenerateStreamResponse(request_id="r", index=index, choices=[
+                generate_pb2.ChoiceDelta(index=0, text=f"<{index}>")])
+
+
+def test_the_client_library_drops_duplicate_events() -> None:
+    import asyncio
+    import threading
+
+    port = free_port()
+    ready, stop = threading.Event(), None
+
+    async def serve() -> None:
+        nonlocal stop
+        server = grpc.aio.server()
+        generate_pb2_grpc.add_GenerateServicer_to_server(_ReplayingGateway(), server)
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        stop = asyncio.Event()
+        ready.set()
+        await stop.wait()
+        await server.stop(None)
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    try:
+        with TesseraClient(f"127.0.0.1:{port}", timeout=10) as client:
+            assert [c.index for c in client.stream("x")] == [0, 1, 2, 3]
+            assert [c.index for c in client.stream(None, request_id="r",
+                                                   last_event_index=1)] == [2, 3]
+
+        async def via_async() -> list[int]:
+            async with AsyncTesseraClient(f"127.0.0.1:{port}", timeout=10) as client:
+                return [c.index async for c in client.stream("x")]
+
+        assert asyncio.run(via_async()) == [0, 1, 2, 3]
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(10)
