@@ -8,7 +8,8 @@
   or that carries numbers the workers' protocol cannot hold (sent around the gateway) is failed
   alone: concurrent streams finish as without it and the scheduler process lives.
 - Dead-lettering: a request re-delivered past ``max_deliveries`` goes to the dead-letter stream
-  with its reason, and its client gets an error event.
+  with its reason, and its client gets an error event; a real scheduler that dies on a request
+  (the hook's exit mode) leaves it pending with its delivery count for the next one.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def _stop(*procs: subprocess.Popen) -> None:
 class Stack:
     """worker + scheduler (with the poison hook armed) + gateways, on the session's Redis."""
 
-    def __init__(self, model_dir: str, redis_url: str) -> None:
+    def __init__(self, model_dir: str, redis_url: str, poison: str = POISON) -> None:
         self.model_dir, self.redis_url = model_dir, redis_url
         self.name = f"faults-{uuid.uuid4().hex[:6]}"
         port = free_port()
@@ -87,7 +88,7 @@ class Stack:
                                  f"127.0.0.1:{port}", "--redis-url", redis_url,
                                  "--served-model-name", self.name, "--metrics-port", "0",
                                  "--max-num-batched-tokens", "512"], "scheduler ready",
-                                env={POISON_ENV: POISON})
+                                env={POISON_ENV: poison})
         self.gateways: list[tuple[subprocess.Popen, str, str]] = []
 
     def gateway(self) -> tuple[subprocess.Popen, str, str]:
@@ -411,3 +412,36 @@ def test_a_request_redelivered_past_max_deliveries_is_dead_lettered(redis_url: s
             await client.aclose()
 
     asyncio.run(run())
+
+
+def test_a_scheduler_that_dies_on_a_request_leaves_it_to_be_dead_lettered(
+        tiny_model, redis_url: str) -> None:
+    """The hook's exit mode: the scheduler process ends the moment it sends a step with the
+    request (an uncatchable crash). The request stays pending with its delivery count, so the
+    schedulers that claim it after count on; past max_deliveries it is dead-lettered."""
+    s = Stack(str(tiny_model("llama")), redis_url, poison="exit:deadly-")
+    try:
+        async def run() -> None:
+            client = aioredis.from_url(redis_url)
+            try:
+                sub = RequestSubmitter(client)
+                rid = await sub.submit(QueuedRequest(f"deadly-{uuid.uuid4().hex}", s.name,
+                                                     [1, 2, 3], SamplingParams(max_tokens=4)))
+                assert await asyncio.to_thread(s.scheduler.wait, 60) == 70
+                stream = schema.requests_stream(s.name)
+                (entry,) = await client.xpending_range(stream, schema.SCHEDULERS_GROUP,
+                                                       "-", "+", 10)
+                assert entry["times_delivered"] == 1
+                for k in (2, 3):   # the next two schedulers take it (and would die too)
+                    peer = RequestQueue(client, s.name, f"next-{k}", max_deliveries=3)
+                    assert [q.request_id for _, q in await peer.claim_stale(0)] == [rid]
+                last = RequestQueue(client, s.name, "fourth", max_deliveries=3)
+                assert await last.claim_stale(0) == [] and last.num_deadlettered == 1
+                evs = [ev async for ev in sub.events(rid, block_ms=200)]
+                assert len(evs) == 1 and "dead-lettered" in evs[0].error
+            finally:
+                await client.aclose()
+
+        asyncio.run(asyncio.wait_for(run(), 120))
+    finally:
+        s.close()
