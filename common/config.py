@@ -181,6 +181,8 @@ class SchedulerServiceConfig(LogConfig, ParallelConfig, BlockConfig, SchedulingC
     metrics_host: str = setting("0.0.0.0", "bind address of --metrics-port")
     metrics_port: int = setting(8001, "HTTP /metrics /health /ready (0: none)")
     lease_ms: int = setting(5000, cli=False)
+    max_deliveries: int = setting(
+        3, "dead-letter a request delivered this many times without finishing")
 
 
 @dataclass(**GROUPS)
@@ -192,6 +194,9 @@ class GatewayConfig(LogConfig, ContextConfig, ModelSource):
     grpc_port: int = setting(50051, "tessera.v1 gRPC port")
     max_body_bytes: int = setting(4 << 20, "largest request body / gRPC message accepted")
     max_redis_connections: int = setting(1024, cli=False)   # each open stream holds one
+    resume_ttl_s: float = setting(
+        600.0, "a request with disconnect policy 'continue' is cancelled this many seconds "
+        "after its client left unless someone resumes it", flag="--resume-ttl")
 
 
 @dataclass(**GROUPS)

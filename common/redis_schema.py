@@ -57,6 +57,13 @@ def cancels_stream(model: str) -> str:
     return f"{PREFIX}cancels:{model}"
 
 
+def deadletter_stream(model: str) -> str:
+    """Stream of requests given up on: delivered ``--max-deliveries`` times without finishing
+    (each delivery's scheduler died on it). Fields: request_id, entry_id, deliveries, reason,
+    data (the request entry's body, to replay or inspect with ``redis-cli``)."""
+    return f"{PREFIX}deadletter:{model}"
+
+
 def workers_registry(model: str) -> str:
     """Hash worker_id -> JSON description of the model's registered workers."""
     return f"{PREFIX}workers:{model}"
@@ -116,6 +123,7 @@ class RedisLimits:
     finished_ttl_s: float = 600.0          # out stream + record after finish: resume window
     output_maxlen: int = 1 << 16           # safety cap on one request's events
     cancels_maxlen: int = 10_000           # cancels are read within a step; a small tail will do
+    deadletter_maxlen: int = 10_000        # the newest dead letters are kept for inspection
 
     @property
     def record_ttl_ms(self) -> int:

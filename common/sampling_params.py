@@ -1,11 +1,20 @@
 """Sampling parameters: one definition for the offline API, the gateway and the workers.
 
 Validated on construction; a bad value raises ValueError naming the field, before any work.
+Every number is range-checked here, for both API faces and the offline API: integers must fit
+the wire types the workers receive (int32, int64 for the seed) and floats must be finite, so a
+value that would have made a scheduler or worker raise is refused where it enters (DESIGN.md §4).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+INT32_MAX = 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_N = 128                 # choices per request: each is a sequence with its own KV blocks
+MAX_LOGIT_BIAS = 100.0      # OpenAI's documented range for a bias
 
 
 @dataclass(frozen=True)
@@ -35,35 +44,38 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop or ()))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
-        _check(_is_int(self.n) and self.n >= 1, "n", self.n, "an integer >= 1")
+        _check(_is_int(self.n) and 1 <= self.n <= MAX_N, "n", self.n,
+               f"an integer in [1, {MAX_N}]")
         _check(_is_num(self.temperature) and self.temperature >= 0, "temperature",
-               self.temperature, "a number >= 0")
+               self.temperature, "a finite number >= 0")
         _check(_is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
-        _check(_is_int(self.top_k) and self.top_k >= -1, "top_k", self.top_k,
-               "an integer >= 1, or 0 / -1 for no limit")
+        _check(_is_int(self.top_k) and -1 <= self.top_k <= INT32_MAX, "top_k", self.top_k,
+               f"an integer in [1, {INT32_MAX}], or 0 / -1 for no limit")
         _check(_is_num(self.min_p) and 0 <= self.min_p <= 1, "min_p", self.min_p, "in [0, 1]")
         _check(_is_num(self.repetition_penalty) and self.repetition_penalty > 0,
-               "repetition_penalty", self.repetition_penalty, "a number > 0")
+               "repetition_penalty", self.repetition_penalty, "a finite number > 0")
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             _check(_is_num(v) and -2 <= v <= 2, name, v, "in [-2, 2]")
-        _check(self.seed is None or _is_int(self.seed), "seed", self.seed, "an integer")
-        _check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", self.max_tokens,
-               "an integer >= 1")
+        _check(self.seed is None or (_is_int(self.seed) and INT64_MIN <= self.seed <= INT64_MAX),
+               "seed", self.seed, f"an integer in [{INT64_MIN}, {INT64_MAX}]")
+        _check(_is_int(self.max_tokens) and 1 <= self.max_tokens <= INT32_MAX, "max_tokens",
+               self.max_tokens, f"an integer in [1, {INT32_MAX}]")
         _check(_is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
                "min_tokens", self.min_tokens, "an integer in [0, max_tokens]")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop,
                "a list of non-empty strings")
-        _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
-               self.stop_token_ids, "a list of token ids")
+        _check(all(_is_token_id(t) for t in self.stop_token_ids), "stop_token_ids",
+               self.stop_token_ids, f"a list of token ids in [0, {INT32_MAX}]")
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
             _check(v is None or (_is_int(v) and 0 <= v <= 20), name, v,
                    "None or an integer in [0, 20]")
         if self.logit_bias is not None:
             _check(isinstance(self.logit_bias, dict) and all(
-                _is_int(k) and k >= 0 and _is_num(v) for k, v in self.logit_bias.items()),
-                "logit_bias", self.logit_bias, "a mapping of token id to bias")
+                _is_token_id(k) and _is_bias(v) for k, v in self.logit_bias.items()),
+                "logit_bias", self.logit_bias, "a mapping of token id to a bias in "
+                f"[-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}] (or -inf: never sample it)")
 
     @property
     def greedy(self) -> bool:
@@ -75,7 +87,24 @@ def _is_int(v) -> bool:
 
 
 def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+    """A finite real: NaN and infinities are refused (they poison every later computation).
+    An int too large for a float (e.g. 10**400) is refused too."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
+def _is_bias(v) -> bool:
+    # -inf bans a token outright; +inf or NaN would turn the whole row into NaN.
+    return (_is_num(v) and -MAX_LOGIT_BIAS <= v <= MAX_LOGIT_BIAS) or (
+        isinstance(v, float) and v == -math.inf)
+
+
+def _is_token_id(v) -> bool:
+    return _is_int(v) and 0 <= v <= INT32_MAX
 
 
 def _check(ok: bool, name: str, value, expected: str) -> None:

@@ -34,6 +34,7 @@ from common.redis_schema import OutputEvent, QueuedRequest
 from common.sampling_params import SamplingParams
 from common.tokenizer import Tokenizer
 from gateway.queue import EventsLost, RequestNotFound, RequestSubmitter
+from gateway.resume import KIND_COMPLETION, PROMPT_TAIL, RelayMeta
 from gateway.telemetry import GatewayTelemetry, current_call
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ class GatewayState:
     vocab_size: int
     redis: aioredis.Redis
     max_body_bytes: int = 4 << 20
+    resume_ttl_s: float = 600.0   # a "continue" request nobody re-attaches to is then cancelled
     created: int = field(default_factory=lambda: int(time.time()))
     _background: set[asyncio.Task] = field(default_factory=set, repr=False)
 
@@ -85,12 +87,14 @@ class GatewayState:
 
     @classmethod
     def load(cls, model_dir: str | pathlib.Path, model_name: str, redis: aioredis.Redis,
-             max_body_bytes: int = 4 << 20, max_model_len: int | None = None) -> GatewayState:
+             max_body_bytes: int = 4 << 20, max_model_len: int | None = None,
+             resume_ttl_s: float = 600.0) -> GatewayState:
         config = ModelConfig.from_dir(model_dir)
         tokenizer = Tokenizer.from_dir(model_dir)
         limit = resolve_max_model_len(max_model_len, config.max_position_embeddings)
         # Ids past the model's embedding rows would crash a worker: the model's size rules.
-        return cls(tokenizer, model_name, limit, config.vocab_size, redis, max_body_bytes)
+        return cls(tokenizer, model_name, limit, config.vocab_size, redis, max_body_bytes,
+                   resume_ttl_s)
 
     @property
     def model_info(self) -> ModelInfo:
@@ -147,19 +151,60 @@ class GatewayState:
     async def start(self, prompt_token_ids: list[int], params: SamplingParams, *,
                     request_id: str = "", idempotency_key: str | None = None,
                     priority: int = 0, disconnect: str = schema.DISCONNECT_CANCEL,
-                    tenant: str = "") -> Generation:
-        """Enqueue a validated request and return its relay."""
+                    tenant: str = "", kind: str = KIND_COMPLETION, include_usage: bool = False,
+                    echo_text: str | None = None) -> Generation:
+        """Enqueue a validated request and return its relay. ``kind``, ``include_usage`` and
+        ``echo_text`` shape the response; they go into the record so any replica can resume
+        the relay (gateway.resume)."""
         self.check_length(len(prompt_token_ids), params.max_tokens)
+        meta = RelayMeta(kind, int(time.time()), len(prompt_token_ids),
+                         list(prompt_token_ids[-PROMPT_TAIL:]), params, disconnect,
+                         include_usage, echo_text)
         call = current_call()   # the client call this runs in (gateway.telemetry)
         queued = QueuedRequest(
             request_id=request_id or uuid.uuid4().hex, model=self.model_name,
             prompt_token_ids=prompt_token_ids, params=params, priority=priority,
             arrival_time=time.time(), tenant=tenant, idempotency_key=idempotency_key or None,
             disconnect=disconnect, traceparent=call.traceparent if call is not None else None)
-        rid = await self.submitter.submit(queued)
+        rid = await self.submitter.submit(queued, meta.to_record())
         if call is not None:
             call.started(rid, params, len(prompt_token_ids))
-        return Generation(self, rid, prompt_token_ids, params, disconnect)
+        return Generation(self, rid, prompt_token_ids, params, disconnect, meta=meta)
+
+    async def reattach(self, request_id: str, last_index: int = -1,
+                       fallback: tuple[list[int], SamplingParams, str] | None = None
+                       ) -> Generation:
+        """The relay of an existing request, continuing after event ``last_index`` (a client
+        resuming on this replica, or fetching a result). Its prompt context, params and shape
+        come from the request's record; ``fallback`` (prompt ids, params, disconnect) serves a
+        record written without them (an older gateway)."""
+        try:
+            rec = await self.submitter.record(request_id)
+        except RequestNotFound:
+            raise GatewayError(404, f"request {request_id} is unknown or expired",
+                               "request_id", "request_not_found") from None
+        if rec.get("model") != self.model_name:
+            raise GatewayError(404, f"request {request_id} is not a request of model "
+                               f"{self.model_name}", "request_id", "request_not_found")
+        meta = RelayMeta.from_record(rec)
+        if meta is None:
+            if fallback is None:
+                raise GatewayError(404, f"request {request_id} cannot be resumed here (its "
+                                   "record has no relay fields)", "request_id")
+            ids, params, disconnect = fallback
+            meta = RelayMeta(KIND_COMPLETION, int(time.time()), len(ids), ids[-PROMPT_TAIL:],
+                             params, disconnect)
+        if last_index >= 0:
+            self.telemetry.metrics.stream_resumes.inc()
+        try:
+            attached = await self.submitter.attach(request_id)
+        except RequestNotFound:
+            raise GatewayError(404, f"request {request_id} is unknown or expired",
+                               "request_id", "request_not_found") from None
+        gen = Generation(self, request_id, meta.prompt_tail, meta.params, meta.disconnect,
+                         last_index, meta=meta)
+        gen.attached = attached
+        return gen
 
     async def is_ready(self) -> bool:
         """Some scheduler of this model is ready: its worker group finished a real forward
@@ -177,7 +222,27 @@ class GatewayState:
     def cancel_soon(self, request_id: str) -> None:
         """Cancel from a context that is itself being cancelled (a client that went away):
         an await there would be cancelled too, so the cancel runs as its own task."""
-        task = asyncio.get_running_loop().create_task(self.submitter.cancel(request_id))
+        self._spawn(self.submitter.cancel(request_id))
+
+    def detach_soon(self, request_id: str, attached: int) -> None:
+        """A "continue" client went away: cancel the request after ``resume_ttl_s`` unless a
+        client re-attached meanwhile (on any replica: the record's attach count says so).
+        NOTE: the timer lives in this process; if it dies too, the request runs to its end
+        (bounded by max_tokens) and its events stay resumable for the finished TTL."""
+        self._spawn(self._cancel_unless_attached(request_id, attached))
+
+    async def _cancel_unless_attached(self, request_id: str, attached: int) -> None:
+        """``attached``: the record's attach count when the leaving client attached."""
+        rec = schema.request_record(request_id)
+        try:
+            await asyncio.sleep(self.resume_ttl_s)
+            if int(await self.redis.hget(rec, "attached") or 0) == attached:
+                await self.submitter.cancel(request_id)
+        except (RedisError, OSError) as e:
+            logger.warning("resume TTL of %s: Redis does not answer: %s", request_id, e)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -206,10 +271,15 @@ class Generation:
 
     def __init__(self, state: GatewayState, request_id: str, prompt_token_ids: list[int],
                  params: SamplingParams, disconnect: str = schema.DISCONNECT_CANCEL,
-                 last_index: int = -1) -> None:
+                 last_index: int = -1, meta: RelayMeta | None = None) -> None:
         self.state = state
         self.request_id = request_id
+        # On a resume only the prompt's tail is known (the detokenizer's context); its
+        # length comes from the record, for usage.
         self.prompt_token_ids = prompt_token_ids
+        self.meta = meta
+        self.num_prompt_tokens = meta.num_prompt_tokens if meta else len(prompt_token_ids)
+        self.attached = 0   # the record's attach count as this relay attached (0: the first)
         self.params = params
         self.disconnect = disconnect
         self.done = False
@@ -226,7 +296,7 @@ class Generation:
 
     @property
     def usage(self) -> tuple[int, int]:
-        return len(self.prompt_token_ids), sum(len(c.token_ids) for c in self._choices)
+        return self.num_prompt_tokens, sum(len(c.token_ids) for c in self._choices)
 
     def result(self) -> GenerateResult:
         return GenerateResult(self.request_id, [c.result() for c in self._choices], *self.usage)
@@ -312,9 +382,12 @@ class Generation:
         cancel unless the client asked to continue."""
         if not self._relay.ended:
             self._report()
-        if not self.done and self.disconnect != schema.DISCONNECT_CONTINUE:
+        if not self.done:
             self.done = True
-            self.state.cancel_soon(self.request_id)
+            if self.disconnect == schema.DISCONNECT_CONTINUE:
+                self.state.detach_soon(self.request_id, self.attached)
+            else:
+                self.state.cancel_soon(self.request_id)
 
     def _report(self) -> None:
         """Metrics, relay span and the request's log line (text only with --log-prompts)."""

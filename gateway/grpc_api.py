@@ -17,7 +17,9 @@ from grpc_reflection.v1alpha import reflection
 from common import convert
 from common import redis_schema as schema
 from common.proto.tessera.v1 import generate_pb2, generate_pb2_grpc
+from common.sampling_params import INT32_MAX
 from gateway.generation import GatewayError, GatewayState, Generation, invalid
+from gateway.resume import KIND_CHAT, KIND_COMPLETION
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +57,18 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
         if call.last_event_index is not None:
             if not call.request_id:
                 raise invalid("a resume (last_event_index) needs the request_id", "request_id")
-            # NOTE: the prompt is optional on a resume; sent again, it gives the detokenizer
-            # the same context as the first relay (and usage its prompt count).
+            if not -1 <= call.last_event_index <= INT32_MAX:
+                raise invalid(f"last_event_index must be in [-1, {INT32_MAX}], got "
+                              f"{call.last_event_index}", "last_event_index")
+            # The record holds the prompt's context, params and shape, so a resume needs
+            # neither prompt nor params and works on any replica; they are only the fallback
+            # for a record written without them.
             ids = self._prompt_ids(call.prompt) if call.prompt is not None else []
-            return Generation(state, call.request_id, ids, call.params, call.disconnect,
-                              call.last_event_index)
+            return await state.reattach(call.request_id, call.last_event_index,
+                                        fallback=(ids, call.params, call.disconnect))
+        kind = KIND_CHAT if request.WhichOneof("prompt") == "chat" else KIND_COMPLETION
         return await state.start(self._prompt_ids(call.prompt), call.params,
-                                 request_id=call.request_id,
+                                 request_id=call.request_id, kind=kind,
                                  idempotency_key=call.idempotency_key or None,
                                  priority=call.priority, disconnect=call.disconnect)
 

@@ -10,20 +10,23 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+import uuid
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from prometheus_client import CONTENT_TYPE_LATEST
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from common.convert import StreamChunk
+from common import redis_schema as schema
 from gateway import openai_format as fmt
 from gateway import openai_schemas as s
 from gateway.generation import GatewayError, GatewayState, Generation, invalid
+from gateway.openai_stream import chat_events, completion_events, stream_response
+from gateway.queue import RequestNotFound
+from gateway.resume import KIND_CHAT, KIND_COMPLETION, parse_event_id
 from gateway.telemetry import CallTracing
 
 logger = logging.getLogger(__name__)
@@ -76,7 +79,9 @@ class BodyLimit:
 async def _parse(request: Request, model: type[M]) -> M:
     try:
         body = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:
+        # ValueError covers JSONDecodeError, bad UTF-8 and integers past Python's digit limit;
+        # RecursionError a body nested too deep. Either is the client's mistake, never a 500.
         raise invalid(f"the request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
         raise invalid("the request body must be a JSON object")
@@ -90,69 +95,22 @@ async def _parse(request: Request, model: type[M]) -> M:
         raise invalid(f"{loc}: {err['msg']}" if loc else err["msg"], loc or None) from None
 
 
-def _sse(payload: BaseModel | dict) -> str:
-    data = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
-    return f"data: {data}\n\n"
-
-
-async def _merge(gens: Sequence[Generation]) -> AsyncIterator[tuple[int, StreamChunk]]:
-    """Chunks of several generations (a batch of prompts) as they come: (which, chunk)."""
-    if len(gens) == 1:
-        async for chunk in gens[0].chunks():
-            yield 0, chunk
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(i: int, g: Generation) -> None:
-        try:
-            async for chunk in g.chunks():
-                await queue.put((i, chunk, None))
-            await queue.put((i, None, None))
-        except Exception as e:   # handed to the consumer, which raises it
-            await queue.put((i, None, e))
-
-    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
-    try:
-        left = len(gens)
-        while left:
-            i, chunk, err = await queue.get()
-            if err is not None:
-                raise err
-            if chunk is None:
-                left -= 1
-            else:
-                yield i, chunk
-    finally:
-        for t in tasks:
-            t.cancel()
-
-
-def _stream(gens: list[Generation], body: Callable[[], AsyncIterator[str]],
-            headers: dict[str, str]) -> StreamingResponse:
-    """SSE around ``body``; a failure mid-stream becomes an error event; leaving early (the
-    client went away) cancels the generations unless their policy is ``continue``."""
-    async def events() -> AsyncIterator[str]:
-        try:
-            async for line in body():
-                yield line
-        except GatewayError as e:
-            yield _sse(s.error_body(e.message, e.type, e.param, e.code))
-        finally:
-            for g in gens:
-                g.close()
-        yield "data: [DONE]\n\n"
-    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
-
-
 async def _start_all(state: GatewayState, prompts: list[list[int]], params: Any,
-                     req: s._SamplingRequest, request: Request) -> list[Generation]:
+                     req: s._SamplingRequest, request: Request, kind: str,
+                     echo_texts: list[str | None] | None = None) -> list[Generation]:
+    """Enqueue one request per prompt. Request ids are ``cmpl-...`` / ``chatcmpl-...``, so the
+    id of every chunk (the first request's, for a batch) is a request id clients can resume."""
     key = request.headers.get("idempotency-key")
+    prefix = "chatcmpl" if kind == KIND_CHAT else "cmpl"
     gens = []
     try:
         for i, ids in enumerate(prompts):
             k = None if key is None else (key if len(prompts) == 1 else f"{key}#{i}")
-            gens.append(await state.start(ids, params, idempotency_key=k,
-                                          disconnect=req.disconnect))
+            gens.append(await state.start(
+                ids, params, request_id=f"{prefix}-{uuid.uuid4().hex}", idempotency_key=k,
+                disconnect=req.disconnect, kind=kind, include_usage=req.include_usage,
+                echo_text=None if echo_texts is None else fmt.prompt_text_of(
+                    state, ids, params, echo_texts[i])))
     except BaseException:
         for g in gens:
             g.close()
@@ -180,6 +138,14 @@ async def _disconnected(request: Request) -> None:
     # The body was read (and replayed by BodyLimit): the next message is the disconnect.
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+async def _record(state: GatewayState, request_id: str) -> dict[str, str]:
+    try:
+        return await state.submitter.record(request_id)
+    except RequestNotFound:
+        raise GatewayError(404, f"request {request_id} is unknown or expired", "request_id",
+                           "request_not_found") from None
 
 
 def create_app(state: GatewayState) -> FastAPI:
@@ -239,30 +205,18 @@ def create_app(state: GatewayState) -> FastAPI:
                                    prompt_logprobs=echo_logprobs, **kwargs)
         for ids in prompts:
             state.check_length(len(ids), params.max_tokens)
-        gens = await _start_all(state, prompts, params, req, request)
-        rid = f"cmpl-{gens[0].request_id}"
-        headers = {"X-Request-Id": gens[0].request_id}
+        gens = await _start_all(state, prompts, params, req, request, KIND_COMPLETION,
+                                texts if req.echo else None)
+        rid = gens[0].request_id
+        created = gens[0].meta.created
+        headers = {"X-Request-Id": rid}
         if not req.stream:
             await _collect(gens, request)
-            return JSONResponse(fmt.completion_response(state, rid, req, gens, texts).model_dump(),
-                                headers=headers)
-
-        async def body() -> AsyncIterator[str]:
-            if req.echo:
-                for i, g in enumerate(gens):
-                    for j in range(params.n):
-                        yield _sse(fmt.completion_chunk(state, rid, i * params.n + j,
-                                                        fmt.prompt_text(state, g, texts[i])))
-            async for i, chunk in _merge(gens):
-                for c in chunk.choices:
-                    yield _sse(fmt.completion_chunk(state, rid, i * params.n + c.index, c.text,
-                                                    fmt.legacy_logprobs(state, c.logprobs),
-                                                    c.finish_reason))
-            if req.include_usage:
-                usage = fmt.total_usage(gens)
-                yield _sse(s.CompletionResponse(id=rid, model=state.model_name, choices=[],
-                                                usage=usage))
-        return _stream(gens, body, headers)
+            return JSONResponse(fmt.completion_response(state, rid, req.echo, gens, texts,
+                                                        created).model_dump(), headers=headers)
+        return stream_response(gens, lambda: completion_events(
+            state, rid, gens, texts if req.echo else None, req.include_usage, created,
+            resumed=False), headers)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
@@ -270,31 +224,62 @@ def create_app(state: GatewayState) -> FastAPI:
         state.check_model(req.model)
         ids = state.render_chat([m.as_template_message() for m in req.messages])
         params = fmt.chat_params(state, req, len(ids))
-        gens = await _start_all(state, [ids], params, req, request)
-        rid = f"chatcmpl-{gens[0].request_id}"
-        headers = {"X-Request-Id": gens[0].request_id}
+        gens = await _start_all(state, [ids], params, req, request, KIND_CHAT)
+        rid, created = gens[0].request_id, gens[0].meta.created
+        headers = {"X-Request-Id": rid}
         if not req.stream:
             await _collect(gens, request)
-            return JSONResponse(fmt.chat_response(state, rid, gens[0]).model_dump(),
+            return JSONResponse(fmt.chat_response(state, rid, gens[0], created).model_dump(),
                                 headers=headers)
+        return stream_response(gens, lambda: chat_events(
+            state, rid, gens[0], req.include_usage, created, resumed=False), headers)
 
-        async def body() -> AsyncIterator[str]:
-            for j in range(params.n):   # the role comes first, as OpenAI sends it
-                yield _sse(fmt.chat_chunk(state, rid, j, s.DeltaMessage(role="assistant",
-                                                                        content="")))
-            async for _, chunk in _merge(gens):
-                for c in chunk.choices:
-                    if c.text or c.logprobs:
-                        yield _sse(fmt.chat_chunk(state, rid, c.index,
-                                                  s.DeltaMessage(content=c.text),
-                                                  fmt.chat_logprobs(state, c.logprobs)))
-                    if c.finish_reason is not None:
-                        yield _sse(fmt.chat_chunk(state, rid, c.index, s.DeltaMessage(),
-                                                  finish_reason=c.finish_reason))
-            if req.include_usage:
-                yield _sse(s.ChatCompletionChunk(id=rid, model=state.model_name, choices=[],
-                                                 usage=fmt.total_usage(gens)))
-        return _stream(gens, body, headers)
+    @app.get("/v1/streams/{request_id}")
+    async def resume_stream(request_id: str, request: Request) -> Response:
+        """Replay a request's stream after the client's last event id, then continue live
+        (DESIGN.md §4): served from Redis, so by any replica."""
+        raw = request.headers.get("last-event-id")
+        if raw is None:
+            raw = request.query_params.get("last_event_id")
+        try:
+            last = parse_event_id(raw, request_id)
+        except ValueError as e:
+            raise invalid(str(e), "Last-Event-ID") from None
+        gen = await state.reattach(request_id, last)
+        meta = gen.meta
+        headers = {"X-Request-Id": request_id}
+        if meta.kind == KIND_CHAT:
+            body = lambda: chat_events(state, request_id, gen, meta.include_usage,  # noqa: E731
+                                       meta.created, resumed=last >= 0)
+        else:
+            echo = None if meta.echo_text is None else [meta.echo_text]
+            body = lambda: completion_events(state, request_id, [gen], echo,  # noqa: E731
+                                             meta.include_usage, meta.created,
+                                             resumed=last >= 0)
+        return stream_response([gen], body, headers)
+
+    @app.get("/v1/requests/{request_id}")
+    async def request_result(request_id: str) -> Response:
+        """A request's final result, as its POST would have answered it (a non-streaming
+        client whose gateway died fetches it here), or 202 while it runs."""
+        rec = await _record(state, request_id)
+        headers = {"X-Request-Id": request_id}
+        if rec.get("state") not in schema.TERMINAL_STATES:
+            return JSONResponse({"id": request_id, "object": "request",
+                                 "status": rec.get("state", "queued")}, 202, headers=headers)
+        gen = await state.reattach(request_id)
+        gen.disconnect = schema.DISCONNECT_CONTINUE   # reading a result never cancels
+        try:
+            await gen.collect()
+        finally:
+            gen.close()
+        meta = gen.meta
+        if meta.kind == KIND_CHAT:
+            out = fmt.chat_response(state, request_id, gen, meta.created)
+        else:
+            out = fmt.completion_response(state, request_id, meta.echo_text is not None,
+                                          [gen], [meta.echo_text], meta.created)
+        return JSONResponse(out.model_dump(), headers=headers)
 
     return app
 

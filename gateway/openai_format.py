@@ -32,6 +32,12 @@ def prompt_text(state: GatewayState, g: Generation, text: str | None) -> str:
     return state.tokenizer.decode(g.prompt_token_ids, g.params.skip_special_tokens)
 
 
+def prompt_text_of(state: GatewayState, ids: list[int], params: SamplingParams,
+                   text: str | None) -> str:
+    """The echo of a prompt: its text as sent, or its ids decoded."""
+    return text if text is not None else state.tokenizer.decode(ids, params.skip_special_tokens)
+
+
 def token_str(state: GatewayState, token_id: int) -> str:
     return state.tokenizer.decode([token_id], skip_special_tokens=False)
 
@@ -70,27 +76,30 @@ def legacy_logprobs(state: GatewayState, lps: TokenLogprobs | None, offset: int 
 
 def completion_chunk(state: GatewayState, rid: str, index: int, text: str,
                      logprobs: s.CompletionLogprobs | None = None,
-                     finish_reason: str | None = None) -> s.CompletionResponse:
+                     finish_reason: str | None = None, created: int | None = None
+                     ) -> s.CompletionResponse:
+    extra = {} if created is None else {"created": created}
     return s.CompletionResponse(id=rid, model=state.model_name, choices=[s.CompletionChoice(
-        index=index, text=text, logprobs=logprobs, finish_reason=finish_reason)])
+        index=index, text=text, logprobs=logprobs, finish_reason=finish_reason)], **extra)
 
 
-def completion_response(state: GatewayState, rid: str, req: s.CompletionRequest,
-                        gens: Sequence[Generation], texts: Sequence[str | None]
-                        ) -> s.CompletionResponse:
+def completion_response(state: GatewayState, rid: str, echo_prompt: bool,
+                        gens: Sequence[Generation], texts: Sequence[str | None],
+                        created: int | None = None) -> s.CompletionResponse:
     choices = []
     for i, g in enumerate(gens):
-        echo = prompt_text(state, g, texts[i]) if req.echo else ""
+        echo = prompt_text(state, g, texts[i]) if echo_prompt else ""
         for c in g.result().choices:
             lp = legacy_logprobs(state, c.logprobs, len(echo), None)
-            if lp is not None and req.echo:
+            if lp is not None and echo_prompt:
                 lp = legacy_logprobs(state, c.logprobs, 0,
                                      (g.prompt_token_ids, g.prompt_logprobs))
             choices.append(s.CompletionChoice(index=i * g.params.n + c.index,
                                               text=echo + c.text, logprobs=lp,
                                               finish_reason=c.finish_reason))
+    extra = {} if created is None else {"created": created}
     return s.CompletionResponse(id=rid, model=state.model_name, choices=choices,
-                                usage=total_usage(gens))
+                                usage=total_usage(gens), **extra)
 
 
 def total_usage(gens: Sequence[Generation]) -> s.UsageInfo:
@@ -136,19 +145,23 @@ def chat_logprobs(state: GatewayState, lps: TokenLogprobs | None) -> s.ChatLogpr
         for t, lp, top in lps])
 
 
-def chat_response(state: GatewayState, rid: str, g: Generation) -> s.ChatCompletionResponse:
+def chat_response(state: GatewayState, rid: str, g: Generation,
+                  created: int | None = None) -> s.ChatCompletionResponse:
     choices = [s.ChatChoice(index=c.index, message=s.ChatMessageOut(content=c.text),
                             logprobs=chat_logprobs(state, c.logprobs),
                             finish_reason=c.finish_reason)
                for c in g.result().choices]
+    extra = {} if created is None else {"created": created}
     return s.ChatCompletionResponse(id=rid, model=state.model_name, choices=choices,
-                                    usage=total_usage([g]))
+                                    usage=total_usage([g]), **extra)
 
 
 def chat_chunk(state: GatewayState, rid: str, index: int, delta: s.DeltaMessage,
                logprobs: s.ChatLogprobs | None = None,
-               finish_reason: str | None = None) -> s.ChatCompletionChunk:
+               finish_reason: str | None = None, created: int | None = None
+               ) -> s.ChatCompletionChunk:
+    extra = {} if created is None else {"created": created}
     return s.ChatCompletionChunk(id=rid, model=state.model_name, choices=[s.ChatStreamChoice(
-        index=index, delta=delta, logprobs=logprobs, finish_reason=finish_reason)])
+        index=index, delta=delta, logprobs=logprobs, finish_reason=finish_reason)], **extra)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import redis.asyncio as aioredis
 
@@ -41,6 +41,11 @@ return ARGV[2]
 """
 
 
+_ATTACH = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+return redis.call('HINCRBY', KEYS[1], 'attached', 1)
+"""
+
 
 class RequestSubmitter:
     """Enqueue requests, stream their events, cancel them: the gateway's Redis client.
@@ -53,9 +58,11 @@ class RequestSubmitter:
         self.redis = client
         self.limits = limits
         self._submit = client.register_script(_SUBMIT)
+        self._attach = client.register_script(_ATTACH)
 
-    async def submit(self, queued: QueuedRequest) -> str:
-        """Enqueue ``queued``; returns its request id.
+    async def submit(self, queued: QueuedRequest, extra: Mapping[str, str] | None = None) -> str:
+        """Enqueue ``queued``; returns its request id. ``extra`` fields go into the request's
+        record too (gateway.resume.RelayMeta: what another replica needs to resume it).
 
         With an idempotency key, a second submission by the same tenant with the same key
         (while the first's record lives) returns the first request's id and enqueues nothing.
@@ -64,7 +71,7 @@ class RequestSubmitter:
         idem = schema.idempotency_key(queued.tenant, queued.idempotency_key or "")
         record = {"state": schema.STATE_QUEUED, "model": queued.model, "tenant": queued.tenant,
                   "n": queued.params.n, "disconnect": queued.disconnect,
-                  "queued_at": time.time()}
+                  "queued_at": time.time(), **(extra or {})}
         rec_args = [str(x) for kv in record.items() for x in kv]
         entry_args = [x for kv in queued.to_fields().items() for x in kv]
         rid = await self._submit(
@@ -122,6 +129,22 @@ class RequestSubmitter:
             # state is terminal, one more non-blocking read sees everything there will be.
             over = schema.text(state) in schema.TERMINAL_STATES
             block = None if over else block_ms
+
+    async def record(self, request_id: str) -> dict[str, str]:
+        """The request's record (state, model, relay fields...); RequestNotFound if gone."""
+        rec = await self.redis.hgetall(schema.request_record(request_id))
+        if not rec:
+            raise RequestNotFound(request_id)
+        return {schema.text(k): schema.text(v) for k, v in rec.items()}
+
+    async def attach(self, request_id: str) -> int:
+        """A client (re)attached to the request's relay; returns the attach count, which a
+        ``continue`` disconnect's timer compares to see whether anyone came back."""
+        # Only on a live record: a bare HINCRBY would recreate an expired one without a TTL.
+        n = await self._attach(keys=[schema.request_record(request_id)])
+        if int(n) < 0:
+            raise RequestNotFound(request_id)
+        return int(n)
 
     async def cancel(self, request_id: str) -> bool:
         """Ask the schedulers to stop a request; False when it is unknown or already over.

@@ -28,7 +28,8 @@ async def serve(config: GatewayConfig) -> None:
     redis = connect(config.redis_url, max_connections=config.max_redis_connections)
     state = GatewayState.load(config.model, config.model_name, redis,
                               max_body_bytes=config.max_body_bytes,
-                              max_model_len=config.max_model_len)
+                              max_model_len=config.max_model_len,
+                              resume_ttl_s=config.resume_ttl_s)
     grpc_server, grpc_port = await create_server(state, f"{config.host}:{config.grpc_port}")
     http = uvicorn.Server(uvicorn.Config(create_app(state), host=config.host,
                                          port=config.http_port, log_level="warning",

@@ -55,6 +55,10 @@ class GatewayMetrics:
         self.e2e = Histogram(m.name("e2e_request_latency_seconds"), "Histogram of e2e request "
                              "latency in seconds (arrival at the gateway to the last event).",
                              labels, buckets=m.REQUEST_LATENCY_BUCKETS, registry=r).labels(model_name)
+        self.stream_resumes = Counter(m.name("stream_resumes"), "Relays resumed after an event "
+                                      "a client had seen (GET /v1/streams, a gRPC resume "
+                                      "cursor), on this replica.", labels,
+                                      registry=r).labels(model_name)
         self._success = Counter(m.name("request_success"), "Count of finished requests (one per "
                                 "choice), by finished reason.", [*labels, "finished_reason"],
                                 registry=r)

@@ -24,6 +24,7 @@ from redis.exceptions import RedisError
 from common import redis_schema as schema
 from common.redis_schema import OutputEvent, QueuedRequest
 from common.step import StepOutput, StepPlan
+from scheduler.admission import check_admissible, check_plan_for_test_poison
 from scheduler.engine_core import EngineCore, EngineRequest
 from scheduler.executor import Executor, StepHandle, WorkerMismatch, WorkerUnavailable
 from scheduler.queue import RequestQueue
@@ -51,6 +52,7 @@ class EngineLoop:
         self.stopped = asyncio.Event()
         self.steps = 0
         self.obs = core.obs   # telemetry hooks (scheduler.telemetry.EngineObserver)
+        self._last_plan: StepPlan | None = None   # the plan most recently sent (_step_raised)
 
     # ---- the loop -----------------------------------------------------------------------
     async def run(self) -> None:
@@ -61,7 +63,12 @@ class EngineLoop:
                 if not self.core.has_unfinished and not self._pending:
                     await self._canary()
                     continue
-                await self.step()
+                try:
+                    await self.step()
+                except (WorkerMismatch, WorkerUnavailable, RedisError, OSError):
+                    raise   # not a request's fault: worker and Redis failures have their paths
+                except Exception as e:   # noqa: BLE001 - a request's processing raised
+                    await self._step_raised(e)
         finally:   # stopped (lease lost, shutdown): what the last step produced still goes out
             if self._out or self._acks:
                 try:
@@ -116,10 +123,17 @@ class EngineLoop:
                             priority=queued.priority, model=queued.model,
                             traceparent=queued.traceparent, queue_wait_s=waited, tag=entry_id)
         try:
+            check_admissible(queued)
             self.core.add_request(req)
-        except ValueError as e:   # e.g. a prompt the gateway should not have let through
+        except Exception as e:   # noqa: BLE001 - whatever it is, the request fails alone
+            # e.g. a prompt or a number the gateway should not have let through
+            logger.warning("request %s refused at intake: %s", queued.request_id, e,
+                           extra={"request_id": queued.request_id})
+            if req.request_id in self.core.requests:
+                self.core.abort(req.request_id)
             self._stage([(req, OutputEvent(0, [], finish_reason="error", final=True,
-                                           error=str(e)))])
+                                           error=f"the scheduler cannot process this "
+                                           f"request: {e}"))])
 
     def _stage(self, events: Events) -> None:
         for req, ev in events:
@@ -159,6 +173,8 @@ class EngineLoop:
             if self.pipeline_depth > 1:
                 self.core.mark_in_flight(plan)
             started = self.obs.step_started(plan)
+            self._last_plan = plan   # for _step_raised: the step a failure most likely is in
+            check_plan_for_test_poison(plan)
             self._pending.append((plan, self.executor.execute_async(plan), started))
         return True
 
@@ -185,6 +201,33 @@ class EngineLoop:
             except (WorkerUnavailable, WorkerMismatch):
                 pass
         return None
+
+    async def _step_raised(self, error: Exception) -> None:
+        """A step raised outside the workers' protocol: some request's processing failed.
+        Which one cannot be known for sure: the suspects are the requests the last planned
+        step introduced that have produced nothing yet (else every request it introduced);
+        they fail with an error event, the others are recomputed from their tokens after a
+        reset, exactly as after a worker reset. The process lives, and the request that raised
+        is acked with its error, so it cannot come back."""
+        logger.exception("a step raised: failing the requests it introduced")
+        await self._drain_pending()
+        plan, self._last_plan = self._last_plan, None
+        seqs = self.core.scheduler.requests
+        introduced = {}
+        for s in (plan.new if plan is not None else ()):
+            seq = seqs.get(s.seq_id)
+            if seq is not None and seq.owner is not None:
+                introduced[seq.owner.request_id] = seq.owner
+        suspects = ([r for r in introduced.values() if r.next_index == 0]
+                    or list(introduced.values()))
+        message = f"the scheduler failed processing this request: {error}"
+        await self._publish_now([e for e in (self._end(r.request_id, "error", message)
+                                             for r in suspects) if e is not None])
+        self.core.requeue_running()
+        try:
+            await asyncio.to_thread(self.executor.reset)
+        except (WorkerUnavailable, WorkerMismatch):
+            pass
 
     async def _drain_pending(self) -> None:
         """Forget the steps still in flight (the group failed): wait them out briefly."""

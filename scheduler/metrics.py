@@ -24,6 +24,7 @@ class _EngineState(Collector):
     def __init__(self, model_name: str) -> None:
         self.model_name = model_name
         self.scheduler: Scheduler | None = None
+        self.queue = None   # scheduler.queue.RequestQueue: its dead-letter count
 
     def collect(self) -> Iterator:
         s, labels = self.scheduler, [self.model_name]
@@ -44,6 +45,10 @@ class _EngineState(Collector):
             (counter, "num_preemptions", "Cumulative number of preemptions (including the "
              "recomputes after a worker reset).", s.num_preemptions),
         ]
+        if self.queue is not None:
+            families.append((counter, "deadlettered", "Requests dead-lettered: delivered "
+                             "--max-deliveries times without finishing.",
+                             self.queue.num_deadlettered))
         for family, metric, doc, value in families:
             f = family(m.name(metric), doc, labels=m.LABELS)
             f.add_metric(labels, value)
@@ -99,8 +104,9 @@ class SchedulerMetrics:
         self.ready = gauge("ready", "1 while a forward pass (a step or the idle canary) finished "
                            "within the ready timeout.")
 
-    def watch(self, scheduler: Scheduler) -> None:
+    def watch(self, scheduler: Scheduler, queue=None) -> None:
         self.engine.scheduler = scheduler
+        self.engine.queue = queue
 
     def sequence_finished(self, queue_s: float | None, prefill_s: float | None,
                           decode_s: float | None, inference_s: float | None,

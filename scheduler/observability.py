@@ -38,9 +38,9 @@ class SchedulerObservability:
         """The engine core's and loop's hooks."""
         return EngineObserver(self.metrics, self.readiness)
 
-    def watch(self, scheduler: Scheduler) -> None:
-        """Export the scheduler's own counts at scrape time."""
-        self.metrics.watch(scheduler)
+    def watch(self, scheduler: Scheduler, queue: RequestQueue | None = None) -> None:
+        """Export the scheduler's own counts (and the queue's dead letters) at scrape time."""
+        self.metrics.watch(scheduler, queue)
 
     def start(self, client: aioredis.Redis, queue: RequestQueue,
               queue_poll_s: float = 1.0) -> None:

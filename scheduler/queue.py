@@ -52,7 +52,7 @@ class RequestQueue:
     """One scheduler's view of its model's request stream, output streams and cancels."""
 
     def __init__(self, client: aioredis.Redis, model: str, consumer: str,
-                 limits: RedisLimits = RedisLimits()) -> None:
+                 limits: RedisLimits = RedisLimits(), max_deliveries: int = 3) -> None:
         self.redis = client
         self.model = model
         self.consumer = consumer                  # unique per scheduler process
@@ -63,6 +63,10 @@ class RequestQueue:
         self._cancel_cursor: str | None = None
         self._claim_cursor = "0-0"
         self.admitted_at: float | None = None   # Redis's clock at the last admission (queue waits)
+        # A claimed request delivered more often than this without finishing is dead-lettered:
+        # each delivery's scheduler died on it, and it must not kill scheduler after scheduler.
+        self.max_deliveries = max_deliveries
+        self.num_deadlettered = 0               # this process's count (a metric)
 
     # ---- intake -----------------------------------------------------------------------------
     async def ensure_group(self) -> None:
@@ -104,7 +108,43 @@ class RequestQueue:
         self._claim_cursor = schema.text(reply[0])
         # Entries deleted while pending come back as None (Redis drops them from the PEL).
         raw = [(eid, fields) for eid, fields in reply[1] if fields]
-        return await self._admit(raw)
+        return await self._admit(await self._deadletter_redelivered(raw))
+
+    async def _deadletter_redelivered(self, raw: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
+        """Dead-letter the claimed entries delivered more than ``max_deliveries`` times (the
+        stream's own delivery count: XAUTOCLAIM just added one); returns the others.
+
+        A dead-lettered request gets an error event after its last one (its client learns why)
+        and is acked; the entry, with the reason, goes to the model's dead-letter stream."""
+        if not raw:
+            return raw
+        pipe = self.redis.pipeline(transaction=False)
+        for eid, _ in raw:
+            pipe.xpending_range(self.stream, self.group, min=eid, max=eid, count=1)
+        pending = await pipe.execute()
+        kept, dead = [], []
+        for (eid, fields), info in zip(raw, pending):
+            times = int(info[0]["times_delivered"]) if info else 1
+            (dead if times > self.max_deliveries else kept).append((_text(eid), fields, times))
+        if not dead:
+            return [(eid, fields) for eid, fields, _ in kept]
+        pipe = self.redis.pipeline(transaction=False)
+        doomed = []
+        for eid, fields, times in dead:
+            f = {_text(k): _text(v) for k, v in fields.items()}
+            reason = (f"delivered {times} times without finishing (--max-deliveries "
+                      f"{self.max_deliveries}): every scheduler that took it stopped")
+            logger.error("request %s dead-lettered: %s", f.get("request_id"), reason,
+                         extra={"request_id": f.get("request_id")})
+            pipe.xadd(schema.deadletter_stream(self.model),
+                      {"request_id": f.get("request_id", ""), "entry_id": eid,
+                       "deliveries": times, "reason": reason, "data": f.get("data", "")},
+                      maxlen=self.limits.deadletter_maxlen, approximate=True)
+            doomed.append((eid, f.get("request_id", ""), None, f"dead-lettered: {reason}"))
+        await pipe.execute()
+        await self._terminate(doomed)
+        self.num_deadlettered += len(dead)
+        return [(eid, fields) for eid, fields, _ in kept]
 
     async def touch(self, entry_ids: Sequence[str]) -> None:
         """Reset the idle time of this scheduler's in-flight entries, so that a peer's

@@ -97,8 +97,9 @@ async def serve(config: SchedulerServiceConfig) -> None:
             max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=max_model_len,
             enable_prefix_caching=config.enable_prefix_caching),
             model_config.eos_token_ids, obs.observer())
-        obs.watch(core.scheduler)
-        queue = RequestQueue(client, config.model_name, consumer)
+        queue = RequestQueue(client, config.model_name, consumer,
+                             max_deliveries=config.max_deliveries)
+        obs.watch(core.scheduler, queue)
         await queue.ensure_group()
         loop = EngineLoop(core, executor, queue,
                           stats_key=schema.scheduler_stats(config.model_name, config.group),

@@ -78,7 +78,8 @@ class TesseraClient:
     Request options (keyword-only on every generate/stream call): ``request_id`` (names the
     generation: cancel or resume it by it), ``idempotency_key``, ``priority`` (lower first),
     ``disconnect`` ("cancel" or "continue"), ``last_event_index`` (stream only: resume after
-    that event of ``request_id``).
+    that event of ``request_id``, on any gateway replica: pass ``None`` as the prompt; the
+    gateway rebuilds the stream from Redis). Streams never yield an index twice.
     """
 
     def __init__(self, address: str, *, model: str = "", timeout: float | None = None,
@@ -106,8 +107,12 @@ class TesseraClient:
         req = _request(prompt, self.model, request_id, idempotency_key, last_event_index,
                        priority, disconnect, sampling)
         call = self._stub.GenerateStream(req, timeout=self.timeout)
+        last = -1 if last_event_index is None else last_event_index
         try:
             for msg in call:
+                if msg.index <= last:
+                    continue   # a duplicate (a replayed event): each chunk reaches you once
+                last = msg.index
                 yield convert.stream_chunk_from_proto(msg)
         except grpc.RpcError as e:
             raise _error(e) from None
@@ -175,8 +180,12 @@ class AsyncTesseraClient:
         req = _request(prompt, self.model, request_id, idempotency_key, last_event_index,
                        priority, disconnect, sampling)
         call = self._stub.GenerateStream(req, timeout=self.timeout)
+        last = -1 if last_event_index is None else last_event_index
         try:
             async for msg in call:
+                if msg.index <= last:
+                    continue   # a duplicate (a replayed event): each chunk reaches you once
+                last = msg.index
                 yield convert.stream_chunk_from_proto(msg)
         except grpc.RpcError as e:
             raise _error(e) from None

@@ -191,7 +191,7 @@ def test_the_service_gives_the_llm_events(tiny_model, redis_url):
     from cli_procs import start_cli
     from common.redis_schema import QueuedRequest
     from gateway.queue import RequestSubmitter
-    from redis_server import free_port
+    from tessera.procs import free_port
 
     model_dir = str(tiny_model("llama"))
     stop_id = _stop_id(model_dir)

@@ -96,7 +96,7 @@ def test_one_trace_across_gateway_scheduler_and_worker(obs):
     usage = chunks[-1]["usage"]
     prompt, output = usage["prompt_tokens"], usage["completion_tokens"]
     assert output == 6 and prompt > 2 * CHUNK
-    request_id = chunks[0]["id"].removeprefix("chatcmpl-")
+    request_id = chunks[0]["id"]   # the chunk id is the request id (DESIGN.md §4: resumable)
     n_chunks = math.ceil(prompt / CHUNK)
     steps = n_chunks + output - 1   # the last prefill chunk samples the first token
 

@@ -73,7 +73,8 @@ class GenerateServicer:
 
     def GenerateStream(self, request, context):
         """Streams a generation as it is produced. Every chunk carries its event index; a client
-        that lost its connection sends the same request_id with last_event_index to resume.
+        that lost its connection sends the same request_id with last_event_index to resume, to
+        any gateway replica (the stream is rebuilt from Redis).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
