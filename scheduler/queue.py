@@ -125,13 +125,13 @@ class RequestQueue:
         kept, dead = [], []
         for (eid, fields), info in zip(raw, pending):
             times = int(info[0]["times_delivered"]) if info else 1
-            (dead if times > self.max_deliveries else kept).append((_text(eid), fields, times))
+            (dead if times > self.max_deliveries else kept).append((schema.text(eid), fields, times))
         if not dead:
             return [(eid, fields) for eid, fields, _ in kept]
         pipe = self.redis.pipeline(transaction=False)
         doomed = []
         for eid, fields, times in dead:
-            f = {_text(k): _text(v) for k, v in fields.items()}
+            f = {schema.text(k): schema.text(v) for k, v in fields.items()}
             reason = (f"delivered {times} times without finishing (--max-deliveries "
                       f"{self.max_deliveries}): every scheduler that took it stopped")
             logger.error("request %s dead-lettered: %s", f.get("request_id"), reason,
