@@ -22,6 +22,7 @@ from tessera.outputs import CompletionOutput, RequestOutput
 from worker.kv_cache import kv_cache_bytes_per_block
 from worker.loader import parse_dtype
 from worker.runner import ModelRunner, compute_dtype
+from worker.warmup import cuda_kv_budget, warm_up
 from worker.worker import Worker
 
 
@@ -68,12 +69,16 @@ class LLMEngine:
                  enable_prefix_caching: bool = True, seed: int = 0,
                  kv_cache_memory_bytes: int = 2 << 30, device: str = "cpu",
                  tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
-                 enforce_eager: bool = False) -> None:
+                 enforce_eager: bool = False, gpu_memory_utilization: float = 0.9) -> None:
+        if not 0.0 < gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got "
+                             f"{gpu_memory_utilization}")
         self.model_config = ModelConfig.from_dir(model)
         self.tokenizer = Tokenizer.from_dir(model)
         limit = self.model_config.max_position_embeddings
         self.max_model_len = min(max_model_len or limit, limit)
         self.worker_group = None
+        runner = None
         if tensor_parallel_size * pipeline_parallel_size > 1:
             # A sharded model: worker processes, driven like the services drive them.
             from tessera.worker_group import LocalWorkerGroup
@@ -83,6 +88,16 @@ class LLMEngine:
                 kv_cache_memory_bytes, seed)
             warm = self.worker_group.warmup(max_num_batched_tokens, max_num_seqs)
             num_kv_blocks = min(num_kv_blocks or warm, warm)
+        elif num_kv_blocks is None and torch.device(device).type == "cuda":
+            # One GPU: the cache takes what a worst-case step leaves of our share (and the
+            # decode graphs are captured over it), as a worker's Warmup does.
+            runner = ModelRunner(self.model_config, dtype, 0, block_size, device)
+            num_kv_blocks, _ = warm_up(
+                runner, max_num_batched_tokens, max_num_seqs,
+                lambda: cuda_kv_budget(runner.device, gpu_memory_utilization),
+                decode_graphs=not enforce_eager)
+            if num_kv_blocks == 0:
+                raise RuntimeError("no GPU memory left for a single KV block")
         elif num_kv_blocks is None:
             kv_dtype = compute_dtype(parse_dtype(dtype), torch.device(device))
             per_block = kv_cache_bytes_per_block(self.model_config, block_size, kv_dtype)
@@ -94,9 +109,10 @@ class LLMEngine:
         if self.worker_group is not None:
             self.executor = self.worker_group.executor
         else:
-            runner = ModelRunner(self.model_config, dtype, num_kv_blocks, block_size, device)
-            if runner.device.type == "cuda" and not enforce_eager:
-                runner.capture_decode_graphs(max_num_seqs)   # decode steps replay CUDA graphs
+            if runner is None:
+                runner = ModelRunner(self.model_config, dtype, num_kv_blocks, block_size, device)
+                if runner.device.type == "cuda" and not enforce_eager:
+                    runner.capture_decode_graphs(max_num_seqs)   # decode steps replay graphs
             self.executor = LocalExecutor(Worker(runner, seed=seed))
         self.tracked: dict[str, _Tracked] = {}
         self._child_of: dict[str, tuple[_Tracked, _Sequence]] = {}

@@ -24,10 +24,13 @@ class LLM:
                  max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, seed: int = 0, device: str = "cpu",
                  tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
-                 kv_cache_memory_bytes: int = 2 << 30, enforce_eager: bool = False) -> None:
+                 kv_cache_memory_bytes: int = 2 << 30, enforce_eager: bool = False,
+                 gpu_memory_utilization: float = 0.9) -> None:
         """tensor_parallel_size x pipeline_parallel_size > 1 runs the model sharded over that
         many worker processes (gloo on CPU, NCCL on CUDA); `close()` stops them. On CUDA,
-        decode steps replay CUDA graphs unless enforce_eager."""
+        decode steps replay CUDA graphs unless enforce_eager, and without num_kv_blocks the
+        KV cache takes what a worst-case step leaves of gpu_memory_utilization of the GPU
+        (kv_cache_memory_bytes is the CPU budget)."""
         self.engine = LLMEngine(model, dtype=dtype, block_size=block_size,
                                 num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs,
                                 max_num_batched_tokens=max_num_batched_tokens,
@@ -36,7 +39,8 @@ class LLM:
                                 device=device, kv_cache_memory_bytes=kv_cache_memory_bytes,
                                 tensor_parallel_size=tensor_parallel_size,
                                 pipeline_parallel_size=pipeline_parallel_size,
-                                enforce_eager=enforce_eager)
+                                enforce_eager=enforce_eager,
+                                gpu_memory_utilization=gpu_memory_utilization)
         self.tokenizer = self.engine.tokenizer
         self._next_id = 0
 

@@ -24,6 +24,7 @@ class LocalWorkerGroup:
         self._finalizer = weakref.finalize(self, self.stack.stop)
         atexit.register(self._finalizer)
         try:
+            # Each rank takes its own GPU from `device` and its rank (worker/group.py).
             args = ["--model", model, "--dtype", dtype, "--device", device,
                     "--block-size", str(block_size), "--seed", str(seed),
                     "--kv-cache-memory-gb", repr(kv_cache_memory_bytes / (1 << 30))]

@@ -15,6 +15,7 @@ unusable, so the worker answers UNAVAILABLE and exits; its supervisor restarts i
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -30,11 +31,11 @@ from common.convert import step_output_to_proto, step_plan_from_proto
 from common.http_probe import start_probe
 from common.model_config import ModelConfig
 from common.proto.tessera.v1 import worker_pb2, worker_pb2_grpc
-from worker.group import join_group
-from worker.kv_cache import kv_cache_bytes_per_block
+from worker.group import group_device, join_group
 from worker.parallel import get_pp_stage, get_tp_group
 from worker.runner import ModelRunner
 from worker.telemetry import WorkerHealth, WorkerTelemetry
+from worker.warmup import cuda_kv_budget, warm_up
 from worker.worker import StepMismatchError, Worker
 
 logger = logging.getLogger(__name__)
@@ -83,7 +84,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.tp, self.pp = get_tp_group(), get_pp_stage()
         self.worker = Worker(runner, seed=config.seed,
                              is_driver=self.pp.is_last and self.tp.rank == 0)
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step")
+        device = runner.device
+        # A new thread's current CUDA device is GPU 0 (the runner also sets it per call).
+        self._thread = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="step",
+            initializer=torch.cuda.set_device if device.type == "cuda" else None,
+            initargs=(device,) if device.type == "cuda" else ())
         self._order = asyncio.Condition()
         self.warmed_up = False
         self.telemetry = WorkerTelemetry(config.model_name, config.ready_timeout_s)
@@ -107,24 +113,19 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             pp_rank=self.pp.rank, pp_size=self.pp.size, layer_start=start, layer_end=end,
             max_model_len=cfg.max_position_embeddings, vocab_size=cfg.vocab_size)
 
+    def _kv_budget(self) -> int:
+        runner = self.worker.runner
+        if runner.device.type == "cuda":   # what a worst-case step left free, within our share
+            return cuda_kv_budget(runner.device, self.config.gpu_memory_utilization)
+        return self.config.kv_cache_memory_bytes
+
     def _warmup(self, max_tokens: int, max_seqs: int) -> tuple[int, int]:
         runner = self.worker.runner
-        runner.profile_run(max(1, max_tokens), max(1, max_seqs))
-        per_block = kv_cache_bytes_per_block(self.model_config, self.config.block_size,
-                                             runner.dtype)
-        if runner.device.type == "cuda":
-            # What the activations of a worst-case step did not use, within our share.
-            free, total = torch.cuda.mem_get_info(runner.device)
-            used_by_others = total - free
-            budget = int(total * self.config.gpu_memory_utilization) - used_by_others
-        else:
-            budget = self.config.kv_cache_memory_bytes
-        num_blocks = max(budget // per_block, 0)
-        runner.allocate_kv_cache(num_blocks)
-        if runner.device.type == "cuda" and not self.config.enforce_eager and num_blocks:
-            runner.capture_decode_graphs(max_seqs)
+        # Every Warmup (schedulers send one after each restart) sizes the cache afresh.
+        warm = warm_up(runner, max_tokens, max_seqs, self._kv_budget,
+                       decode_graphs=runner.device.type == "cuda" and not self.config.enforce_eager)
         self.worker.reset()
-        return num_blocks, per_block
+        return warm
 
     async def _group_failed(self, context, e: Exception) -> None:
         """A collective failed: a peer is gone and this process group cannot be repaired in
@@ -219,6 +220,7 @@ async def heartbeat(config: WorkerConfig, address: str) -> None:
 
 async def serve(config: WorkerConfig, ready: asyncio.Event | None = None) -> None:
     """Run the worker service until cancelled."""
+    config = dataclasses.replace(config, device=group_device(config))   # this rank's GPU
     if config.world_size > 1:
         await join_group(config)
     servicer = WorkerServicer(config)
