@@ -117,23 +117,24 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _no_decode_graphs_because(self, capture: bool) -> str | None:
+    def why_no_decode_graphs(self, capture: bool = True) -> str | None:
+        """Why capture_decode_graphs would run decode steps eagerly; None: it captures."""
         from kernels import use_triton
         from worker.parallel import get_tp_group
 
         if self.pp.size > 1 or get_tp_group().size > 1:
             return "decode graphs are for single-worker groups"
-        if capture and self.device.type != "cuda":
-            return f"CUDA graphs need a CUDA device, not {self.device}"
         if capture and not use_triton(torch.empty(0, device=self.device)):
             # The torch references read values on the host (int(seq_lens.max()) in decode
             # attention): a host sync inside a capture fails it.
             return "the torch kernel fallback syncs with the host, which a capture cannot"
+        if capture and self.device.type != "cuda":
+            return f"CUDA graphs need a CUDA device, not {self.device}"
         return None
 
     def decode_graphs_supported(self) -> bool:
         """Whether capture_decode_graphs would capture (else decode steps run eagerly)."""
-        return self._no_decode_graphs_because(capture=True) is None
+        return self.why_no_decode_graphs() is None
 
     @_on_device
     def capture_decode_graphs(self, max_num_seqs: int, capture: bool = True) -> None:
@@ -143,7 +144,7 @@ class ModelRunner:
         Where capture is unsupported (decode_graphs_supported), decode steps stay eager."""
         from worker.cuda_graphs import DecodeGraphs, graph_sizes
 
-        reason = self._no_decode_graphs_because(capture)
+        reason = self.why_no_decode_graphs(capture)
         if reason is not None:
             logger.info("%s: running decode steps eagerly", reason)
             return
