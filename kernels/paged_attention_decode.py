@@ -6,31 +6,38 @@ padded to a tile of at least 16 rows so that tl.dot applies), so each key and va
 from memory once. Keys are walked in tiles of BLOCK_N tokens; each token finds its cache block
 through the block table, so any cache block size works and a tile may span several blocks.
 Softmax is the streaming (online) one, in float32 and base 2.
+
+Operands: on a GPU the dots take q, K, V (and the probabilities) in the model's dtype with
+float32 accumulation: bf16/fp16 tensor cores run twice the tf32 rate, in half the registers.
+Triton's interpreter (the CPU tests) computes half-precision dots with numpy, which has no
+bf16, so there (`UPCAST`) every operand is converted to float32 first; float32 models take the
+same path either way.
 """
 
 from __future__ import annotations
 
 import torch
 
-from kernels._triton import check, check_device, check_float, check_index, pow2, tl, triton
+from kernels._triton import INTERPRET, check, check_device, check_float, check_index, pow2, tl, triton
 
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
 def _attend_tile(
-    q,                # [BLOCK_G, BLOCK_D] float32, pre-scaled by scale * log2(e)
+    q,                # [rows, BLOCK_D] in the cache's dtype (float32 if UPCAST)
     k_cache_ptr,      # [num_blocks, block_size, Hkv, D]
     v_cache_ptr,      # [num_blocks, block_size, Hkv, D]
     table_ptr,        # [max_blocks] this sequence's block-table row
     kv_head, start, lo, hi, q_pos,   # keys in [lo, hi) visible; q_pos: [BLOCK_G] positions
-    window, m_i, l_i, acc,
+    window, m_i, l_i, acc, scale_log2,
     stride_kb, stride_kt, stride_kh, block_size, head_dim,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """One step of the online softmax over keys start .. start + BLOCK_N - 1; also used by
-    the prefill kernel, where q holds BLOCK_M query tokens of one head."""
+    the prefill kernel, where q holds BLOCK_M query tokens of one head. Scores are scaled
+    by scale * log2(e) after the dot, in float32."""
     pos = start + tl.arange(0, BLOCK_N)
     in_range = (pos >= lo) & (pos < hi)
     # int64: block_id * stride_kb passes 2**31 on large caches.
@@ -39,9 +46,12 @@ def _attend_tile(
     offs = (block * stride_kb + (pos % block_size) * stride_kt + kv_head * stride_kh)[:, None] \
         + d[None, :]
     kv_mask = in_range[:, None] & (d[None, :] < head_dim)
-    k = tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)    # [BLOCK_N, BLOCK_D]
-    v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)                   # [rows, BLOCK_N]
+    k = tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0)                    # [BLOCK_N, BLOCK_D]
+    v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2      # [rows, BLOCK_N]
     visible = in_range[None, :]
     if CAUSAL:
         visible = visible & (pos[None, :] <= q_pos[:, None])
@@ -54,7 +64,7 @@ def _attend_tile(
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return m_new, l_i, acc
 
 
@@ -69,7 +79,7 @@ def _paged_decode_kernel(
     scale_log2, window, group, head_dim, block_size,
     stride_qs, stride_qh, stride_kb, stride_kt, stride_kh, stride_bt, stride_os,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -78,7 +88,9 @@ def _paged_decode_kernel(
     heads = kv_head * group + g
     q_mask = (g[:, None] < group) & (d[None, :] < head_dim)
     q_offs = seq * stride_qs + heads[:, None] * stride_qh + d[None, :]
-    q = tl.load(q_ptr + q_offs, mask=q_mask, other=0.0).to(tl.float32) * scale_log2
+    q = tl.load(q_ptr + q_offs, mask=q_mask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
 
     seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
     q_pos = tl.zeros([BLOCK_G], dtype=tl.int32) + (seq_len - 1)
@@ -91,11 +103,30 @@ def _paged_decode_kernel(
     for start in range(lo, seq_len, BLOCK_N):
         m_i, l_i, acc = _attend_tile(
             q, k_cache_ptr, v_cache_ptr, tables_ptr + seq * stride_bt, kv_head, start, lo,
-            seq_len, q_pos, window, m_i, l_i, acc, stride_kb, stride_kt, stride_kh, block_size,
-            head_dim, BLOCK_N, BLOCK_D, HAS_WINDOW, False, DOT_PRECISION)
+            seq_len, q_pos, window, m_i, l_i, acc, scale_log2, stride_kb, stride_kt, stride_kh,
+            block_size, head_dim, BLOCK_N, BLOCK_D, HAS_WINDOW, False, DOT_PRECISION, UPCAST)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]   # an empty sequence gives zeros
     out_offs = seq * stride_os + heads[:, None] * head_dim + d[None, :]
     tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+def decode_meta(head_dim: int, group: int, dtype: torch.dtype) -> dict[str, object]:
+    """The decode kernel's compile-time parameters for a shape (the Hopper compile test
+    compiles the same ones)."""
+    return dict(BLOCK_G=max(16, pow2(group)), BLOCK_N=32 if head_dim <= 128 else 16,
+                BLOCK_D=max(16, pow2(head_dim)), DOT_PRECISION=dot_precision(dtype),
+                UPCAST=upcast(dtype), num_warps=4)
+
+
+def upcast(dtype: torch.dtype) -> bool:
+    """Whether the attention dots take float32 operands (module doc)."""
+    return INTERPRET or dtype == torch.float32
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # float32 models compare exactly against the reference; half-precision operands have no
+    # use for the setting (it picks tf32 or not for float32 operands only).
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def check_paged_inputs(op: str, query: torch.Tensor, k_cache: torch.Tensor,
@@ -145,7 +176,5 @@ def paged_attention_decode_triton(query: torch.Tensor, k_cache: torch.Tensor,
         sliding_window or 0, group, head_dim, k_cache.shape[1],
         query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), block_tables.stride(0), out.stride(0),
-        BLOCK_G=max(16, pow2(group)), BLOCK_N=32 if head_dim <= 128 else 16,
-        BLOCK_D=max(16, pow2(head_dim)), HAS_WINDOW=sliding_window is not None,
-        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=4)
+        HAS_WINDOW=sliding_window is not None, **decode_meta(head_dim, group, query.dtype))
     return out

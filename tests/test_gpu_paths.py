@@ -5,11 +5,14 @@ would fail (the torch kernel fallback syncs with the host)."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
 from common.model_config import ModelConfig
 from kernels import kernel_backend, set_kernel_backend
+from worker.attn_metadata import build_attention_metadata
 from worker.parallel import rank_device
 from worker.runner import ModelRunner, SequenceInput
 from worker.warmup import warm_up
@@ -81,3 +84,27 @@ def test_capture_is_refused_on_the_torch_fallback(runner):
     # The static-buffer path without capture (what the CPU graph tests use) is still there.
     runner.capture_decode_graphs(4, capture=False)
     assert runner.graphs is not None and runner.kv_caches[0][0].shape[0] == 9
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
+def test_prefill_tile_metadata_is_built_once_per_step_for_the_triton_path():
+    """The Triton prefill's tile table travels with the step's metadata (one copy per step,
+    shared by every layer), only where the Triton kernels run."""
+    from kernels.paged_attention_prefill import PREFILL_BLOCK_M as M
+
+    args = ([1, 1, 2 * M + 3, 5], [9, 3, 0, 20], [[0], [1], [2, 3, 4, 5, 6, 7, 8, 9, 10], [11, 12]],
+            16)
+    before = kernel_backend()
+    try:
+        set_kernel_backend("torch")
+        assert build_attention_metadata(*args).prefill_tiles is None
+        set_kernel_backend("triton")
+        assert build_attention_metadata([1, 1], [9, 3], [[0], [1]], 16).prefill_tiles is None
+        meta = build_attention_metadata(*args)
+    finally:
+        set_kernel_backend(before)
+    qsl, lens, tile_seq, tile_start = (t.tolist() for t in meta.prefill_tiles)
+    assert qsl == meta.prefill_query_start_loc == [0, 2 * M + 3, 2 * M + 8]
+    assert lens == meta.prefill_seq_lens == [2 * M + 3, 25]
+    assert tile_seq == [0, 0, 0, 1] and tile_start == [0, M, 2 * M, 0]
+    assert all(t.dtype == torch.int32 for t in meta.prefill_tiles)

@@ -124,7 +124,7 @@ class ModelRunner:
 
         if self.pp.size > 1 or get_tp_group().size > 1:
             return "decode graphs are for single-worker groups"
-        if capture and not use_triton(torch.empty(0, device=self.device)):
+        if capture and not use_triton(self.device):
             # The torch references read values on the host (int(seq_lens.max()) in decode
             # attention): a host sync inside a capture fails it.
             return "the torch kernel fallback syncs with the host, which a capture cannot"
