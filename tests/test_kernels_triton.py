@@ -214,10 +214,20 @@ def _compile_cases() -> list[tuple[str, object, dict[str, str], dict[str, object
             for group in {64: (1, 4), 128: (1, 4, 32)}.get(d, (4,)):
                 meta = dec.decode_meta(d, group, dtype)
                 warps = meta.pop("num_warps")
-                consts = dict(meta, HAS_WINDOW=d == 80, **({"group": 1} if group == 1 else {}))
-                cases.append((f"decode {dt} D={d} group={group} {meta}", dec._paged_decode_kernel,
-                              dict(attn, seq_lens_ptr="*i64", stride_qs=i32, stride_qh=i32,
-                                   stride_os=i32), consts, warps))
+                for split in ((False, True) if group in (1, 32) or d == 256 else (False,)):
+                    consts = dict(meta, HAS_WINDOW=d == 80, SPLIT=split,
+                                  **({"group": 1} if group == 1 else {}))
+                    cases.append((f"decode {dt} D={d} group={group} split={split} {meta}",
+                                  dec._paged_decode_kernel,
+                                  dict(attn, seq_lens_ptr="*i64", stride_qs=i32, stride_qh=i32,
+                                       stride_os=i32, part_acc_ptr="*fp32", part_ml_ptr="*fp32",
+                                       num_splits=i32), consts, warps))
+                if d in (64, 128, 256) and group != 32:
+                    cases.append((f"decode merge {dt} D={d}", dec._paged_decode_merge_kernel,
+                                  dict(part_acc_ptr="*fp32", part_ml_ptr="*fp32", out_ptr=p,
+                                       group=i32, head_dim=i32, num_splits=i32, stride_os=i32),
+                                  dict(BLOCK_G=meta["BLOCK_G"], BLOCK_D=meta["BLOCK_D"],
+                                       **({"group": 1} if group == 1 else {})), 4))
             meta = pre.prefill_meta(d, dtype)
             warps = meta.pop("num_warps")
             cases.append((f"prefill {dt} D={d} {meta}", pre._paged_prefill_kernel,
