@@ -6,6 +6,10 @@ at a time (measured on the first 16 requests: its rate does not depend on how ma
 `generate` on left-padded batches of 32. Also reports model-FLOPs utilisation in steady decode
 against a peak matmul rate measured in the same run.
 
+On CUDA, `--energy` adds joules per generated token over Tessera's timed run (NVML or
+nvidia-smi, benchmarks/power.py), and `--graphs-vs-eager N` times N short requests decoding
+with CUDA graphs and with --enforce-eager, in the same run.
+
     python benchmarks/offline_throughput.py [--dtype bfloat16 float32] [--device cpu|cuda]
 """
 
@@ -20,6 +24,7 @@ if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
+import gc
 import random
 import tempfile
 import time
@@ -65,8 +70,18 @@ def flops_per_token(cfg: ModelConfig, context: float) -> float:
     return 2 * weights + 2 * attention
 
 
-def run_tessera(model_dir: str, prompts, out_len: int, dtype: str, device: str, cfg: ModelConfig):
-    llm = LLM(model_dir, dtype=dtype, device=device, max_num_seqs=256, max_num_batched_tokens=4096)
+def _free(device: str) -> None:
+    """Release a finished engine's GPU memory (its KV cache takes a share of the device)."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def run_tessera(model_dir: str, prompts, out_len: int, dtype: str, device: str, cfg: ModelConfig,
+                energy: bool = False, enforce_eager: bool = False,
+                gpu_memory_utilization: float = 0.5):
+    llm = LLM(model_dir, dtype=dtype, device=device, max_num_seqs=256, max_num_batched_tokens=4096,
+              enforce_eager=enforce_eager, gpu_memory_utilization=gpu_memory_utilization)
     params = SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True)
     llm.generate([{"prompt_token_ids": p} for p in prompts[:4]],
                  SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
@@ -88,11 +103,24 @@ def run_tessera(model_dir: str, prompts, out_len: int, dtype: str, device: str, 
         return out
 
     executor.execute = timed
+    meter = None
+    if energy and device.startswith("cuda"):
+        from benchmarks.power import GpuEnergy
+        meter = GpuEnergy(torch.device(device).index or 0)
+        meter.__enter__()
     t = time.perf_counter()
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    elapsed = time.perf_counter() - t
+    try:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        _sync(device)
+        elapsed = time.perf_counter() - t
+    finally:
+        if meter is not None:
+            meter.__exit__(None, None, None)
     assert all(len(o.outputs[0].token_ids) == out_len for o in outs)
     decode["compute_dtype"] = executor.worker.runner.dtype
+    if meter is not None:
+        decode["energy"] = (meter.joules / (len(prompts) * out_len), meter.mean_watts,
+                            meter.source)
     return len(prompts) * out_len / elapsed, decode
 
 
@@ -134,6 +162,11 @@ def main() -> None:
     ap.add_argument("--hf-batched", type=int, default=64, help="requests for the padded-batch baseline")
     ap.add_argument("--hf-batch-size", type=int, default=32)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--energy", action="store_true", help="CUDA: joules per token (NVML)")
+    ap.add_argument("--graphs-vs-eager", type=int, default=0, metavar="N",
+                    help="CUDA: also time N short requests with CUDA graphs and eagerly")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.5,
+                    help="CUDA: the engine's share (the rest is for the HF baselines)")
     args = ap.parse_args()
     torch.manual_seed(0)
     model_dir = args.model
@@ -145,7 +178,19 @@ def main() -> None:
     rows = []
     for dtype in args.dtype:
         tdtype = getattr(torch, dtype)
-        ours, decode = run_tessera(model_dir, prompts, args.output_len, dtype, args.device, cfg)
+        ours, decode = run_tessera(model_dir, prompts, args.output_len, dtype, args.device, cfg,
+                                   args.energy, gpu_memory_utilization=args.gpu_memory_utilization)
+        _free(args.device)
+        if args.graphs_vs_eager:   # small-batch decode, where launch overhead dominates
+            short = [p[:16] for p in prompts[:args.graphs_vs_eager]]
+            speeds = []
+            for eager in (False, True):
+                speeds.append(run_tessera(model_dir, short, args.output_len, dtype, args.device,
+                                          cfg, enforce_eager=eager,
+                                          gpu_memory_utilization=args.gpu_memory_utilization)[1])
+                _free(args.device)
+            g, e = (d["tokens"] / d["time"] if d["time"] else float("nan") for d in speeds)
+            decode["graphs_vs_eager"] = (g, e)
         # MFU against the peak of the dtype the engine computes in (float32 on a CPU without
         # native half-precision matmuls, see worker/runner.py compute_dtype)
         peak = peak_matmul_flops(decode["compute_dtype"], args.device)
@@ -158,6 +203,8 @@ def main() -> None:
                 single = run_hf_one_at_a_time(hf, prompts[:args.hf_single], args.output_len, args.device)
                 batched = run_hf_padded(hf, prompts[:args.hf_batched], args.output_len,
                                         args.hf_batch_size, args.device)
+            del hf
+            _free(args.device)
         mfu = decode["flops"] / decode["time"] / peak if decode["time"] else float("nan")
         rows.append((dtype, ours, single, batched, mfu, peak, decode))
     print(f"\nworkload: {args.num_requests} requests, prompts U[16,512], {args.output_len} output tokens, "
@@ -168,6 +215,15 @@ def main() -> None:
         dec = decode["tokens"] / decode["time"] if decode["time"] else float("nan")
         print(f"{dtype:9s} {str(decode['compute_dtype'])[6:]:>11s} {ours:13.1f} {single:15.1f} {batched:9.1f} {ours / single:13.2f} "
               f"{ours / batched:8.2f} {mfu * 100:9.1f}% {peak / 1e9:12.0f} {dec:12.1f}")
+    for dtype, ours, _, _, _, _, decode in rows:
+        if "energy" in decode:
+            per_token, watts, source = decode["energy"]
+            print(f"energy {dtype}: {per_token:.4f} J/token at {ours:.0f} tok/s "
+                  f"(mean {watts:.0f} W, {source})")
+        if "graphs_vs_eager" in decode:
+            g, e = decode["graphs_vs_eager"]
+            print(f"graphs {dtype}: decode {g:.0f} tok/s with CUDA graphs, {e:.0f} eager "
+                  f"({g / e:.2f}x, {args.graphs_vs_eager} sequences)")
 
 
 if __name__ == "__main__":

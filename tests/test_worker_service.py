@@ -87,6 +87,20 @@ def test_execute_matches_the_in_process_worker(worker_stub):
     assert set(remote.sampled) == {"a", "b"}
 
 
+def test_a_second_warmup_gives_the_same_blocks_and_the_worker_serves(worker_stub):
+    """Schedulers warm again after every restart: the cache is sized afresh, not around the
+    old one, and the worker starts over at step 1."""
+    _, stub = worker_stub
+    request = worker_pb2.WarmupRequest(max_num_batched_tokens=64, max_num_seqs=4)
+    first = stub.Warmup(request)
+    stub.Execute(step_plan_to_proto(_plans()[0]))
+    second = stub.Warmup(request)
+    assert (second.num_blocks, second.block_bytes) == (first.num_blocks, first.block_bytes)
+    assert second.num_blocks > 8
+    out = step_output_from_proto(stub.Execute(step_plan_to_proto(_plans()[0])))
+    assert set(out.sampled) == {"b"}
+
+
 def test_mismatch_is_failed_precondition_and_reset_recovers(worker_stub):
     _, stub = worker_stub
     stub.Warmup(worker_pb2.WarmupRequest(max_num_batched_tokens=64, max_num_seqs=4))
