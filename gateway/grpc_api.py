@@ -17,12 +17,14 @@ from grpc_reflection.v1alpha import reflection
 from common import convert
 from common import redis_schema as schema
 from common.proto.tessera.v1 import generate_pb2, generate_pb2_grpc
+from gateway.auth import UNAUTHENTICATED, GrpcAuth, grpc_tenant
 from gateway.generation import GatewayError, GatewayState, Generation, invalid
 
 logger = logging.getLogger(__name__)
 
-_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
-          413: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}
+_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
+          404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+          429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}
 SERVICE_NAME = generate_pb2.DESCRIPTOR.services_by_name["Generate"].full_name
 
 
@@ -33,7 +35,15 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
         self.state = state
 
     async def _abort(self, context: grpc.aio.ServicerContext, e: GatewayError) -> None:
-        await context.abort(_CODES.get(e.status, grpc.StatusCode.INTERNAL), e.message)
+        # A 429's retry-after and x-ratelimit-* travel as trailing metadata.
+        await context.abort(_CODES.get(e.status, grpc.StatusCode.INTERNAL), e.message,
+                            tuple(e.headers.items()))
+
+    def _tenant(self, context: grpc.aio.ServicerContext) -> str:
+        tenant = grpc_tenant(self.state.tenants, context.invocation_metadata())
+        if tenant is None:   # GrpcAuth refuses these first; kept for servers built without it
+            raise GatewayError(401, UNAUTHENTICATED)
+        return tenant
 
     def _prompt_ids(self, prompt: convert.Prompt | None) -> list[int]:
         if prompt is None:
@@ -42,8 +52,10 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
             return self.state.render_chat(prompt)
         return self.state.encode_prompt(prompt)
 
-    async def _open(self, request: generate_pb2.GenerateRequest) -> Generation:
+    async def _open(self, request: generate_pb2.GenerateRequest,
+                    context: grpc.aio.ServicerContext) -> Generation:
         """Validate and enqueue, or reattach to a running request (last_event_index set)."""
+        tenant = self._tenant(context)
         try:
             call = convert.generate_request_from_proto(request)
         except ValueError as e:
@@ -55,6 +67,7 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
         if call.last_event_index is not None:
             if not call.request_id:
                 raise invalid("a resume (last_event_index) needs the request_id", "request_id")
+            await state.check_owner(call.request_id, tenant)
             # NOTE: the prompt is optional on a resume; sent again, it gives the detokenizer
             # the same context as the first relay (and usage its prompt count).
             ids = self._prompt_ids(call.prompt) if call.prompt is not None else []
@@ -63,7 +76,8 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
         return await state.start(self._prompt_ids(call.prompt), call.params,
                                  request_id=call.request_id,
                                  idempotency_key=call.idempotency_key or None,
-                                 priority=call.priority, disconnect=call.disconnect)
+                                 priority=call.priority, disconnect=call.disconnect,
+                                 tenant=tenant)
 
     def _call(self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         """The traced, timed client call (gateway.telemetry), continuing the metadata's
@@ -76,7 +90,7 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
         gen = None
         with self._call(request, context):
             try:
-                gen = await self._open(request)
+                gen = await self._open(request, context)
                 result = await gen.collect()
             except GatewayError as e:
                 await self._abort(context, e)
@@ -91,7 +105,7 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
         gen = None
         with self._call(request, context):
             try:
-                gen = await self._open(request)
+                gen = await self._open(request, context)
                 async for chunk in gen.chunks():
                     yield convert.stream_chunk_to_proto(chunk)
             except GatewayError as e:
@@ -119,6 +133,13 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
         if not request.request_id:
             await self._abort(context, invalid("request_id is required", "request_id"))
         # Unknown or finished ids are not an error: a cancel races with the generation's end.
+        # Another tenant's request counts as unknown: nothing is cancelled, nothing revealed.
+        try:
+            await self.state.check_owner(request.request_id, self._tenant(context))
+        except GatewayError as e:
+            if e.status == 401:
+                await self._abort(context, e)
+            return generate_pb2.CancelResponse()
         await self.state.submitter.cancel(request.request_id)
         return generate_pb2.CancelResponse()
 
@@ -147,8 +168,9 @@ async def create_server(state: GatewayState, address: str) -> tuple[grpc.aio.Ser
     The receive limit is the HTTP face's body limit: gRPC answers RESOURCE_EXHAUSTED itself
     for a larger message, before any of our code runs.
     """
-    server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", state.max_body_bytes)])
+    server = grpc.aio.server(
+        options=[("grpc.max_receive_message_length", state.max_body_bytes)],
+        interceptors=[GrpcAuth(state.tenants, SERVICE_NAME)])
     generate_pb2_grpc.add_GenerateServicer_to_server(GenerateServicer(state), server)
     health_servicer = _Health(state)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

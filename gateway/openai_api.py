@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from common.convert import StreamChunk
 from gateway import openai_format as fmt
 from gateway import openai_schemas as s
+from gateway.auth import HttpAuth
 from gateway.generation import GatewayError, GatewayState, Generation, invalid
 from gateway.telemetry import CallTracing
 
@@ -32,7 +33,8 @@ _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
 
 
 def _error(e: GatewayError) -> JSONResponse:
-    return JSONResponse(s.error_body(e.message, e.type, e.param, e.code), status_code=e.status)
+    return JSONResponse(s.error_body(e.message, e.type, e.param, e.code), status_code=e.status,
+                        headers=e.headers or None)
 
 
 class BodyLimit:
@@ -152,7 +154,8 @@ async def _start_all(state: GatewayState, prompts: list[list[int]], params: Any,
         for i, ids in enumerate(prompts):
             k = None if key is None else (key if len(prompts) == 1 else f"{key}#{i}")
             gens.append(await state.start(ids, params, idempotency_key=k,
-                                          disconnect=req.disconnect))
+                                          disconnect=req.disconnect,
+                                          tenant=request.state.tenant))
     except BaseException:
         for g in gens:
             g.close()
@@ -186,6 +189,8 @@ def create_app(state: GatewayState) -> FastAPI:
     """The HTTP app of one gateway replica, serving ``state``'s model."""
     app = FastAPI(title="Tessera gateway", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(BodyLimit, max_bytes=state.max_body_bytes)
+    # Outside the body limit: a client without a valid key is refused before its body is read.
+    app.add_middleware(HttpAuth, tenants=state.tenants)
     # Outermost: an inference call is traced and timed from arrival to its last byte.
     app.add_middleware(CallTracing, telemetry_=state.telemetry)
 
@@ -241,7 +246,7 @@ def create_app(state: GatewayState) -> FastAPI:
             state.check_length(len(ids), params.max_tokens)
         gens = await _start_all(state, prompts, params, req, request)
         rid = f"cmpl-{gens[0].request_id}"
-        headers = {"X-Request-Id": gens[0].request_id}
+        headers = {"X-Request-Id": gens[0].request_id, **gens[0].rate_headers}
         if not req.stream:
             await _collect(gens, request)
             return JSONResponse(fmt.completion_response(state, rid, req, gens, texts).model_dump(),
@@ -272,7 +277,7 @@ def create_app(state: GatewayState) -> FastAPI:
         params = fmt.chat_params(state, req, len(ids))
         gens = await _start_all(state, [ids], params, req, request)
         rid = f"chatcmpl-{gens[0].request_id}"
-        headers = {"X-Request-Id": gens[0].request_id}
+        headers = {"X-Request-Id": gens[0].request_id, **gens[0].rate_headers}
         if not req.stream:
             await _collect(gens, request)
             return JSONResponse(fmt.chat_response(state, rid, gens[0]).model_dump(),

@@ -10,11 +10,13 @@ import asyncio
 import contextlib
 import logging
 import pathlib
+import signal
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 import uvicorn
 
+from gateway.auth import Tenants
 from gateway.generation import GatewayState
 from gateway.grpc_api import create_server
 from gateway.openai_api import create_app
@@ -33,6 +35,10 @@ class GatewayConfig:
     max_body_bytes: int = 4 << 20
     max_model_len: int | None = None        # default: the model's max_position_embeddings
     max_redis_connections: int = 1024       # each open stream holds one while it waits
+    api_key: str | None = None              # one tenant, "default" (vLLM's --api-key)
+    tenants_file: str | None = None         # JSON tenants with keys' SHA-256 (gateway.auth)
+    shared_prefix_cache: bool = False       # tenants share cached prompt blocks (no salt)
+    max_queued_requests: int | None = None  # 429 once this many requests wait in Redis
 
     @property
     def model_name(self) -> str:
@@ -43,9 +49,15 @@ async def serve(config: GatewayConfig) -> None:
     """Serve until cancelled; prints "gateway ready http://HOST:PORT grpc HOST:PORT" once
     both faces listen. ``run_until_signal`` wraps it for a process of its own."""
     redis = aioredis.from_url(config.redis_url, max_connections=config.max_redis_connections)
+    tenants = Tenants.from_settings(config.api_key, config.tenants_file)
     state = GatewayState.load(config.model, config.model_name, redis,
                               max_body_bytes=config.max_body_bytes,
-                              max_model_len=config.max_model_len)
+                              max_model_len=config.max_model_len, tenants=tenants,
+                              shared_prefix_cache=config.shared_prefix_cache,
+                              max_queued_requests=config.max_queued_requests)
+    if tenants.path:   # SIGHUP re-reads the tenants file (main thread only)
+        with contextlib.suppress(RuntimeError, ValueError):
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, tenants.reload)
     grpc_server, grpc_port = await create_server(state, f"{config.host}:{config.grpc_port}")
     http = uvicorn.Server(uvicorn.Config(create_app(state), host=config.host,
                                          port=config.http_port, log_level="warning",
@@ -83,8 +95,6 @@ async def _stop(http_task: asyncio.Task, grpc_server: object, redis: aioredis.Re
 
 async def run_until_signal(config: GatewayConfig) -> None:
     """``serve`` until SIGINT or SIGTERM, then shut down in order (main thread only)."""
-    import signal
-
     task = asyncio.ensure_future(serve(config))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -103,7 +103,8 @@ class EngineLoop:
         q = req.queued
         seq_id = _seq_id(q.request_id, k, q.params.n)
         request = Request(seq_id, list(q.prompt_token_ids), q.params, priority=q.priority,
-                          eos_token_ids=self.eos_token_ids, seed_offset=k)
+                          eos_token_ids=self.eos_token_ids, seed_offset=k,
+                          cache_salt=q.cache_salt)
         self.scheduler.add_request(request)
         self._owner[seq_id] = (req, k)
         self.obs.sequence_added(req.entry_id, q, k, request)

@@ -9,6 +9,7 @@ and one line in ``_build_parser``. Handlers import their heavy modules lazily so
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -211,6 +212,26 @@ def _run_scheduler(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_hash_key(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "hash-key", help="print the SHA-256 digest of an API key, for a --tenants file",
+        description="Reads the key from the argument, or from standard input with '-' (keeps "
+        "it out of the shell's history).")
+    p.add_argument("key", help="the API key, or - to read one line from standard input")
+
+    def run(args: argparse.Namespace) -> int:
+        from gateway.auth import hash_key
+
+        key = sys.stdin.readline().strip() if args.key == "-" else args.key
+        if not key:
+            print("hash-key: empty key", file=sys.stderr)
+            return 2
+        print(hash_key(key))
+        return 0
+
+    p.set_defaults(handler=run)
+
+
 def _add_gateway(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "gateway", help="run a gateway (OpenAI-compatible HTTP + tessera.v1 gRPC)",
@@ -226,8 +247,21 @@ def _add_gateway(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--grpc-port", type=int, default=50051)
     p.add_argument("--max-body-bytes", type=int, default=4 << 20,
                    help="largest request body / gRPC message accepted (default 4 MiB)")
+    _add_tenancy_arguments(p)
     logging_setup.add_arguments(p)
     p.set_defaults(handler=_run_gateway)
+
+
+def _add_tenancy_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--api-key", default=os.environ.get("TESSERA_API_KEY") or None,
+                   help="require 'Authorization: Bearer KEY' on every /v1 route and gRPC call "
+                   "(one tenant; default $TESSERA_API_KEY)")
+    p.add_argument("--tenants", default=None, metavar="FILE",
+                   help="JSON tenants file (keys as SHA-256, limits, weights); reloaded on SIGHUP")
+    p.add_argument("--shared-prefix-cache", action="store_true",
+                   help="let tenants share cached prompt blocks (default: a salt per tenant)")
+    p.add_argument("--max-queued-requests", type=int, default=None,
+                   help="answer 429 while this many requests of the model wait in Redis")
 
 
 def _run_gateway(args: argparse.Namespace) -> int:
@@ -238,7 +272,10 @@ def _run_gateway(args: argparse.Namespace) -> int:
     _observe(args, "gateway")
     config = GatewayConfig(model=args.model, served_model_name=args.served_model_name,
                            redis_url=args.redis_url, host=args.host, http_port=args.http_port,
-                           grpc_port=args.grpc_port, max_body_bytes=args.max_body_bytes)
+                           grpc_port=args.grpc_port, max_body_bytes=args.max_body_bytes,
+                           api_key=args.api_key, tenants_file=args.tenants,
+                           shared_prefix_cache=args.shared_prefix_cache,
+                           max_queued_requests=args.max_queued_requests)
     asyncio.run(run_until_signal(config))
     return 0
 
@@ -310,6 +347,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_gateway(subparsers)
     _add_serve(subparsers)
     _add_bench(subparsers)
+    _add_hash_key(subparsers)
     return parser
 
 

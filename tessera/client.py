@@ -72,19 +72,26 @@ def _tokenize_request(text: str | Sequence[Mapping[str, str]], model: str
     return msg
 
 
+def _auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...] | None:
+    """The gateway's key check (``--api-key`` / ``--tenants``) reads this metadata."""
+    return (("authorization", f"Bearer {api_key}"),) if api_key else None
+
+
 class TesseraClient:
     """Blocking client. ``model`` may stay empty when the gateway serves one model.
 
     Request options (keyword-only on every generate/stream call): ``request_id`` (names the
     generation: cancel or resume it by it), ``idempotency_key``, ``priority`` (lower first),
     ``disconnect`` ("cancel" or "continue"), ``last_event_index`` (stream only: resume after
-    that event of ``request_id``).
+    that event of ``request_id``). ``api_key`` goes with every call as ``authorization``
+    metadata (a gateway started with --api-key or --tenants asks for it).
     """
 
     def __init__(self, address: str, *, model: str = "", timeout: float | None = None,
-                 options: Sequence[tuple[str, Any]] = ()) -> None:
+                 options: Sequence[tuple[str, Any]] = (), api_key: str | None = None) -> None:
         self.model = model
         self.timeout = timeout
+        self._metadata = _auth_metadata(api_key)
         self._channel = grpc.insecure_channel(address, options=list(options))
         self._stub = generate_pb2_grpc.GenerateStub(self._channel)
 
@@ -94,7 +101,8 @@ class TesseraClient:
         req = _request(prompt, self.model, request_id, idempotency_key, None, priority,
                        disconnect, sampling)
         try:
-            return convert.generate_result_from_proto(self._stub.Generate(req, timeout=self.timeout))
+            return convert.generate_result_from_proto(self._stub.Generate(req, timeout=self.timeout,
+                metadata=self._metadata))
         except grpc.RpcError as e:
             raise _error(e) from None
 
@@ -105,7 +113,8 @@ class TesseraClient:
         cancels the call (and, with disconnect="cancel", the generation)."""
         req = _request(prompt, self.model, request_id, idempotency_key, last_event_index,
                        priority, disconnect, sampling)
-        call = self._stub.GenerateStream(req, timeout=self.timeout)
+        call = self._stub.GenerateStream(req, timeout=self.timeout,
+                metadata=self._metadata)
         try:
             for msg in call:
                 yield convert.stream_chunk_from_proto(msg)
@@ -117,14 +126,16 @@ class TesseraClient:
     def tokenize(self, text: str | Sequence[Mapping[str, str]]) -> list[int]:
         """Token ids of a text (with the tokenizer's special tokens) or of a rendered chat."""
         try:
-            resp = self._stub.Tokenize(_tokenize_request(text, self.model), timeout=self.timeout)
+            resp = self._stub.Tokenize(_tokenize_request(text, self.model), timeout=self.timeout,
+                metadata=self._metadata)
         except grpc.RpcError as e:
             raise _error(e) from None
         return list(resp.token_ids)
 
     def list_models(self) -> list[ModelInfo]:
         try:
-            resp = self._stub.ListModels(generate_pb2.ListModelsRequest(), timeout=self.timeout)
+            resp = self._stub.ListModels(generate_pb2.ListModelsRequest(), timeout=self.timeout,
+                metadata=self._metadata)
         except grpc.RpcError as e:
             raise _error(e) from None
         return [convert.model_info_from_proto(m) for m in resp.models]
@@ -133,7 +144,8 @@ class TesseraClient:
         """Stop a generation; unknown or finished ids are not an error."""
         try:
             self._stub.Cancel(generate_pb2.CancelRequest(request_id=request_id),
-                              timeout=self.timeout)
+                              timeout=self.timeout,
+                metadata=self._metadata)
         except grpc.RpcError as e:
             raise _error(e) from None
 
@@ -151,9 +163,10 @@ class AsyncTesseraClient:
     """asyncio client (grpc.aio); the same calls as TesseraClient, awaited."""
 
     def __init__(self, address: str, *, model: str = "", timeout: float | None = None,
-                 options: Sequence[tuple[str, Any]] = ()) -> None:
+                 options: Sequence[tuple[str, Any]] = (), api_key: str | None = None) -> None:
         self.model = model
         self.timeout = timeout
+        self._metadata = _auth_metadata(api_key)
         self._channel = grpc.aio.insecure_channel(address, options=list(options))
         self._stub = generate_pb2_grpc.GenerateStub(self._channel)
 
@@ -163,7 +176,8 @@ class AsyncTesseraClient:
         req = _request(prompt, self.model, request_id, idempotency_key, None, priority,
                        disconnect, sampling)
         try:
-            msg = await self._stub.Generate(req, timeout=self.timeout)
+            msg = await self._stub.Generate(req, timeout=self.timeout,
+                metadata=self._metadata)
         except grpc.RpcError as e:
             raise _error(e) from None
         return convert.generate_result_from_proto(msg)
@@ -174,7 +188,8 @@ class AsyncTesseraClient:
                      **sampling: Any) -> AsyncIterator[StreamChunk]:
         req = _request(prompt, self.model, request_id, idempotency_key, last_event_index,
                        priority, disconnect, sampling)
-        call = self._stub.GenerateStream(req, timeout=self.timeout)
+        call = self._stub.GenerateStream(req, timeout=self.timeout,
+                metadata=self._metadata)
         try:
             async for msg in call:
                 yield convert.stream_chunk_from_proto(msg)
@@ -186,7 +201,8 @@ class AsyncTesseraClient:
     async def tokenize(self, text: str | Sequence[Mapping[str, str]]) -> list[int]:
         try:
             resp = await self._stub.Tokenize(_tokenize_request(text, self.model),
-                                             timeout=self.timeout)
+                                             timeout=self.timeout,
+                metadata=self._metadata)
         except grpc.RpcError as e:
             raise _error(e) from None
         return list(resp.token_ids)
@@ -194,7 +210,8 @@ class AsyncTesseraClient:
     async def list_models(self) -> list[ModelInfo]:
         try:
             resp = await self._stub.ListModels(generate_pb2.ListModelsRequest(),
-                                               timeout=self.timeout)
+                                               timeout=self.timeout,
+                metadata=self._metadata)
         except grpc.RpcError as e:
             raise _error(e) from None
         return [convert.model_info_from_proto(m) for m in resp.models]
@@ -202,7 +219,8 @@ class AsyncTesseraClient:
     async def cancel(self, request_id: str) -> None:
         try:
             await self._stub.Cancel(generate_pb2.CancelRequest(request_id=request_id),
-                                    timeout=self.timeout)
+                                    timeout=self.timeout,
+                metadata=self._metadata)
         except grpc.RpcError as e:
             raise _error(e) from None
 
