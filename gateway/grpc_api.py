@@ -162,8 +162,10 @@ class _Health(health.aio.HealthServicer):
             else health_pb2.HealthCheckResponse.NOT_SERVING)
 
 
-async def create_server(state: GatewayState, address: str) -> tuple[grpc.aio.Server, int]:
+async def create_server(state: GatewayState, address: str,
+                        tls: tuple[bytes, bytes] | None = None) -> tuple[grpc.aio.Server, int]:
     """A started-to-be grpc.aio server bound to ``address``; returns it and the bound port.
+    With ``tls`` (PEM certificate chain, private key) the port speaks TLS only.
 
     The receive limit is the HTTP face's body limit: gRPC answers RESOURCE_EXHAUSTED itself
     for a larger message, before any of our code runs.
@@ -178,7 +180,10 @@ async def create_server(state: GatewayState, address: str) -> tuple[grpc.aio.Ser
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(address)
+    if tls is not None:
+        port = server.add_secure_port(address, grpc.ssl_server_credentials([(tls[1], tls[0])]))
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot bind the gRPC server to {address}")
     return server, port

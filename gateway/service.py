@@ -39,6 +39,12 @@ class GatewayConfig:
     tenants_file: str | None = None         # JSON tenants with keys' SHA-256 (gateway.auth)
     shared_prefix_cache: bool = False       # tenants share cached prompt blocks (no salt)
     max_queued_requests: int | None = None  # 429 once this many requests wait in Redis
+    ssl_certfile: str | None = None         # TLS on both public faces (PEM certificate chain)
+    ssl_keyfile: str | None = None          # ... and its private key
+
+    def __post_init__(self) -> None:
+        if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
+            raise ValueError("TLS needs both --ssl-certfile and --ssl-keyfile")
 
     @property
     def model_name(self) -> str:
@@ -58,10 +64,17 @@ async def serve(config: GatewayConfig) -> None:
     if tenants.path:   # SIGHUP re-reads the tenants file (main thread only)
         with contextlib.suppress(RuntimeError, ValueError):
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, tenants.reload)
-    grpc_server, grpc_port = await create_server(state, f"{config.host}:{config.grpc_port}")
+    tls = None
+    if config.ssl_certfile and config.ssl_keyfile:
+        tls = (pathlib.Path(config.ssl_certfile).read_bytes(),
+               pathlib.Path(config.ssl_keyfile).read_bytes())
+    grpc_server, grpc_port = await create_server(state, f"{config.host}:{config.grpc_port}",
+                                                 tls=tls)
     http = uvicorn.Server(uvicorn.Config(create_app(state), host=config.host,
                                          port=config.http_port, log_level="warning",
                                          access_log=False, lifespan="off",
+                                         ssl_certfile=config.ssl_certfile,
+                                         ssl_keyfile=config.ssl_keyfile,
                                          log_config=None))   # our handlers (--log-format)
     # uvicorn would take over SIGINT/SIGTERM and re-raise them after its own shutdown, which
     # skips ours (gRPC, Redis); the caller owns signals and cancels serve() instead.
@@ -75,7 +88,8 @@ async def serve(config: GatewayConfig) -> None:
                 raise OSError(f"the HTTP server did not start on {config.host}:{config.http_port}")
             await asyncio.sleep(0.02)
         http_port = http.servers[0].sockets[0].getsockname()[1]
-        print(f"gateway ready http://{config.host}:{http_port} grpc {config.host}:{grpc_port}",
+        scheme = "https" if tls else "http"
+        print(f"gateway ready {scheme}://{config.host}:{http_port} grpc {config.host}:{grpc_port}",
               flush=True)
         logger.info("serving model %s", config.model_name)
         await http_task

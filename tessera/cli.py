@@ -262,6 +262,9 @@ def _add_tenancy_arguments(p: argparse.ArgumentParser) -> None:
                    help="let tenants share cached prompt blocks (default: a salt per tenant)")
     p.add_argument("--max-queued-requests", type=int, default=None,
                    help="answer 429 while this many requests of the model wait in Redis")
+    p.add_argument("--ssl-certfile", default=None,
+                   help="serve HTTPS and gRPC over TLS with this PEM certificate (chain)")
+    p.add_argument("--ssl-keyfile", default=None, help="the certificate's PEM private key")
 
 
 def _run_gateway(args: argparse.Namespace) -> int:
@@ -275,7 +278,8 @@ def _run_gateway(args: argparse.Namespace) -> int:
                            grpc_port=args.grpc_port, max_body_bytes=args.max_body_bytes,
                            api_key=args.api_key, tenants_file=args.tenants,
                            shared_prefix_cache=args.shared_prefix_cache,
-                           max_queued_requests=args.max_queued_requests)
+                           max_queued_requests=args.max_queued_requests,
+                           ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
     asyncio.run(run_until_signal(config))
     return 0
 

@@ -77,6 +77,15 @@ def _auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...] | None:
     return (("authorization", f"Bearer {api_key}"),) if api_key else None
 
 
+def _open_channel(module: Any, address: str, options: Sequence[tuple[str, Any]],
+                  root_certificates: bytes | None) -> Any:
+    """``module`` is grpc or grpc.aio; TLS when root certificates are given."""
+    if root_certificates is None:
+        return module.insecure_channel(address, options=list(options))
+    return module.secure_channel(address, grpc.ssl_channel_credentials(root_certificates),
+                                 options=list(options))
+
+
 class TesseraClient:
     """Blocking client. ``model`` may stay empty when the gateway serves one model.
 
@@ -84,15 +93,17 @@ class TesseraClient:
     generation: cancel or resume it by it), ``idempotency_key``, ``priority`` (lower first),
     ``disconnect`` ("cancel" or "continue"), ``last_event_index`` (stream only: resume after
     that event of ``request_id``). ``api_key`` goes with every call as ``authorization``
-    metadata (a gateway started with --api-key or --tenants asks for it).
+    metadata (a gateway started with --api-key or --tenants asks for it);
+    ``root_certificates`` (PEM bytes) makes the channel TLS, checked against them.
     """
 
     def __init__(self, address: str, *, model: str = "", timeout: float | None = None,
-                 options: Sequence[tuple[str, Any]] = (), api_key: str | None = None) -> None:
+                 options: Sequence[tuple[str, Any]] = (), api_key: str | None = None,
+                 root_certificates: bytes | None = None) -> None:
         self.model = model
         self.timeout = timeout
         self._metadata = _auth_metadata(api_key)
-        self._channel = grpc.insecure_channel(address, options=list(options))
+        self._channel = _open_channel(grpc, address, options, root_certificates)
         self._stub = generate_pb2_grpc.GenerateStub(self._channel)
 
     def generate(self, prompt: Prompt, *, request_id: str = "", idempotency_key: str = "",
@@ -163,11 +174,12 @@ class AsyncTesseraClient:
     """asyncio client (grpc.aio); the same calls as TesseraClient, awaited."""
 
     def __init__(self, address: str, *, model: str = "", timeout: float | None = None,
-                 options: Sequence[tuple[str, Any]] = (), api_key: str | None = None) -> None:
+                 options: Sequence[tuple[str, Any]] = (), api_key: str | None = None,
+                 root_certificates: bytes | None = None) -> None:
         self.model = model
         self.timeout = timeout
         self._metadata = _auth_metadata(api_key)
-        self._channel = grpc.aio.insecure_channel(address, options=list(options))
+        self._channel = _open_channel(grpc.aio, address, options, root_certificates)
         self._stub = generate_pb2_grpc.GenerateStub(self._channel)
 
     async def generate(self, prompt: Prompt, *, request_id: str = "",
