@@ -185,6 +185,33 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
+def add_ops_routes(app: FastAPI, state: GatewayState) -> None:
+    """/health, /ready and /metrics: no prompt data, never behind a key; also served alone on
+    --metrics-port (create_ops_app) so they can live on a port the public never reaches."""
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        if await state.is_ready():
+            return JSONResponse({"status": "ready"})
+        return _error(GatewayError(503, f"no scheduler of {state.model_name} is ready (none ran "
+                                   "a forward pass within its ready timeout)"))
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.telemetry.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def create_ops_app(state: GatewayState) -> FastAPI:
+    app = FastAPI(title="Tessera gateway (operations)", docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    add_ops_routes(app, state)
+    return app
+
+
 def create_app(state: GatewayState) -> FastAPI:
     """The HTTP app of one gateway replica, serving ``state``'s model."""
     app = FastAPI(title="Tessera gateway", docs_url=None, redoc_url=None, openapi_url=None)
@@ -208,20 +235,7 @@ def create_app(state: GatewayState) -> FastAPI:
         logger.exception("unexpected error")   # the traceback, never the request body
         return JSONResponse(s.error_body("internal server error", "server_error"), 500)
 
-    @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/ready")
-    async def ready() -> Response:
-        if await state.is_ready():
-            return JSONResponse({"status": "ready"})
-        return _error(GatewayError(503, f"no scheduler of {state.model_name} is ready (none ran "
-                                   "a forward pass within its ready timeout)"))
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(state.telemetry.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    add_ops_routes(app, state)
 
     @app.get("/v1/models")
     async def models() -> Response:

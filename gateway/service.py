@@ -19,7 +19,7 @@ import uvicorn
 from gateway.auth import Tenants
 from gateway.generation import GatewayState
 from gateway.grpc_api import create_server
-from gateway.openai_api import create_app
+from gateway.openai_api import create_app, create_ops_app
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ class GatewayConfig:
     tenants_file: str | None = None         # JSON tenants with keys' SHA-256 (gateway.auth)
     shared_prefix_cache: bool = False       # tenants share cached prompt blocks (no salt)
     max_queued_requests: int | None = None  # 429 once this many requests wait in Redis
+    metrics_port: int | None = None         # also serve /health, /ready, /metrics alone here
     ssl_certfile: str | None = None         # TLS on both public faces (PEM certificate chain)
     ssl_keyfile: str | None = None          # ... and its private key
 
@@ -70,17 +71,18 @@ async def serve(config: GatewayConfig) -> None:
                pathlib.Path(config.ssl_keyfile).read_bytes())
     grpc_server, grpc_port = await create_server(state, f"{config.host}:{config.grpc_port}",
                                                  tls=tls)
-    http = uvicorn.Server(uvicorn.Config(create_app(state), host=config.host,
-                                         port=config.http_port, log_level="warning",
-                                         access_log=False, lifespan="off",
-                                         ssl_certfile=config.ssl_certfile,
-                                         ssl_keyfile=config.ssl_keyfile,
-                                         log_config=None))   # our handlers (--log-format)
+    http = _uvicorn(create_app(state), config.host, config.http_port, config.ssl_certfile,
+                    config.ssl_keyfile)
     # uvicorn would take over SIGINT/SIGTERM and re-raise them after its own shutdown, which
     # skips ours (gRPC, Redis); the caller owns signals and cancels serve() instead.
     http.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
+    ops = None
+    if config.metrics_port is not None:   # plain HTTP: probes and scrapers, no prompt data
+        ops = _uvicorn(create_ops_app(state), config.host, config.metrics_port, None, None)
+        ops.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
     await grpc_server.start()
     http_task = asyncio.create_task(http.serve())
+    ops_task = asyncio.create_task(ops.serve()) if ops is not None else None
     try:
         while not http.started:
             if http_task.done():   # failed to bind: surface uvicorn's error
@@ -95,14 +97,28 @@ async def serve(config: GatewayConfig) -> None:
         await http_task
     finally:
         http.should_exit = True
-        await asyncio.shield(_stop(http_task, grpc_server, redis))
+        if ops is not None:
+            ops.should_exit = True
+        await asyncio.shield(_stop(http_task, grpc_server, redis, ops_task))
 
 
-async def _stop(http_task: asyncio.Task, grpc_server: object, redis: aioredis.Redis) -> None:
-    try:
-        await asyncio.wait_for(http_task, 5)
-    except (asyncio.TimeoutError, asyncio.CancelledError, Exception):   # noqa: BLE001
-        pass
+def _uvicorn(app: object, host: str, port: int, certfile: str | None,
+             keyfile: str | None) -> uvicorn.Server:
+    return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                         access_log=False, lifespan="off",
+                                         ssl_certfile=certfile, ssl_keyfile=keyfile,
+                                         log_config=None))   # our handlers (--log-format)
+
+
+async def _stop(http_task: asyncio.Task, grpc_server: object, redis: aioredis.Redis,
+                ops_task: asyncio.Task | None = None) -> None:
+    for task in (http_task, ops_task):
+        if task is None:
+            continue
+        try:
+            await asyncio.wait_for(task, 5)
+        except (asyncio.TimeoutError, asyncio.CancelledError, Exception):   # noqa: BLE001
+            pass
     await grpc_server.stop(grace=2)   # type: ignore[attr-defined]
     await redis.aclose()
 

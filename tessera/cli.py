@@ -262,6 +262,8 @@ def _add_tenancy_arguments(p: argparse.ArgumentParser) -> None:
                    help="let tenants share cached prompt blocks (default: a salt per tenant)")
     p.add_argument("--max-queued-requests", type=int, default=None,
                    help="answer 429 while this many requests of the model wait in Redis")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="also serve /health, /ready and /metrics (plain HTTP) on this port")
     p.add_argument("--ssl-certfile", default=None,
                    help="serve HTTPS and gRPC over TLS with this PEM certificate (chain)")
     p.add_argument("--ssl-keyfile", default=None, help="the certificate's PEM private key")
@@ -279,7 +281,8 @@ def _run_gateway(args: argparse.Namespace) -> int:
                            api_key=args.api_key, tenants_file=args.tenants,
                            shared_prefix_cache=args.shared_prefix_cache,
                            max_queued_requests=args.max_queued_requests,
-                           ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
+                           ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
+                           metrics_port=args.metrics_port)
     asyncio.run(run_until_signal(config))
     return 0
 

@@ -45,10 +45,11 @@ def replicas(redis_url: str, tiny_model, tenants_file: str):
     model_dir = tiny_model("llama")
     name = f"sec-{uuid.uuid4().hex[:6]}"
     gateways = []
-    for _ in range(2):
+    for i in range(2):
         g = GatewayThread(GatewayConfig(model=str(model_dir), served_model_name=name,
                                         redis_url=redis_url, http_port=free_port(),
-                                        grpc_port=free_port(), tenants_file=tenants_file))
+                                        grpc_port=free_port(), tenants_file=tenants_file,
+                                        metrics_port=free_port() if i == 0 else None))
         g.start()
         gateways.append(g)
     sched = ScriptedScheduler(redis_url=redis_url, model=name,
@@ -88,6 +89,11 @@ def test_every_v1_route_needs_a_valid_key_and_health_stays_open(replicas) -> Non
         for path in ("/health", "/metrics"):
             assert http.get(path).status_code == 200
         assert http.get("/ready").status_code in (200, 503)   # open: never a 401
+    # --metrics-port: the operations routes alone, on a port of their own.
+    ops = f"http://127.0.0.1:{gw.config.metrics_port}"
+    assert httpx.get(f"{ops}/health", timeout=10).json() == {"status": "ok"}
+    assert "tessera:" in httpx.get(f"{ops}/metrics", timeout=10).text
+    assert httpx.get(f"{ops}/v1/models", timeout=10, headers=_auth("alpha")).status_code == 404
 
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{gw.base_url}/v1", api_key="wrong").models.list()
@@ -247,3 +253,25 @@ def test_tenants_file_validation_and_reload(tmp_path) -> None:
     single = Tenants.from_settings(api_key="only")
     assert single.enabled and single.authenticate("Bearer only").name == "default"
     assert not Tenants.from_settings().enabled
+
+
+def test_queue_depth_admission_answers_429_instead_of_an_unbounded_queue(redis_url, tiny_model):
+    model_dir = tiny_model("llama")
+    name = f"nosched-{uuid.uuid4().hex[:6]}"   # no scheduler reads this model's stream
+    gw = GatewayThread(GatewayConfig(model=str(model_dir), served_model_name=name,
+                                     redis_url=redis_url, http_port=free_port(),
+                                     grpc_port=free_port(), max_queued_requests=2))
+    gw.start()
+    try:
+        # Two requests wait in Redis: each call gives up after 1 s, and "continue" keeps it queued.
+        with TesseraClient(gw.grpc_address, timeout=1) as client:
+            for _ in range(2):
+                with pytest.raises(TesseraError) as e:
+                    list(client.stream("wait", max_tokens=2, disconnect="continue"))
+                assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        r = httpx.post(f"{gw.base_url}/v1/completions", json={"prompt": "hi", "max_tokens": 2},
+                       timeout=20)
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["code"] == "queue_full"
+    finally:
+        gw.stop()
