@@ -13,6 +13,7 @@ read flat: `config.block_size`):
     DeviceConfig     device, dtype, seed, enforce_eager                worker, engine
     ParallelConfig   tensor_parallel_size, pipeline_parallel_size      scheduler, worker, engine
     LogConfig        log_format, log_prompts                           services
+    AccessConfig     api_key, tenants_file, limits, TLS                gateway (serve)
 
 `EngineConfig` is the offline `LLM`'s, `ServeConfig` (`tessera serve`) is an EngineConfig plus
 the stack's own settings, from which each child's flags are generated (`settings.to_argv`).
@@ -186,7 +187,29 @@ class SchedulerServiceConfig(LogConfig, ParallelConfig, BlockConfig, SchedulingC
 
 
 @dataclass(**GROUPS)
-class GatewayConfig(LogConfig, ContextConfig, ModelSource):
+class AccessConfig:
+    """Who may call the public faces and how much (gateway.auth, gateway.limits), and TLS."""
+    api_key: str | None = setting(
+        None, "require 'Authorization: Bearer KEY' on every /v1 route and gRPC call (one "
+        "tenant; default $TESSERA_API_KEY)")
+    tenants_file: str | None = setting(
+        None, "JSON tenants file (keys as SHA-256, limits, weights); reloaded on SIGHUP",
+        flag="--tenants", metavar="FILE")
+    shared_prefix_cache: bool = setting(
+        False, "let tenants share cached prompt blocks (default: a prefix-cache salt per tenant)")
+    max_queued_requests: int | None = setting(
+        None, "answer 429 while this many requests of the model wait in Redis")
+    ssl_certfile: str | None = setting(
+        None, "serve HTTPS and gRPC over TLS with this PEM certificate (chain)")
+    ssl_keyfile: str | None = setting(None, "the certificate's PEM private key")
+
+    def __post_init__(self) -> None:
+        if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
+            raise ValueError("TLS needs both --ssl-certfile and --ssl-keyfile")
+
+
+@dataclass(**GROUPS)
+class GatewayConfig(AccessConfig, LogConfig, ContextConfig, ModelSource):
     """`tessera gateway`: the OpenAI HTTP and tessera.v1 gRPC faces of one model."""
     redis_url: str = setting("redis://127.0.0.1:6379/0", "Redis of the request streams")
     host: str = setting("127.0.0.1", "bind address")
@@ -194,13 +217,15 @@ class GatewayConfig(LogConfig, ContextConfig, ModelSource):
     grpc_port: int = setting(50051, "tessera.v1 gRPC port")
     max_body_bytes: int = setting(4 << 20, "largest request body / gRPC message accepted")
     max_redis_connections: int = setting(1024, cli=False)   # each open stream holds one
+    metrics_port: int | None = setting(
+        None, "also serve /health, /ready and /metrics (plain HTTP) on this port")
     resume_ttl_s: float = setting(
         600.0, "a request with disconnect policy 'continue' is cancelled this many seconds "
         "after its client left unless someone resumes it", flag="--resume-ttl")
 
 
 @dataclass(**GROUPS)
-class ServeConfig(LogConfig, EngineConfig):
+class ServeConfig(AccessConfig, LogConfig, EngineConfig):
     """`tessera serve`: the whole stack on one machine; every child's settings, plus these."""
     host: str = setting("127.0.0.1", "bind address of the gateway")
     http_port: int = setting(8000, "OpenAI-compatible HTTP port")

@@ -116,6 +116,16 @@ def idempotency_key(tenant: str, key: str) -> str:
     return f"{PREFIX}idem:{digest}"
 
 
+def tenant_bucket(tenant: str, kind: str) -> str:
+    """Hash {level, ts}: one tenant's token bucket, ``kind`` "requests" or "tokens"."""
+    return f"{PREFIX}limit:{tenant}:{kind}"
+
+
+def tenant_inflight(tenant: str) -> str:
+    """Sorted set: the tenant's unfinished request ids, scored by when each entry expires."""
+    return f"{PREFIX}limit:{tenant}:inflight"
+
+
 @dataclass(frozen=True)
 class RedisLimits:
     """Lifetimes and caps of what Tessera keeps in Redis."""
@@ -193,6 +203,7 @@ class QueuedRequest:
     idempotency_key: str | None = None
     disconnect: str = DISCONNECT_CANCEL     # what to do when the client goes away
     traceparent: str | None = None          # W3C trace context of the gateway's span
+    cache_salt: str | None = None           # set by the gateway from the tenant, never the client
 
     def to_fields(self) -> dict[str, str]:
         """Stream entry fields. The id sits apart from the body so a body that fails to
@@ -202,7 +213,7 @@ class QueuedRequest:
             "params": params_to_json(self.params), "priority": self.priority,
             "arrival": self.arrival_time, "deadline": self.deadline, "tenant": self.tenant,
             "idem": self.idempotency_key, "disconnect": self.disconnect,
-            "trace": self.traceparent,
+            "trace": self.traceparent, "salt": self.cache_salt,
         }
         return {"request_id": self.request_id, "data": _dumps(body)}
 
@@ -228,7 +239,8 @@ class QueuedRequest:
                 arrival_time=float(b["arrival"]),
                 deadline=None if b["deadline"] is None else float(b["deadline"]),
                 tenant=str(b["tenant"]), idempotency_key=b["idem"],
-                disconnect=b["disconnect"], traceparent=b["trace"])
+                disconnect=b["disconnect"], traceparent=b["trace"],
+                cache_salt=None if b.get("salt") is None else str(b["salt"]))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise MalformedEntry(f"bad request entry: {e}", request_id) from e
 

@@ -121,6 +121,7 @@ class EngineLoop:
         waited = max(admitted - schema.entry_time(entry_id), 0.0) if admitted else 0.0
         req = EngineRequest(queued.request_id, list(queued.prompt_token_ids), queued.params,
                             priority=queued.priority, model=queued.model,
+                            cache_salt=queued.cache_salt,
                             traceparent=queued.traceparent, queue_wait_s=waited, tag=entry_id)
         try:
             check_admissible(queued)

@@ -136,6 +136,26 @@ def _run_scheduler(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_hash_key(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "hash-key", help="print the SHA-256 digest of an API key, for a --tenants file",
+        description="Reads the key from the argument, or from standard input with '-' (keeps "
+        "it out of the shell's history).")
+    p.add_argument("key", help="the API key, or - to read one line from standard input")
+
+    def run(args: argparse.Namespace) -> int:
+        from gateway.auth import hash_key
+
+        key = sys.stdin.readline().strip() if args.key == "-" else args.key
+        if not key:
+            print("hash-key: empty key", file=sys.stderr)
+            return 2
+        print(hash_key(key))
+        return 0
+
+    p.set_defaults(handler=run)
+
+
 def _add_gateway(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "gateway", help="run a gateway (OpenAI-compatible HTTP + tessera.v1 gRPC)",
@@ -203,6 +223,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_gateway(subparsers)
     _add_serve(subparsers)
     _add_bench(subparsers)
+    _add_hash_key(subparsers)
     return parser
 
 
