@@ -112,7 +112,7 @@ async def _start_all(state: GatewayState, prompts: list[list[int]], params: Any,
                 ids, params, request_id=f"{prefix}-{uuid.uuid4().hex}", idempotency_key=k,
                 disconnect=req.disconnect, kind=kind, include_usage=req.include_usage,
                 echo_text=None if echo_texts is None else fmt.prompt_text_of(
-                    state, ids, params, echo_texts[i])),
+                    state, ids, params, echo_texts[i]),
                 tenant=request.state.tenant))
     except BaseException:
         for g in gens:

@@ -167,7 +167,7 @@ class RequestSubmitter:
     async def tenant_of(self, request_id: str) -> str | None:
         """The tenant that submitted ``request_id``; None when unknown or expired."""
         tenant = await self.redis.hget(schema.request_record(request_id), "tenant")
-        return None if tenant is None else _text(tenant)
+        return None if tenant is None else schema.text(tenant)
 
     async def queue_depth(self, model: str) -> int:
         """Requests of ``model`` waiting for a scheduler to read them (the consumer group's
@@ -181,7 +181,7 @@ class RequestSubmitter:
         except aioredis.ResponseError:   # no stream yet: nothing waits
             return 0
         for g in groups:
-            if _text(g["name"]) == schema.SCHEDULERS_GROUP:
+            if schema.text(g["name"]) == schema.SCHEDULERS_GROUP:
                 lag = g.get("lag")
                 return int(lag) if lag is not None else max(length - int(g["pending"]), 0)
         return length
