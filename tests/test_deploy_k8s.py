@@ -91,9 +91,10 @@ def test_every_container_command_line_is_one_the_cli_accepts(rendered, build_nam
 
 @pytest.mark.parametrize("build_name", BUILDS)
 def test_probes_are_on_the_port_and_paths_the_service_serves(rendered, build_name):
+    from gateway.auth import Tenants
     from gateway.openai_api import create_app
 
-    app = create_app(types.SimpleNamespace(max_body_bytes=1, telemetry=None))
+    app = create_app(types.SimpleNamespace(max_body_bytes=1, telemetry=None, tenants=Tenants()))
     routes = {r.path for r in app.routes}
     assert {"/health", "/ready", "/metrics"} <= routes
     for workload, container, argv in tessera_containers(rendered[build_name]):
