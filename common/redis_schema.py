@@ -204,6 +204,7 @@ class QueuedRequest:
     disconnect: str = DISCONNECT_CANCEL     # what to do when the client goes away
     traceparent: str | None = None          # W3C trace context of the gateway's span
     cache_salt: str | None = None           # set by the gateway from the tenant, never the client
+    weight: float = 1.0                     # the tenant's fair-share weight (gateway's tenants)
 
     def to_fields(self) -> dict[str, str]:
         """Stream entry fields. The id sits apart from the body so a body that fails to
@@ -214,6 +215,7 @@ class QueuedRequest:
             "arrival": self.arrival_time, "deadline": self.deadline, "tenant": self.tenant,
             "idem": self.idempotency_key, "disconnect": self.disconnect,
             "trace": self.traceparent, "salt": self.cache_salt,
+            "weight": self.weight,
         }
         return {"request_id": self.request_id, "data": _dumps(body)}
 
@@ -240,9 +242,17 @@ class QueuedRequest:
                 deadline=None if b["deadline"] is None else float(b["deadline"]),
                 tenant=str(b["tenant"]), idempotency_key=b["idem"],
                 disconnect=b["disconnect"], traceparent=b["trace"],
-                cache_salt=None if b.get("salt") is None else str(b["salt"]))
+                cache_salt=None if b.get("salt") is None else str(b["salt"]),
+                weight=_weight(b.get("weight", 1.0)))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise MalformedEntry(f"bad request entry: {e}", request_id) from e
+
+
+def _weight(value: Any) -> float:
+    w = float(value)
+    if not 1e-3 <= w <= 1e6:   # NaN fails both comparisons too
+        raise ValueError(f"weight {value!r} is outside [0.001, 1e6]")
+    return w
 
 
 @dataclass(slots=True)

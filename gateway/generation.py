@@ -177,9 +177,13 @@ class GatewayState:
         await self._check_queue_depth()
         reserved = len(prompt_token_ids) + params.n * params.max_tokens
         admission = await self._admit(tenant, request_id, reserved)
+        t = self.tenants.get(tenant)
+        if t is not None:   # the tenant's priority is a floor: no client jumps other tenants
+            priority = max(priority, t.priority)
         queued = QueuedRequest(
             request_id=request_id, model=self.model_name,
             prompt_token_ids=prompt_token_ids, params=params, priority=priority,
+            weight=t.weight if t is not None else 1.0,
             arrival_time=time.time(), tenant=tenant, idempotency_key=idempotency_key or None,
             disconnect=disconnect, traceparent=call.traceparent if call is not None else None,
             cache_salt=self.cache_salt(tenant))
