@@ -90,10 +90,7 @@ async def serve(config: SchedulerServiceConfig) -> None:
         num_blocks = await asyncio.to_thread(executor.warmup, config.max_num_batched_tokens,
                                              config.max_num_seqs)
         obs.readiness.mark_forward()   # the warm-up ran a worst-case forward pass
-        scheduler = Scheduler(SchedulerConfig(
-            num_blocks=num_blocks, block_size=config.block_size, max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=max_model_len,
-            enable_prefix_caching=config.enable_prefix_caching))
+        scheduler = Scheduler(SchedulerConfig.from_settings(config, num_blocks, max_model_len))
         queue = RequestQueue(client, config.model_name, consumer)
         await queue.ensure_group()
         loop = EngineLoop(scheduler, executor, queue, model_config.eos_token_ids,

@@ -83,10 +83,8 @@ class LLMEngine:
             kv_dtype = compute_dtype(parse_dtype(config.dtype), torch.device(config.device))
             per_block = kv_cache_bytes_per_block(self.model_config, config.block_size, kv_dtype)
             num_kv_blocks = max(config.kv_cache_memory_bytes // per_block, 1)
-        self.scheduler = Scheduler(SchedulerConfig(
-            num_blocks=num_kv_blocks, block_size=config.block_size,
-            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-            max_model_len=self.max_model_len, enable_prefix_caching=config.enable_prefix_caching))
+        self.scheduler = Scheduler(SchedulerConfig.from_settings(config, num_kv_blocks,
+                                                                 self.max_model_len))
         if self.worker_group is not None:
             self.executor = self.worker_group.executor
         else:
