@@ -12,10 +12,13 @@ read flat: `config.block_size`):
     CacheConfig      + kv_cache_memory_gb, gpu_memory_utilization      worker, engine
     DeviceConfig     device, dtype, seed, enforce_eager                worker, engine
     ParallelConfig   tensor_parallel_size, pipeline_parallel_size      scheduler, worker, engine
+    DistConfig       dist_timeout_s                                    worker
+    StepTimeoutConfig step_timeout_s                                   scheduler
+    BodyLimitConfig  max_body_bytes                                    gateway
     LogConfig        log_format, log_prompts                           services
 
 `EngineConfig` is the offline `LLM`'s, `ServeConfig` (`tessera serve`) is an EngineConfig plus
-the stack's own settings, from which each child's flags are generated (`settings.to_argv`).
+every other group and the stack's own settings, from which each child's flags are generated (`settings.to_argv`).
 The values derived from settings (the served model name, the clamp of max_model_len) are
 computed here and nowhere else; common/limits.py checks prompts against them.
 """
@@ -130,6 +133,24 @@ class ParallelConfig:
 
 
 @dataclass(**GROUPS)
+class DistConfig:
+    dist_timeout_s: float = setting(
+        120.0, "seconds a worker group waits to form, and a collective waits for a peer",
+        flag="--dist-timeout")
+
+
+@dataclass(**GROUPS)
+class StepTimeoutConfig:
+    step_timeout_s: float = setting(30.0, "seconds a scheduler waits for a step's result",
+                                    flag="--step-timeout")
+
+
+@dataclass(**GROUPS)
+class BodyLimitConfig:
+    max_body_bytes: int = setting(4 << 20, "largest request body / gRPC message accepted")
+
+
+@dataclass(**GROUPS)
 class LogConfig:
     log_format: str = setting("text", "text, or json: one JSON object per line, with request "
                               "and trace ids", choices=LOG_FORMATS)
@@ -144,7 +165,7 @@ class EngineConfig(ParallelConfig, DeviceConfig, CacheConfig, SchedulingConfig, 
 
 
 @dataclass(**GROUPS)
-class WorkerConfig(LogConfig, ParallelConfig, DeviceConfig, CacheConfig, ModelSource):
+class WorkerConfig(LogConfig, DistConfig, ParallelConfig, DeviceConfig, CacheConfig, ModelSource):
     """`tessera worker`: one model shard and its KV cache behind gRPC."""
     host: str = setting("127.0.0.1", "bind address of the gRPC and metrics ports")
     port: int = setting(50061, "gRPC port")
@@ -157,9 +178,6 @@ class WorkerConfig(LogConfig, ParallelConfig, DeviceConfig, CacheConfig, ModelSo
         None, "the group's torch.distributed TCP store, hosted by rank 0 (default: rank 0 "
         "publishes one in Redis)", metavar="HOST:PORT")
     group: str = setting("0", "worker group name")
-    dist_timeout_s: float = setting(
-        120.0, "seconds a group waits to form, and a collective waits for a peer",
-        flag="--dist-timeout")
     metrics_port: int = setting(8002, "HTTP /metrics /health /ready on --host (0: none)")
     ready_timeout_s: float = setting(
         10.0, "not ready while a step runs longer than this, in seconds", flag="--ready-timeout")
@@ -167,14 +185,13 @@ class WorkerConfig(LogConfig, ParallelConfig, DeviceConfig, CacheConfig, ModelSo
 
 
 @dataclass(**GROUPS)
-class SchedulerServiceConfig(LogConfig, ParallelConfig, BlockConfig, SchedulingConfig,
-                             ModelSource):
+class SchedulerServiceConfig(LogConfig, StepTimeoutConfig, ParallelConfig, BlockConfig,
+                             SchedulingConfig, ModelSource):
     """`tessera scheduler`: continuous batching over one worker group, leased in Redis."""
     workers: tuple[str, ...] = setting(
         help="comma-separated gRPC addresses of every worker of the group (any order)")
     redis_url: str = setting("redis://127.0.0.1:6379/0", "Redis of the request streams")
     group: str = setting("0", "worker group name (one active scheduler each)")
-    step_timeout_s: float = setting(30.0, "seconds per step", flag="--step-timeout")
     ready_timeout_s: float = setting(
         10.0, "ready while the worker group finished a forward pass within this many seconds; "
         "idle, a one-token canary step keeps it honest", flag="--ready-timeout")
@@ -184,18 +201,17 @@ class SchedulerServiceConfig(LogConfig, ParallelConfig, BlockConfig, SchedulingC
 
 
 @dataclass(**GROUPS)
-class GatewayConfig(LogConfig, ContextConfig, ModelSource):
+class GatewayConfig(LogConfig, BodyLimitConfig, ContextConfig, ModelSource):
     """`tessera gateway`: the OpenAI HTTP and tessera.v1 gRPC faces of one model."""
     redis_url: str = setting("redis://127.0.0.1:6379/0", "Redis of the request streams")
     host: str = setting("127.0.0.1", "bind address")
     http_port: int = setting(8000, "OpenAI-compatible HTTP port (0: any free port)")
     grpc_port: int = setting(50051, "tessera.v1 gRPC port")
-    max_body_bytes: int = setting(4 << 20, "largest request body / gRPC message accepted")
     max_redis_connections: int = setting(1024, cli=False)   # each open stream holds one
 
 
 @dataclass(**GROUPS)
-class ServeConfig(LogConfig, EngineConfig):
+class ServeConfig(LogConfig, BodyLimitConfig, StepTimeoutConfig, DistConfig, EngineConfig):
     """`tessera serve`: the whole stack on one machine; every child's settings, plus these."""
     host: str = setting("127.0.0.1", "bind address of the gateway")
     http_port: int = setting(8000, "OpenAI-compatible HTTP port")
