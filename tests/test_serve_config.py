@@ -160,3 +160,19 @@ def test_services_started_apart_agree_on_the_model_name(tmp_path, tiny_model, re
     finally:
         for p in reversed(procs):
             p.stop()
+
+
+@pytest.mark.parametrize("setting,value", [("block_size", 0), ("gpu_memory_utilization", 1.5),
+                                           ("max_num_seqs", -1), ("dtype", "int8"),
+                                           ("seed", 1 << 63), ("kv_cache_memory_gb", float("nan")),
+                                           ("tensor_parallel_size", 0)])
+def test_a_setting_out_of_range_is_refused_naming_its_flag(setting, value):
+    flag = "--" + setting.replace("_", "-")
+    with pytest.raises(ValueError, match=f"^{flag} must be"):
+        EngineConfig(model="m", **{setting: value})
+    from tessera.cli import main
+    try:   # the CLI: one line, status 2, no traceback
+        code = main(["worker", "--model", "m", flag, str(value)])
+    except SystemExit as e:   # argparse refuses a choice itself
+        code = e.code
+    assert code == 2
