@@ -2,14 +2,16 @@
 and the command-line flags and the argument lists of child processes are generated from it.
 
     @dataclass(frozen=True, kw_only=True)
-    class CacheConfig:
-        block_size: int = setting(16, "tokens per KV cache block")
+    class BlockConfig(Settings):
+        block_size: int = setting(16, "tokens per KV cache block", min=1, max=1024)
 
 `add_arguments(parser, WorkerConfig)` declares `--block-size` (type int, default 16, that
 help); `from_args(WorkerConfig, namespace)` builds the config back from the parsed flags;
 `to_argv(config, WorkerConfig)` writes the flags a `tessera worker` child needs to receive the
 values `config` holds (only those that differ from the child's defaults). A setting's
 argparse `dest` is its field name, so `args.block_size` and `config.block_size` agree.
+Building a config checks its bounds (`Settings.__post_init__`), from flags or from code alike
+(`LLM(model, block_size=0)` fails as `--block-size 0` does).
 
 Booleans are switches: `--enforce-eager` for a False default, `--no-prefix-caching` for a True
 one (`enable_prefix_caching`). `X | None` takes an X or is left unset; `tuple[str, ...]` is
@@ -55,8 +57,9 @@ class Settings:
             if value is None or not meta:
                 continue
             lo, hi, choices = meta.get("min"), meta.get("max"), meta.get("choices")
+            name = _flag(f) if meta.get("cli") else f.name
             if choices is not None and value not in choices:
-                raise ValueError(f"{_flag(f)} must be one of {', '.join(map(str, choices))}, "
+                raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}, "
                                  f"got {value!r}")
             if isinstance(value, bool) or (lo is None and hi is None):
                 continue
@@ -64,7 +67,7 @@ class Settings:
                     or (lo is not None and value < lo) or (hi is not None and value > hi):
                 bounds = f"[{_show(lo) if lo is not None else '-inf'}, " \
                          f"{_show(hi) if hi is not None else 'inf'}]"
-                raise ValueError(f"{_flag(f)} must be in {bounds}, got {value!r}")
+                raise ValueError(f"{name} must be in {bounds}, got {value!r}")
 
 
 def _base_type(hint: Any) -> tuple[type, bool]:
