@@ -128,7 +128,7 @@ def from_args(cls: type[T], args: argparse.Namespace, **overrides: Any) -> T:
     `overrides` for fields set by code."""
     values = {}
     for f, _ in _cli_fields(cls):
-        if hasattr(args, f.name):
+        if hasattr(args, f.name) and f.name not in overrides:
             value = getattr(args, f.name)
             convert = f.metadata["convert"]
             values[f.name] = convert(value) if convert is not None else value
