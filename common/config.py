@@ -37,8 +37,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 def served_model_name(model: str, name: str | None = None) -> str:
     """The model's name in the APIs and in Redis keys: `name`, else the model directory's
-    name as the user wrote the path (`.` is the current directory; a symlink keeps its own
-    name): every service derives it here, so separately started services agree."""
+    name as the user wrote the path (a symlink keeps its own name; `.` is the working
+    directory as the OS reports it): every service derives it here, so separately started
+    services agree."""
     if name:
         return name
     return os.path.basename(os.path.abspath(model)) or "model"

@@ -2,7 +2,9 @@
 sizes its KV pool from the workers' warm-up, and runs the engine loop.
 
 One scheduler drives a worker group; a standby started for the same group waits on the lease
-and takes over when the holder stops renewing it.
+and takes over when the holder stops renewing it. Redis going away is a pause: the client
+retries with backoff (common/redis_client.py), and a lease that expired meanwhile is taken
+again unless another scheduler holds it by then.
 """
 
 from __future__ import annotations
