@@ -21,7 +21,9 @@ from __future__ import annotations
 import bisect
 import heapq
 from dataclasses import dataclass
+from typing import Any
 
+from common.config import BlockConfig, SchedulingConfig
 from common.limits import check_prompt
 from common.step import NewSequence, RunningSequence, StepPlan
 from scheduler.fair_share import FairShare
@@ -31,13 +33,26 @@ from scheduler.request import Request, RequestStatus
 
 @dataclass(frozen=True)
 class SchedulerConfig:
+    """The scheduler core's sizes: the settings (common/config.py) resolved against the model
+    and the workers. `from_settings` builds it; the settings' defaults serve unit tests."""
     num_blocks: int
-    block_size: int = 16
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    max_model_len: int = 2048
-    enable_prefix_caching: bool = True
+    block_size: int = BlockConfig.block_size
+    max_num_seqs: int = SchedulingConfig.max_num_seqs
+    max_num_batched_tokens: int = SchedulingConfig.max_num_batched_tokens
+    max_model_len: int = 2048                     # resolved: the model's or the flag's
+    enable_prefix_caching: bool = SchedulingConfig.enable_prefix_caching
     hash_seed: int | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Any, num_blocks: int, max_model_len: int
+                      ) -> SchedulerConfig:
+        """From a config with the SchedulingConfig and BlockConfig groups (the service's or
+        the offline engine's), the pool the workers can hold and the resolved context."""
+        return cls(num_blocks=num_blocks, block_size=settings.block_size,
+                   max_num_seqs=settings.max_num_seqs,
+                   max_num_batched_tokens=settings.max_num_batched_tokens,
+                   max_model_len=max_model_len,
+                   enable_prefix_caching=settings.enable_prefix_caching)
 
 
 class Scheduler:

@@ -114,11 +114,9 @@ class LLMEngine:
                                                  config.max_num_seqs)
             if num_kv_blocks == 0:
                 raise ValueError("no memory left for a single KV block")
-        self.core = EngineCore(SchedulerConfig(
-            num_blocks=num_kv_blocks, block_size=config.block_size,
-            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-            max_model_len=self.max_model_len, enable_prefix_caching=config.enable_prefix_caching),
-            self.model_config.eos_token_ids)
+        self.core = EngineCore(SchedulerConfig.from_settings(config, num_kv_blocks,
+                                                             self.max_model_len),
+                               self.model_config.eos_token_ids)
         self.scheduler = self.core.scheduler
 
     # ---- requests -----------------------------------------------------------------------

@@ -3,7 +3,6 @@ diff produces the same tokens as the in-process worker, and a mismatch is refuse
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -20,22 +19,17 @@ from scheduler.engine_core import EngineCore, EngineRequest
 from scheduler.executor import GrpcExecutor
 from scheduler.scheduler import SchedulerConfig
 from tessera import LLM
+from tessera.procs import free_port
 from worker.runner import ModelRunner
 from worker.worker import Worker
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def worker_stub(tiny_model):
     model_dir = str(tiny_model("llama"))
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "tessera.cli", "worker", "--model", model_dir, "--port", str(port),
          "--kv-cache-memory-gb", "0.001", "--metrics-port", "0"],

@@ -26,7 +26,7 @@ import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from common.config import WorkerConfig
+from common.config import SchedulingConfig, WorkerConfig
 from common.convert import step_output_to_proto, step_plan_from_proto
 from common.http_probe import start_probe
 from common.model_config import ModelConfig
@@ -92,9 +92,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         await context.abort(grpc.StatusCode.UNAVAILABLE, f"worker group broken: {e}")
 
     async def Warmup(self, request, context) -> worker_pb2.WarmupResponse:
+        defaults = SchedulingConfig   # a request without sizes: the settings' defaults
         try:
             num_blocks, per_block = await self._run(
-                self._warmup, request.max_num_batched_tokens or 2048, request.max_num_seqs or 256)
+                self._warmup, request.max_num_batched_tokens or defaults.max_num_batched_tokens,
+                request.max_num_seqs or defaults.max_num_seqs)
         except RuntimeError as e:
             if self.config.world_size == 1:
                 raise
