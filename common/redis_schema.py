@@ -255,6 +255,8 @@ def _weight(value: Any) -> float:
     return w
 
 
+# NOTE: slots, not frozen: the engine core makes one per sequence per step, and a frozen
+# dataclass takes ~4x as long to build (object.__setattr__ per field).
 @dataclass(slots=True)
 class OutputEvent:
     """One request's output from one step (or its failure).
