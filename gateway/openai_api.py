@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from common import redis_schema as schema
 from gateway import openai_format as fmt
 from gateway import openai_schemas as s
+from gateway import openapi
 from gateway.auth import HttpAuth
 from gateway.generation import GatewayError, GatewayState, Generation, invalid
 from gateway.openai_stream import chat_events, completion_events, stream_response
@@ -178,7 +179,10 @@ def create_ops_app(state: GatewayState) -> FastAPI:
 
 def create_app(state: GatewayState) -> FastAPI:
     """The HTTP app of one gateway replica, serving ``state``'s model."""
-    app = FastAPI(title="Tessera gateway", docs_url=None, redoc_url=None, openapi_url=None)
+    # /openapi.json and /docs are open (no prompt data), like /health.
+    app = FastAPI(title="Tessera gateway", version="1", docs_url="/docs", redoc_url=None,
+                  description="OpenAI-compatible completions and chat, plus stream resume.")
+    openapi.install(app, [s.CompletionRequest, s.ChatCompletionRequest])
     app.add_middleware(BodyLimit, max_bytes=state.max_body_bytes)
     # Outside the body limit: a client without a valid key is refused before its body is read.
     app.add_middleware(HttpAuth, tenants=state.tenants)
@@ -207,7 +211,7 @@ def create_app(state: GatewayState) -> FastAPI:
         card = s.ModelCard(id=m.id, created=m.created, max_model_len=m.max_model_len)
         return JSONResponse(s.ModelList(data=[card]).model_dump())
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=openapi.body(s.CompletionRequest))
     async def completions(request: Request) -> Response:
         req = await _parse(request, s.CompletionRequest)
         state.check_model(req.model)
@@ -235,7 +239,7 @@ def create_app(state: GatewayState) -> FastAPI:
             state, rid, gens, texts if req.echo else None, req.include_usage, created,
             resumed=False), headers)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=openapi.body(s.ChatCompletionRequest))
     async def chat(request: Request) -> Response:
         req = await _parse(request, s.ChatCompletionRequest)
         state.check_model(req.model)
