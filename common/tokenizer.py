@@ -26,6 +26,9 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _Backend
 
+from common.gguf_file import is_gguf, open_gguf
+from common.gguf_tokenizer import build_gguf_tokenizer
+
 # Named special tokens HF exposes to chat templates (its SPECIAL_TOKENS_ATTRIBUTES).
 _NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
@@ -49,6 +52,8 @@ class Tokenizer:
     def from_dir(cls, model_dir: str | pathlib.Path) -> Tokenizer:
         """Load ``tokenizer.json`` and (if present) ``tokenizer_config.json`` from ``model_dir``."""
         root = pathlib.Path(model_dir)
+        if is_gguf(root):
+            return cls.from_gguf(root)
         if not root.is_dir():
             raise FileNotFoundError(f"model directory not found: {root}")
         tok_path = root / "tokenizer.json"
@@ -70,6 +75,13 @@ class Tokenizer:
             chat_template=_load_chat_template(root, config),
             clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
         )
+
+    @classmethod
+    def from_gguf(cls, path: str | pathlib.Path) -> Tokenizer:
+        """The tokenizer a GGUF file's metadata describes (`common/gguf_tokenizer.py`)."""
+        built = build_gguf_tokenizer(open_gguf(path))
+        return cls(built.backend(), special_tokens=built.special_tokens,
+                   chat_template=built.chat_template)
 
     # -- ids <-> text ---------------------------------------------------------------
 
@@ -166,7 +178,8 @@ class Tokenizer:
         if name_or_template is not None:
             return name_or_template
         if templates is None:
-            raise ValueError("this tokenizer has no chat template (none in tokenizer_config.json or chat_template.jinja)")
+            raise ValueError("this tokenizer has no chat template (none in tokenizer_config.json, "
+                             "chat_template.jinja or a GGUF file's tokenizer.chat_template)")
         return templates
 
 
