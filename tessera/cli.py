@@ -300,6 +300,24 @@ def _run_bench_serve(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+def _add_convert(subparsers: argparse._SubParsersAction) -> None:
+    from tessera.convert_gguf import add_arguments
+
+    p = subparsers.add_parser(
+        "convert", help="write a GGUF file as a Hugging Face model directory",
+        description="Dequantize a GGUF file into a Hugging Face directory (config, safetensors, "
+        "tokenizer.json, tokenizer_config.json with the chat template). Every --model flag also "
+        "takes the .gguf file itself.")
+    add_arguments(p)
+    p.set_defaults(handler=_run_convert)
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from tessera.convert_gguf import main as convert_main
+
+    return convert_main(args)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tessera", description="Tessera LLM inference server")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -310,6 +328,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_gateway(subparsers)
     _add_serve(subparsers)
     _add_bench(subparsers)
+    _add_convert(subparsers)
     return parser
 
 
