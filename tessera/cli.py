@@ -61,6 +61,8 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--chat", action="store_true",
+                   help="send each prompt as a user message through the model's chat template")
     p.set_defaults(handler=_run_generate)
 
 
@@ -73,7 +75,10 @@ def _run_generate(args: argparse.Namespace) -> int:
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens,
                             seed=args.seed)
     start = time.perf_counter()
-    outputs = llm.generate(args.prompt, params)
+    if args.chat:
+        outputs = llm.chat([[{"role": "user", "content": p}] for p in args.prompt], params)
+    else:
+        outputs = llm.generate(args.prompt, params)
     elapsed = time.perf_counter() - start
     for out in outputs:
         completion = out.outputs[0]
