@@ -42,8 +42,11 @@ class Tokenizer:
         special_tokens: Mapping[str, str] | None = None,
         chat_template: str | dict[str, str] | None = None,
         clean_up_tokenization_spaces: bool = False,
+        template_source: str = "tokenizer_config.json or chat_template.jinja",
     ) -> None:
         self._backend = backend
+        # Where a chat template would have come from: named when there is none.
+        self.template_source = template_source
         self._special = {k: v for k, v in (special_tokens or {}).items() if v is not None}
         self.chat_template = chat_template
         self._clean_up = clean_up_tokenization_spaces
@@ -74,6 +77,8 @@ class Tokenizer:
             special_tokens=special,
             chat_template=_load_chat_template(root, config),
             clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
+            template_source=f"{root / 'tokenizer_config.json'} (chat_template) or "
+                            f"{root / 'chat_template.jinja'}",
         )
 
     @classmethod
@@ -81,7 +86,8 @@ class Tokenizer:
         """The tokenizer a GGUF file's metadata describes (`common/gguf_tokenizer.py`)."""
         built = build_gguf_tokenizer(open_gguf(path))
         return cls(built.backend(), special_tokens=built.special_tokens,
-                   chat_template=built.chat_template)
+                   chat_template=built.chat_template,
+                   template_source=f"{path} (metadata field tokenizer.chat_template)")
 
     # -- ids <-> text ---------------------------------------------------------------
 
@@ -178,8 +184,7 @@ class Tokenizer:
         if name_or_template is not None:
             return name_or_template
         if templates is None:
-            raise ValueError("this tokenizer has no chat template (none in tokenizer_config.json, "
-                             "chat_template.jinja or a GGUF file's tokenizer.chat_template)")
+            raise ValueError(f"the model has no chat template: none in {self.template_source}")
         return templates
 
 

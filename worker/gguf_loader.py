@@ -105,7 +105,8 @@ class GGUFSource:
         except NotImplementedError:
             raise GGUFError(f"{self.file.path}: tensor {self.name!r} has quantization type "
                             f"{self.qtype.name}, which cannot be dequantized") from None
-        return out.astype(np.float32, copy=False)
+        out = out.astype(np.float32, copy=False)
+        return out if out.flags.writeable else out.copy()   # F32 comes back as a mmap view
 
 
 def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
