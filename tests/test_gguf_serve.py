@@ -104,3 +104,21 @@ def test_gguf_without_chat_template_serves_completions_and_explains_chat(tiny_mo
         assert "notemplate.gguf" in message and "tokenizer.chat_template" in message
     finally:
         _stop(proc)
+
+
+def test_bench_serve_chat_stops_at_the_real_eos(smollm2_served, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    name, base = smollm2_served
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "tessera.cli", "bench", "serve", "--chat",
+                           "--base-url", base[:-len("/v1")], "--model", name, "--num-prompts", "4",
+                           "--random-output-len", "32", "--json", str(out), "--no-progress"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    assert result["summary"]["completed"] == 4
+    lengths = [r["output_tokens"] for r in result["requests"]]
+    assert all(0 < n <= 32 for n in lengths) and min(lengths) < 32, lengths
