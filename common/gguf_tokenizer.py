@@ -106,8 +106,12 @@ def build_gguf_tokenizer(f: GGUFFile) -> GGUFTokenizer:
     control = [AddedToken(t, normalized=False, special=True)
                for t, ty in zip(tokens, types)
                if ty == CONTROL and (spelled is None or set(t) <= spelled)]
-    if control:
-        tok.add_special_tokens(control)
+    # transformers also registers the named ones (bos, eos, unk, pad) as special tokens,
+    # whatever type the file gives them (SentencePiece's <unk> is UNKNOWN, not CONTROL).
+    named = [AddedToken(t, normalized=False, special=True) for t in special.values()
+             if t in vocab and t not in {c.content for c in control}]
+    if control or named:
+        tok.add_special_tokens(control + list({t.content: t for t in named}.values()))
     user = [AddedToken(t, normalized=False, special=False)
             for t, ty in zip(tokens, types) if ty == USER_DEFINED and t in vocab]
     if user:

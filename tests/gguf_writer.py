@@ -50,8 +50,24 @@ def _add(writer, key: str, value: Any) -> None:
         writer.add_string(key, value)
     elif value and isinstance(value[0], str):
         writer.add_array(key, value)
+    elif value and isinstance(value[0], float):
+        writer.add_key_value(key, list(value), GGUFValueType.ARRAY, sub_type=GGUFValueType.FLOAT32)
     else:
         writer.add_key_value(key, list(value), GGUFValueType.ARRAY, sub_type=GGUFValueType.INT32)
+
+
+def write_metadata_only(out: str | pathlib.Path, arch: str, meta: dict[str, Any]) -> pathlib.Path:
+    """A GGUF with metadata and no tensors (enough for the config and tokenizer readers)."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(out), arch)
+    for key, value in meta.items():
+        _add(writer, key, value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return pathlib.Path(out)
 
 
 def write_gguf(model_dir: str | pathlib.Path, out: str | pathlib.Path, quant: str = "F32",
