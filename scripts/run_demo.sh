@@ -8,7 +8,7 @@ MODEL=${1:?model directory or .gguf file}
 PROMPT=${2:-What is the capital of France?}
 HTTP_PORT=${HTTP_PORT:-8000}
 GRPC_PORT=${GRPC_PORT:-50051}
-PY=.venv/bin/python
+PY=${PY:-.venv/bin/python}
 NAME=$(basename "$MODEL")
 
 $PY -m tessera.cli serve --model "$MODEL" --http-port "$HTTP_PORT" --grpc-port "$GRPC_PORT" &
