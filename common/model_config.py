@@ -1,4 +1,5 @@
-"""What we need to know about a Hugging Face model directory, parsed once from its config.json.
+"""What we need to know about a Hugging Face model directory, parsed once from its config.json
+(or about a single GGUF file, from its metadata: `common/gguf_config.py`).
 
 Every service reads the same frozen `ModelConfig`: the worker to build the model, the scheduler
 for the context length and stop ids, the gateway for the context length. It accepts both the
@@ -79,10 +80,6 @@ class ModelConfig:
     def qk_norm(self) -> bool:
         """Qwen3 normalizes each head of q and k (RMSNorm over head_dim) before RoPE."""
         return self.family == "qwen3"
-
-    @property
-    def is_gguf(self) -> bool:
-        return is_gguf(self.model_dir)
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> "ModelConfig":

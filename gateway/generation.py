@@ -87,8 +87,8 @@ class GatewayState:
         config = ModelConfig.from_dir(model_dir)
         tokenizer = Tokenizer.from_dir(model_dir)
         if tokenizer.chat_template is None:
-            logger.warning("the model has no chat template (none in %s): /v1/chat/completions "
-                        "will answer 400", tokenizer.template_source)
+            logger.warning("the model has no chat template (none in %s): "
+                           "/v1/chat/completions will answer 400", tokenizer.template_source)
         limit = max_model_len or config.max_position_embeddings
         if not 0 < limit <= config.max_position_embeddings:
             raise ValueError(f"max_model_len must be in [1, {config.max_position_embeddings}]")

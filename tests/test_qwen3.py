@@ -56,6 +56,14 @@ def test_config_reads_qwen3(qwen3_case):
     assert cfg.tie_word_embeddings == raw["tie_word_embeddings"]
 
 
+def test_config_without_architectures_falls_back_to_model_type(qwen3_case):
+    raw = json.loads((pathlib.Path(qwen3_case[0]) / "config.json").read_text())
+    del raw["architectures"]
+    assert ModelConfig.from_dict(raw).architecture == "Qwen3ForCausalLM"
+    with pytest.raises(ValueError, match="unsupported architectures"):
+        ModelConfig.from_dict({**raw, "model_type": "bloom"})
+
+
 def test_offline_greedy_and_prompt_logits_match_hf(qwen3_case):
     model_dir, prompts, refs = qwen3_case
     llm = LLM(model_dir, num_kv_blocks=256)
