@@ -20,7 +20,7 @@ demo-model:
 	@bash scripts/setup.sh --demo
 
 run: demo-model
-	@bash scripts/run_demo.sh "$(DEMO_MODEL)" "$(QUESTION)"
+	@PY=$(PY) bash scripts/run_demo.sh "$(DEMO_MODEL)" "$(QUESTION)"
 
 generate: demo-model
 	$(PY) -m tessera.cli generate --model "$(DEMO_MODEL)" --chat --prompt "$(QUESTION)" --max-tokens 64
