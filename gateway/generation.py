@@ -103,6 +103,9 @@ class GatewayState:
              resume_ttl_s: float = 600.0, **policy: object) -> GatewayState:
         config = ModelConfig.from_dir(model_dir)
         tokenizer = Tokenizer.from_dir(model_dir)
+        if tokenizer.chat_template is None:
+            logger.warning("the model has no chat template (none in %s): "
+                           "/v1/chat/completions will answer 400", tokenizer.template_source)
         limit = resolve_max_model_len(max_model_len, config.max_position_embeddings)
         # Ids past the model's embedding rows would crash a worker: the model's size rules.
         return cls(tokenizer, model_name, limit, config.vocab_size, redis, max_body_bytes,

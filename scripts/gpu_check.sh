@@ -15,7 +15,7 @@
 # --device cuda` + `tessera bench serve` (when redis-server is here), TP=2 over NCCL (when two
 # GPUs are). Step limits add up to less than the budget; a step that would start with under
 # 20 s left is skipped, and every step's limit is cut to what is left.
-# Environment: PYTHON (default python3), OFFLINE_ARGS (offline_throughput flags besides
+# Environment: PYTHON (default python3), OFFLINE_ARGS (gpu_throughput flags besides
 # --device cuda --model; default below), GPU_CHECK_BUDGET_S (default 470).
 set -u
 cd "$(dirname "$0")/.."
@@ -229,9 +229,9 @@ step model-equivalence 40 "$pytest_figure" "(( HAVE_PYTEST ))" -- \
 
 SKIP_REASON=""
 # shellcheck disable=SC2086
-WHAT="benchmarks/offline_throughput.py --device cuda $OFFLINE_ARGS" \
+WHAT="benchmarks/gpu_throughput.py --device cuda $OFFLINE_ARGS" \
 step offline-throughput 60 "grep -E '^(bfloat16|float32|float16) |^energy|^graphs' | tr -s ' ' | paste -sd '|'" "" -- \
-    "$PY" benchmarks/offline_throughput.py --device cuda --model "$BENCH_MODEL" $OFFLINE_ARGS
+    "$PY" benchmarks/gpu_throughput.py --device cuda --model "$BENCH_MODEL" $OFFLINE_ARGS
 
 WHAT="benchmarks/kernels.py: each kernel vs torch, GB/s vs a measured copy" \
 step kernel-benchmark 45 "\"$PY\" -c \"
