@@ -59,7 +59,7 @@ def test_qwen3_gguf_matches_hf(qwen3_gguf):
 
 def test_qwen3_gguf_tp2_matches_hf(qwen3_gguf):
     path, prompts, refs = qwen3_gguf
-    with LLM(str(path), tensor_parallel_size=2, kv_cache_memory_bytes=8 << 20) as llm:
+    with LLM(str(path), tensor_parallel_size=2, kv_cache_memory_gb=8 / 1024) as llm:
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
     for out, (tokens, logprobs, _) in zip(outs, refs):
         assert_same_greedy(out.outputs[0].token_ids, tokens, logprobs)

@@ -64,7 +64,7 @@ def test_config_from_metadata(smollm2_gguf, smollm2_hf):
 
 def test_greedy_batch_matches_hf(smollm2_gguf, reference):
     prompts, refs = reference
-    llm = LLM(str(smollm2_gguf), kv_cache_memory_bytes=64 << 20)
+    llm = LLM(str(smollm2_gguf), kv_cache_memory_gb=64 / 1024)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True),
                         use_tqdm=False)

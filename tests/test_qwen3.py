@@ -90,7 +90,7 @@ def test_first_greedy_steps_are_not_near_ties(qwen3_case):
 def test_sharded_greedy_matches_hf(qwen3_case, tp, pp):
     model_dir, prompts, refs = qwen3_case
     with LLM(model_dir, tensor_parallel_size=tp, pipeline_parallel_size=pp,
-             kv_cache_memory_bytes=8 << 20) as llm:
+             kv_cache_memory_gb=8 / 1024) as llm:
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts[::2]],
                             SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True),
                             use_tqdm=False)
