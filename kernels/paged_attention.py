@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 
 from kernels._triton import use_triton
-from kernels.paged_attention_cpu import paged_attention_decode_cpu
+from kernels.paged_attention_cpu import (paged_attention_cpu, paged_attention_decode_cpu,
+                                         use_cpu_attention)
 from kernels.paged_attention_decode import paged_attention_decode_triton
 from kernels.paged_attention_prefill import paged_attention_prefill_triton
 
@@ -95,6 +96,10 @@ def paged_attention_decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     """One query token per sequence. query: [S, Hq, D] -> [S, Hq, D]."""
     if use_triton(query):
         fn = paged_attention_decode_triton
+    elif use_cpu_attention(query):   # the C++ kernel: K/V read in place
+        starts = torch.arange(query.shape[0] + 1, dtype=torch.int64)
+        return paged_attention_cpu(query, k_cache, v_cache, block_tables, seq_lens, starts,
+                                   scale, sliding_window)
     elif query.device.type == "cpu":
         fn = paged_attention_decode_cpu   # the reference's math, arranged for memory traffic
     else:
@@ -111,6 +116,11 @@ def paged_attention_prefill(query: torch.Tensor, k_cache: torch.Tensor, v_cache:
     query: [T, Hq, D], the chunks laid end to end; query_start_loc: S + 1 offsets into T.
     Returns [T, Hq, D].
     """
+    if use_cpu_attention(query) and not use_triton(query):
+        return paged_attention_cpu(query, k_cache, v_cache, block_tables,
+                                   torch.tensor(seq_lens, dtype=torch.int64),
+                                   torch.tensor(query_start_loc, dtype=torch.int64), scale,
+                                   sliding_window)
     fn = paged_attention_prefill_triton if use_triton(query) else paged_attention_prefill_ref
     return fn(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
               sliding_window)

@@ -8,6 +8,7 @@ sends per-token slot lists.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -22,6 +23,12 @@ class AttentionMetadata:
     num_decode_tokens: int           # the first this-many sequences have exactly one token
     prefill_query_start_loc: list[int]  # offsets of the prompt chunks, relative to their start
     prefill_seq_lens: list[int]
+
+    @cached_property
+    def query_start_loc_tensor(self) -> torch.Tensor:
+        """query_start_loc as an int64 CPU tensor (for the CPU attention kernel), made once
+        per step and shared by every layer."""
+        return torch.tensor(self.query_start_loc, dtype=torch.int64)
 
     @property
     def last_token_indices(self) -> torch.Tensor:
