@@ -77,6 +77,11 @@ def scratch_buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> tor
     return _buffer(name, shape, dtype)
 
 
+def cpu_attention_available() -> bool:
+    """Whether `paged_attention_cpu` can run (the C++ extension built and loaded)."""
+    return cpu_ops() is not None
+
+
 def use_cpu_attention(query: torch.Tensor) -> bool:
     """Whether attention on `query` runs the C++ kernel: a float32 CPU query, the `auto`
     kernel backend (`torch` keeps the references) and an extension that built."""
