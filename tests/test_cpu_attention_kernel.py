@@ -111,3 +111,16 @@ def test_cpu_kernel_rejects_bad_shapes():
                             0.125)
     with pytest.raises(RuntimeError, match="head"):
         paged_attention_cpu(q[:, :3], k, v, tables, lens, torch.tensor(starts), 0.125)
+
+
+def test_cpu_kernel_fp16_cache_extremes():
+    """fp16 caches converted exactly at the edges: subnormal values and values near 65504."""
+    q, k, v, tables, starts = _case(torch.float16, 4, 2, 64, 16, seed=3)
+    k = (k.float() * 1e-6).half()          # mostly fp16 subnormals (below 6.1e-5)
+    v = (v.float().clamp(-1, 1) * 65000).half()
+    assert (k.float().abs() < 6.1e-5).float().mean() > 0.9
+    q = q * 1e5
+    out = paged_attention_cpu(q, k, v, tables, torch.tensor([n for _, n in BATCH]),
+                              torch.tensor(starts), 0.125)
+    ref = _reference(q, k, v, tables, starts, 0.125, None)
+    torch.testing.assert_close(out, ref, atol=1e-2, rtol=2e-5)

@@ -41,8 +41,21 @@ inline float load(const at::BFloat16* p) {
   std::memcpy(&f, &bits, sizeof(f));
   return f;
 }
+// fp16 -> fp32 with integer ops only, so the conversion loops vectorize on any AVX2 CPU:
+// shift exponent and mantissa into place and rescale by 2^112 (exact for normals and
+// subnormals); infinities and NaNs keep an all-ones exponent.
 inline float load(const at::Half* p) {
-  return static_cast<float>(*reinterpret_cast<const _Float16*>(p));
+  const uint32_t h = *reinterpret_cast<const uint16_t*>(p);
+  const uint32_t em = h & 0x7fffu;
+  uint32_t bits = em << 13;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  f *= 0x1p112f;
+  std::memcpy(&bits, &f, sizeof(f));
+  bits = em >= 0x7c00u ? ((em << 13) | 0x7f800000u) : bits;
+  bits |= (h & 0x8000u) << 16;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
 }
 
 struct Item {
@@ -164,19 +177,36 @@ void run_item(const Item& it, Scratch& sc, const float* query, int64_t q_stride_
     for (int64_t h = 0; h < nheads; ++h) {
       const cache_t* kb = kc + block * block_elems + (it.h_begin + h) * d;
       const cache_t* vb = vc + block * block_elems + (it.h_begin + h) * d;
+      float* q = sc.q.data() + h * rows * d;
+      // Few rows (decodes): one dot product per key over K as stored. Many rows (prompt
+      // chunks): K transposed once per block, then every row's scores are outer-product FMAs.
+      const bool transpose = rows >= 4;
       for (int64_t k = 0; k < n; ++k) {
         const cache_t* kr = kb + k * row_elems;
         const cache_t* vr = vb + k * row_elems;
-        for (int64_t i = 0; i < d; ++i) kt[i * bsp + k] = load(kr + i);
+        if (transpose) {
+          for (int64_t i = 0; i < d; ++i) kt[i * bsp + k] = load(kr + i);
+        } else {
+          for (int64_t i = 0; i < d; ++i) kt[k * d + i] = load(kr + i);
+        }
         for (int64_t i = 0; i < d; ++i) v[k * d + i] = load(vr + i);
       }
-      for (int64_t k = n; k < bsp; ++k)  // padding keys: finite, never inside a row's range
-        for (int64_t i = 0; i < d; ++i) kt[i * bsp + k] = 0.f;
-      float* q = sc.q.data() + h * rows * d;
+      if (transpose) {
+        for (int64_t k = n; k < bsp; ++k)  // padding keys: finite, never inside a row's range
+          for (int64_t i = 0; i < d; ++i) kt[i * bsp + k] = 0.f;
+        scores(q, kt, s, rows, d, bsp);
+      } else {
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t k = 0; k < n; ++k) {
+            float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t i = 0; i < d; ++i) dot += q[r * d + i] * kt[k * d + i];
+            s[r * bsp + k] = dot;
+          }
+      }
       float* acc = sc.acc.data() + h * rows * d;
       float* m = sc.m.data() + h * rows;
       float* l = sc.l.data() + h * rows;
-      scores(q, kt, s, rows, d, bsp);
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t pos = first_pos + it.q_begin + r / group;
         const int64_t lo = std::max<int64_t>(window > 0 ? pos - window + 1 : 0, base) - base;
