@@ -19,9 +19,12 @@ from pathlib import Path
 
 import torch
 
+from kernels._triton import kernel_backend
+
 logger = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).parent / "csrc" / "paged_attention_cpu.cpp"]
+_SOURCES = [Path(__file__).parent / "csrc" / name
+            for name in ("paged_attention_cpu.cpp", "elementwise_cpu.cpp")]
 # -fopenmp: at::parallel_for is a header template, OpenMP-backed only when compiled so (the
 # libgomp torch loads is the one the extension then uses: one thread team per process)
 _CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp"]
@@ -69,3 +72,10 @@ def cpu_ops():
         logger.warning("the C++ CPU kernels could not be built (%s): using the torch references",
                        str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
         return None
+
+
+def use_cpu_kernels(*tensors: torch.Tensor) -> bool:
+    """Whether an op on these tensors runs its C++ CPU kernel: all float32 on the CPU, the
+    `auto` kernel backend (`torch` keeps the references) and an extension that built."""
+    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and kernel_backend() == "auto" and cpu_ops() is not None)

@@ -20,8 +20,7 @@ import math
 
 import torch
 
-from kernels._triton import kernel_backend
-from kernels.cpu_ext import cpu_ops
+from kernels.cpu_ext import cpu_ops, use_cpu_kernels
 
 _scratch: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
@@ -85,8 +84,7 @@ def cpu_attention_available() -> bool:
 def use_cpu_attention(query: torch.Tensor) -> bool:
     """Whether attention on `query` runs the C++ kernel: a float32 CPU query, the `auto`
     kernel backend (`torch` keeps the references) and an extension that built."""
-    return (query.device.type == "cpu" and query.dtype == torch.float32
-            and kernel_backend() == "auto" and cpu_ops() is not None)
+    return use_cpu_kernels(query)
 
 
 def paged_attention_cpu(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -16,6 +16,7 @@ import torch
 from common.model_config import ModelConfig
 from worker.attn_metadata import build_attention_metadata
 from worker.kv_cache import allocate_kv_cache
+from worker.layers.cpu_linear import prepack_linears
 from worker.loader import load_model, parse_dtype
 from worker.parallel import get_pp_stage
 
@@ -85,6 +86,7 @@ class ModelRunner:
         self.pp = get_pp_stage()
         self.graphs = None
         self.model = load_model(config, self.dtype, self.device)
+        prepack_linears(self.model)   # CPU float32: oneDNN-packed weights (no-op elsewhere)
         self.allocate_kv_cache(num_blocks)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
