@@ -41,8 +41,9 @@ def paged_attention_decode_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cac
     group = num_heads // num_kv_heads
     max_len = int(seq_lens.max())
     num_blocks = -(-max_len // k_cache.shape[1])
-    keys = _gather_kv(k_cache, block_tables, num_blocks)[:, :max_len]       # [S, L, Hkv, D]
-    values = _gather_kv(v_cache, block_tables, num_blocks)[:, :max_len]
+    # a half-precision cache under a float32 query: computed in the query's dtype
+    keys = _gather_kv(k_cache, block_tables, num_blocks)[:, :max_len].to(query.dtype)
+    values = _gather_kv(v_cache, block_tables, num_blocks)[:, :max_len].to(query.dtype)
     q = query.view(num_seqs, num_kv_heads, group, head_dim)
     scores = torch.matmul(q, keys.permute(0, 2, 3, 1)) * scale               # [S, Hkv, G, L]
     key_pos = torch.arange(max_len, device=query.device)
@@ -74,8 +75,8 @@ def paged_attention_prefill_ref(query: torch.Tensor, k_cache: torch.Tensor, v_ca
         q_len = end - start
         num_blocks = -(-seq_len // block_size)
         row = block_tables[i:i + 1]
-        keys = _gather_kv(k_cache, row, num_blocks)[0, :seq_len]             # [L, Hkv, D]
-        values = _gather_kv(v_cache, row, num_blocks)[0, :seq_len]
+        keys = _gather_kv(k_cache, row, num_blocks)[0, :seq_len].to(query.dtype)   # [L, Hkv, D]
+        values = _gather_kv(v_cache, row, num_blocks)[0, :seq_len].to(query.dtype)
         q = query[start:end].view(q_len, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
         scores = torch.matmul(q, keys.permute(1, 2, 0)[:, None]) * scale    # [Hkv, G, Q, L]
         q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)

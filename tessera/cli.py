@@ -118,6 +118,9 @@ def _add_worker(subparsers: argparse._SubParsersAction) -> None:
                    help="seconds a group waits to form, and a collective waits for a peer")
     p.add_argument("--enforce-eager", action="store_true",
                    help="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],  # worker/kv_cache.py
+                   help="KV cache storage dtype; auto: the compute dtype (default). A half type "
+                        "halves the bytes attention reads (computed in float32 on CPU)")
     p.add_argument("--metrics-port", type=int, default=8002,
                    help="HTTP /metrics /health /ready on --host (default 8002; 0: none)")
     p.add_argument("--ready-timeout", type=float, default=10.0,
@@ -150,6 +153,7 @@ def _run_worker(args: argparse.Namespace) -> int:
                           pipeline_parallel_size=args.pipeline_parallel_size, rank=rank,
                           dist_init_addr=args.dist_init_addr, group=args.group,
                           dist_timeout_s=args.dist_timeout, enforce_eager=args.enforce_eager,
+                          kv_cache_dtype=args.kv_cache_dtype,
                           metrics_port=args.metrics_port,
                           ready_timeout_s=args.ready_timeout)
     try:

@@ -19,7 +19,7 @@ from common.tokenizer import Tokenizer
 from scheduler.request import Request
 from scheduler.scheduler import Scheduler, SchedulerConfig
 from tessera.outputs import CompletionOutput, RequestOutput
-from worker.kv_cache import kv_cache_bytes_per_block
+from worker.kv_cache import kv_cache_bytes_per_block, resolve_kv_cache_dtype
 from worker.loader import parse_dtype
 from worker.runner import ModelRunner, compute_dtype
 from worker.worker import Worker
@@ -68,7 +68,7 @@ class LLMEngine:
                  enable_prefix_caching: bool = True, seed: int = 0,
                  kv_cache_memory_bytes: int = 2 << 30, device: str = "cpu",
                  tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
-                 enforce_eager: bool = False) -> None:
+                 enforce_eager: bool = False, kv_cache_dtype: str = "auto") -> None:
         self.model_config = ModelConfig.from_dir(model)
         self.tokenizer = Tokenizer.from_dir(model)
         limit = self.model_config.max_position_embeddings
@@ -84,7 +84,8 @@ class LLMEngine:
             warm = self.worker_group.warmup(max_num_batched_tokens, max_num_seqs)
             num_kv_blocks = min(num_kv_blocks or warm, warm)
         elif num_kv_blocks is None:
-            kv_dtype = compute_dtype(parse_dtype(dtype), torch.device(device))
+            kv_dtype = resolve_kv_cache_dtype(
+                kv_cache_dtype, compute_dtype(parse_dtype(dtype), torch.device(device)))
             per_block = kv_cache_bytes_per_block(self.model_config, block_size, kv_dtype)
             num_kv_blocks = max(kv_cache_memory_bytes // per_block, 1)
         self.scheduler = Scheduler(SchedulerConfig(
@@ -94,7 +95,8 @@ class LLMEngine:
         if self.worker_group is not None:
             self.executor = self.worker_group.executor
         else:
-            runner = ModelRunner(self.model_config, dtype, num_kv_blocks, block_size, device)
+            runner = ModelRunner(self.model_config, dtype, num_kv_blocks, block_size, device,
+                                 kv_cache_dtype)
             if runner.device.type == "cuda" and not enforce_eager:
                 runner.capture_decode_graphs(max_num_seqs)   # decode steps replay CUDA graphs
             self.executor = LocalExecutor(Worker(runner, seed=seed))

@@ -24,10 +24,12 @@ class LLM:
                  max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, seed: int = 0, device: str = "cpu",
                  tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
-                 kv_cache_memory_bytes: int = 2 << 30, enforce_eager: bool = False) -> None:
+                 kv_cache_memory_bytes: int = 2 << 30, enforce_eager: bool = False,
+                 kv_cache_dtype: str = "auto") -> None:
         """tensor_parallel_size x pipeline_parallel_size > 1 runs the model sharded over that
         many worker processes (gloo on CPU, NCCL on CUDA); `close()` stops them. On CUDA,
-        decode steps replay CUDA graphs unless enforce_eager."""
+        decode steps replay CUDA graphs unless enforce_eager. kv_cache_dtype: auto (the compute
+        dtype), float32, float16 or bfloat16 (vLLM's --kv-cache-dtype; single-worker only)."""
         self.engine = LLMEngine(model, dtype=dtype, block_size=block_size,
                                 num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs,
                                 max_num_batched_tokens=max_num_batched_tokens,
@@ -36,7 +38,7 @@ class LLM:
                                 device=device, kv_cache_memory_bytes=kv_cache_memory_bytes,
                                 tensor_parallel_size=tensor_parallel_size,
                                 pipeline_parallel_size=pipeline_parallel_size,
-                                enforce_eager=enforce_eager)
+                                enforce_eager=enforce_eager, kv_cache_dtype=kv_cache_dtype)
         self.tokenizer = self.engine.tokenizer
         self._next_id = 0
 

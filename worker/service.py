@@ -64,6 +64,7 @@ class WorkerConfig:
     group: str = "0"                          # the worker group's name (Redis rendezvous)
     dist_timeout_s: float = 120.0
     enforce_eager: bool = False               # CUDA: no decode graphs
+    kv_cache_dtype: str = "auto"              # KV storage: auto (the compute dtype) or a dtype
 
     @property
     def world_size(self) -> int:
@@ -79,7 +80,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.config = config
         self.model_config = ModelConfig.from_dir(config.model)
         runner = ModelRunner(self.model_config, config.dtype, num_blocks=0,
-                             block_size=config.block_size, device=config.device)
+                             block_size=config.block_size, device=config.device,
+                             kv_cache_dtype=config.kv_cache_dtype)
         self.tp, self.pp = get_tp_group(), get_pp_stage()
         self.worker = Worker(runner, seed=config.seed,
                              is_driver=self.pp.is_last and self.tp.rank == 0)
@@ -111,7 +113,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         runner = self.worker.runner
         runner.profile_run(max(1, max_tokens), max(1, max_seqs))
         per_block = kv_cache_bytes_per_block(self.model_config, self.config.block_size,
-                                             runner.dtype)
+                                             runner.kv_cache_dtype)
         if runner.device.type == "cuda":
             # What the activations of a worst-case step did not use, within our share.
             free, total = torch.cuda.mem_get_info(runner.device)
