@@ -6,8 +6,8 @@ tokens/s of the engine with the CPU fast path (C++ attention and elementwise ker
 oneDNN-prepacked weights) and of the same engine on the plain torch path (`TESSERA_KERNELS=
 torch`: what the engine did before them), the workload's useful FLOPs, the fp32 GEMM peak
 measured in the same run, the roofline fraction (useful FLOPs at that peak vs the wall time),
-per-phase time, and HF `generate` one request at a time and on left-padded batches. The runs
-are interleaved (--rounds) and each configuration's best is kept: the machine is shared.
+per-phase time, and HF `generate` one request at a time and on left-padded batches. All runs
+are interleaved (--rounds) and each one's best is kept: the machine is shared.
 
     python benchmarks/offline_throughput.py [--num-requests 64] [--output-len 64] [--rounds 2]
                                             [--model DIR] [--max-num-batched-tokens N]
@@ -161,24 +161,28 @@ def main() -> None:
     compute = llm.engine.executor.worker.runner.dtype
     configs = ["fast"] + ([] if args.skip_torch_path else ["torch path"])
     runs: dict[str, list] = {c: [] for c in configs}
-    peaks = []
-    for _ in range(args.rounds):
-        peaks.append(peak_matmul_flops(compute, args.device))
-        for c in configs:
-            runs[c].append(run_tessera(llm, prompts, args.output_len, c == "fast"))
-    peak = max(peaks)
-    flops = workload_flops(cfg, prompts, args.output_len)
-    n_tokens = args.num_requests * args.output_len
-    roofline = n_tokens / (flops / peak)
-    single = batched = float("nan")
+    peaks, singles, batches = [], [], []
+    hf = None
     if not args.skip_hf:
         from transformers import AutoModelForCausalLM
         hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=compute).to(args.device).eval()
         hf.generation_config.eos_token_id = None
-        with torch.inference_mode():
-            single = run_hf_one_at_a_time(hf, prompts[:args.hf_single], args.output_len, args.device)
-            batched = run_hf_padded(hf, prompts[:args.hf_batched], args.output_len,
-                                    args.hf_batch_size, args.device)
+    for _ in range(args.rounds):   # everything interleaved: the machine's load drifts
+        peaks.append(peak_matmul_flops(compute, args.device))
+        for c in configs:
+            runs[c].append(run_tessera(llm, prompts, args.output_len, c == "fast"))
+        if hf is not None:
+            with torch.inference_mode():
+                singles.append(run_hf_one_at_a_time(hf, prompts[:args.hf_single], args.output_len,
+                                                    args.device))
+                batches.append(run_hf_padded(hf, prompts[:args.hf_batched], args.output_len,
+                                             args.hf_batch_size, args.device))
+    peak = max(peaks)
+    flops = workload_flops(cfg, prompts, args.output_len)
+    n_tokens = args.num_requests * args.output_len
+    roofline = n_tokens / (flops / peak)
+    single = max(singles, default=float("nan"))
+    batched = max(batches, default=float("nan"))
     print(f"\nworkload: {args.num_requests} requests, prompts U[16,512], {args.output_len} output "
           f"tokens, {args.dtype} (computes in {str(compute)[6:]}), device {args.device}, "
           f"torch threads {torch.get_num_threads()}, token budget "
