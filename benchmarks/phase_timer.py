@@ -63,10 +63,11 @@ class PhaseTimer:
 
         def step(plan):
             self._step_linear = 0.0
+            # counted before the step runs: the worker may consume the plan
+            counts = [s.num_scheduled_tokens for s in (*plan.new, *plan.running)]
             try:
                 return execute(plan)
             finally:
-                counts = [s.num_scheduled_tokens for s in (*plan.new, *plan.running)]
                 total = sum(counts) or 1
                 prefill = sum(c for c in counts if c > 1)
                 self.seconds["prefill linear"] += self._step_linear * prefill / total
