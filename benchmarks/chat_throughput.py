@@ -28,49 +28,14 @@ if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
-import random
 import tempfile
 import time
 
 import torch
 
 from common.model_config import ModelConfig
+from benchmarks.workload import flops_per_token, peak_matmul_flops, sync, workload
 from tessera import LLM, SamplingParams
-
-
-def workload(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(vocab) for _ in range(rng.randint(16, 512))] for _ in range(n)]
-
-
-def peak_matmul_flops(dtype: torch.dtype, device: str) -> float:
-    n = 2048 if device == "cpu" else 8192
-    a = torch.randn(n, n, dtype=dtype, device=device)
-    b = torch.randn(n, n, dtype=dtype, device=device)
-    for _ in range(2):
-        a @ b
-    reps = 5 if device == "cpu" else 50
-    _sync(device)
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    _sync(device)
-    return 2 * n ** 3 * reps / (time.perf_counter() - t)
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def flops_per_token(cfg: ModelConfig, context: float) -> float:
-    """Matmul FLOPs of one token: weights (2 per parameter) plus attention over `context`."""
-    h, kv = cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim
-    q = cfg.num_heads * cfg.head_dim
-    per_layer = h * (q + 2 * kv) + q * h + 3 * h * cfg.intermediate_size
-    weights = cfg.num_layers * per_layer + h * cfg.vocab_size
-    attention = cfg.num_layers * 2 * q * context
-    return 2 * weights + 2 * attention
 
 
 def chat_workload(model: str, n: int) -> list[list[int]]:
@@ -114,7 +79,7 @@ def run_tessera(model_dir: str, prompts, out_len: int, dtype: str, device: str, 
     def timed(plan):
         t = time.perf_counter()
         out = inner(plan)
-        _sync(device)
+        sync(device)
         dt = time.perf_counter() - t
         if not plan.new and all(s.num_scheduled_tokens == 1 for s in plan.running):
             ctx = sum(s.num_computed_tokens for s in plan.running) / len(plan.running)
@@ -143,7 +108,7 @@ def run_hf_one_at_a_time(hf, prompts, out_len: int, device: str,
                           min_new_tokens=0 if eos else out_len, do_sample=False, pad_token_id=0,
                           eos_token_id=list(eos) if eos else None)
         total += _generated(out[0, len(ids):].tolist(), eos)
-    _sync(device)
+    sync(device)
     return total / (time.perf_counter() - t)
 
 
@@ -162,7 +127,7 @@ def run_hf_padded(hf, prompts, out_len: int, batch: int, device: str,
                           min_new_tokens=0 if eos else out_len, do_sample=False, pad_token_id=0,
                           eos_token_id=list(eos) if eos else None)
         total += sum(_generated(row[width:].tolist(), eos) for row in out)
-    _sync(device)
+    sync(device)
     return total / (time.perf_counter() - t)
 
 

@@ -24,7 +24,6 @@ if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
-import random
 import tempfile
 import time
 
@@ -32,42 +31,8 @@ import torch
 
 from common.model_config import ModelConfig
 from benchmarks.phase_timer import PHASES
+from benchmarks.workload import peak_matmul_flops, sync, workload
 from tessera import LLM, SamplingParams
-
-
-def workload(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(vocab) for _ in range(rng.randint(16, 512))] for _ in range(n)]
-
-
-def peak_matmul_flops(dtype: torch.dtype, device: str) -> float:
-    n = 2048 if device == "cpu" else 8192
-    a = torch.randn(n, n, dtype=dtype, device=device)
-    b = torch.randn(n, n, dtype=dtype, device=device)
-    for _ in range(2):
-        a @ b
-    reps = 5 if device == "cpu" else 50
-    _sync(device)
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    _sync(device)
-    return 2 * n ** 3 * reps / (time.perf_counter() - t)
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def flops_per_token(cfg: ModelConfig, context: float) -> float:
-    """Matmul FLOPs of one token: weights (2 per parameter) plus attention over `context`."""
-    h, kv = cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim
-    q = cfg.num_heads * cfg.head_dim
-    per_layer = h * (q + 2 * kv) + q * h + 3 * h * cfg.intermediate_size
-    weights = cfg.num_layers * per_layer + h * cfg.vocab_size
-    attention = cfg.num_layers * 2 * q * context
-    return 2 * weights + 2 * attention
 
 
 def workload_flops(cfg: ModelConfig, prompts: list[list[int]], out_len: int) -> float:
@@ -110,7 +75,7 @@ def run_hf_one_at_a_time(hf, prompts, out_len: int, device: str) -> float:
         out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=out_len,
                           min_new_tokens=out_len, do_sample=False, pad_token_id=0)
         assert out.shape[1] == len(ids) + out_len
-    _sync(device)
+    sync(device)
     return len(prompts) * out_len / (time.perf_counter() - t)
 
 
@@ -126,7 +91,7 @@ def run_hf_padded(hf, prompts, out_len: int, batch: int, device: str) -> float:
             mask[j, width - len(p):] = 1
         hf.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=out_len,
                     min_new_tokens=out_len, do_sample=False, pad_token_id=0)
-    _sync(device)
+    sync(device)
     return len(prompts) * out_len / (time.perf_counter() - t)
 
 

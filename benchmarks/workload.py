@@ -1,0 +1,46 @@
+"""What the offline benchmarks share: the bench workload, the measured matmul peak, and the
+useful FLOPs of a token (CPU_PERF_NOTES.md's accounting)."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import torch
+
+from common.model_config import ModelConfig
+
+
+def workload(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(rng.randint(16, 512))] for _ in range(n)]
+
+
+def peak_matmul_flops(dtype: torch.dtype, device: str) -> float:
+    n = 2048 if device == "cpu" else 8192
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    for _ in range(2):
+        a @ b
+    reps = 5 if device == "cpu" else 50
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def flops_per_token(cfg: ModelConfig, context: float) -> float:
+    """Matmul FLOPs of one token: weights (2 per parameter) plus attention over `context`."""
+    h, kv = cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim
+    q = cfg.num_heads * cfg.head_dim
+    per_layer = h * (q + 2 * kv) + q * h + 3 * h * cfg.intermediate_size
+    weights = cfg.num_layers * per_layer + h * cfg.vocab_size
+    attention = cfg.num_layers * 2 * q * context
+    return 2 * weights + 2 * attention
