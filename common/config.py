@@ -13,6 +13,7 @@ read flat: `config.block_size`):
     DeviceConfig     device, dtype, seed, enforce_eager                worker, engine
     ParallelConfig   tensor_parallel_size, pipeline_parallel_size      scheduler, worker, engine
     LogConfig        log_format, log_prompts                           services
+    RecoveryConfig   request_timeout_s                                 scheduler, serve
 
 `EngineConfig` is the offline `LLM`'s, `ServeConfig` (`tessera serve`) is an EngineConfig plus
 the stack's own settings, from which each child's flags are generated (`settings.to_argv`).
@@ -138,6 +139,14 @@ class LogConfig:
 
 
 @dataclass(**GROUPS)
+class RecoveryConfig:
+    request_timeout_s: float = setting(
+        600.0, "a request waiting out a fault (its worker group down) fails with an error this "
+        "many seconds after it arrived (its own deadline, when it has one, wins)",
+        flag="--request-timeout")
+
+
+@dataclass(**GROUPS)
 class EngineConfig(ParallelConfig, DeviceConfig, CacheConfig, SchedulingConfig, ModelSource):
     """The offline engine's settings: `LLM(model, tensor_parallel_size=2)` builds one."""
     num_kv_blocks: int | None = setting(None, cli=False)   # fixed pool size (tests); default: profiled
@@ -167,7 +176,7 @@ class WorkerConfig(LogConfig, ParallelConfig, DeviceConfig, CacheConfig, ModelSo
 
 
 @dataclass(**GROUPS)
-class SchedulerServiceConfig(LogConfig, ParallelConfig, BlockConfig, SchedulingConfig,
+class SchedulerServiceConfig(RecoveryConfig, LogConfig, ParallelConfig, BlockConfig, SchedulingConfig,
                              ModelSource):
     """`tessera scheduler`: continuous batching over one worker group, leased in Redis."""
     workers: tuple[str, ...] = setting(
@@ -183,6 +192,11 @@ class SchedulerServiceConfig(LogConfig, ParallelConfig, BlockConfig, SchedulingC
     lease_ms: int = setting(5000, cli=False)
     max_deliveries: int = setting(
         3, "dead-letter a request delivered this many times without finishing")
+    claim_idle_ms: int = setting(
+        3000, "a request in flight that its scheduler has not touched for this long is taken "
+        "over by another (the active scheduler touches its own every third of it; 0: never "
+        "touch, never claim except when taking over the lease: benchmarks)",
+        flag="--claim-idle-ms")
 
 
 @dataclass(**GROUPS)
@@ -200,7 +214,7 @@ class GatewayConfig(LogConfig, ContextConfig, ModelSource):
 
 
 @dataclass(**GROUPS)
-class ServeConfig(LogConfig, EngineConfig):
+class ServeConfig(RecoveryConfig, LogConfig, EngineConfig):
     """`tessera serve`: the whole stack on one machine; every child's settings, plus these."""
     host: str = setting("127.0.0.1", "bind address of the gateway")
     http_port: int = setting(8000, "OpenAI-compatible HTTP port")
@@ -208,5 +222,8 @@ class ServeConfig(LogConfig, EngineConfig):
     redis_url: str | None = setting(None, "use this Redis instead of a private redis-server")
     data_parallel_size: int = setting(
         1, "worker groups, each with its own scheduler, sharing the request stream", short="-dp")
+    scheduler_replicas: int = setting(
+        2, "schedulers per worker group: one active, the others standbys on the group's lease "
+        "that take over its requests when it dies")
     restart: bool = setting(True, "stop the whole stack when a process dies instead of "
                             "restarting it (debugging)", flag="--no-restart")

@@ -193,6 +193,9 @@ class QueuedRequest:
     idempotency_key: str | None = None
     disconnect: str = DISCONNECT_CANCEL     # what to do when the client goes away
     traceparent: str | None = None          # W3C trace context of the gateway's span
+    # "" for a new request; "worker" / "scheduler": re-enqueued by a scheduler whose worker
+    # group died (or dead-scheduler recovery), so whoever reads it resumes from out:{id}.
+    recovered: str = ""
 
     def to_fields(self) -> dict[str, str]:
         """Stream entry fields. The id sits apart from the body so a body that fails to
@@ -204,6 +207,8 @@ class QueuedRequest:
             "idem": self.idempotency_key, "disconnect": self.disconnect,
             "trace": self.traceparent,
         }
+        if self.recovered:
+            body["recovered"] = self.recovered
         return {"request_id": self.request_id, "data": _dumps(body)}
 
     @classmethod
@@ -228,7 +233,8 @@ class QueuedRequest:
                 arrival_time=float(b["arrival"]),
                 deadline=None if b["deadline"] is None else float(b["deadline"]),
                 tenant=str(b["tenant"]), idempotency_key=b["idem"],
-                disconnect=b["disconnect"], traceparent=b["trace"])
+                disconnect=b["disconnect"], traceparent=b["trace"],
+                recovered=str(b.get("recovered") or ""))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise MalformedEntry(f"bad request entry: {e}", request_id) from e
 
