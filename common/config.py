@@ -195,7 +195,7 @@ class SchedulerServiceConfig(RecoveryConfig, LogConfig, ParallelConfig, BlockCon
     claim_idle_ms: int = setting(
         3000, "a request in flight that its scheduler has not touched for this long is taken "
         "over by another (the active scheduler touches its own every third of it; 0: never "
-        "touch, never claim except when taking over the lease: benchmarks)",
+        "touch nor claim, so no request survives this scheduler's death: benchmarks only)",
         flag="--claim-idle-ms")
 
 

@@ -104,7 +104,9 @@ class EngineLoop:
     def _admission_room(self) -> int:
         """How many new requests to read: none while earlier ones still wait for blocks."""
         c = self.core
-        if self.recovery.down or c.num_waiting or c.kv.num_free_blocks == 0:
+        if self.recovery.down:   # read on (deadlines hold) unless a peer group serves them
+            return 0 if self.recovery.peer_up else max(c.config.max_num_seqs - len(c.requests), 0)
+        if c.num_waiting or c.kv.num_free_blocks == 0:
             return 0
         return max(c.config.max_num_seqs - c.num_running, 0)
 

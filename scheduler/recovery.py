@@ -56,7 +56,8 @@ class Recovery:
         self.claim_idle_ms = claim_idle_ms
         self.request_timeout_s = request_timeout_s
         self.group = group   # our worker group's name: peers are the other ready groups
-        self.down = False    # the worker group does not answer: read no new requests
+        self.down = False    # the worker group does not answer
+        self.peer_up = False   # while down: another group is ready (it reads new requests)
 
     # ---- deadlines ----------------------------------------------------------------------
     def deadline_of(self, queued: QueuedRequest, entry_time: float) -> float:
@@ -151,10 +152,11 @@ class Recovery:
         attempt = asyncio.create_task(asyncio.to_thread(self._try_group))
         try:
             while not loop.stopped.is_set():
-                if loop.core.requests and await self._peer_ready():
+                self.peer_up = await self._peer_ready()
+                if self.peer_up and loop.core.requests:
                     await self._handoff()
                 await self.fail_overdue()
-                await loop._exchange(None)   # publish, cancels; reads nothing while down
+                await loop._exchange(None)   # publish, cancels (and intake, if no peer)
                 done, _ = await asyncio.wait({attempt}, timeout=_POLL_S)
                 if not done:
                     continue
@@ -162,7 +164,7 @@ class Recovery:
                     break
                 attempt = asyncio.create_task(asyncio.to_thread(self._try_group))
         finally:
-            self.down = False
+            self.down = self.peer_up = False
             if not attempt.done():
                 attempt.cancel()
         if loop.stopped.is_set():
