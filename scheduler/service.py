@@ -83,8 +83,8 @@ async def serve(config: SchedulerServiceConfig) -> None:
     obs.readiness.standby = True
     if not await lease.try_acquire():
         # Started (a process supervisor waits for this line) and standing by.
-        print(f"scheduler ready: standby for group {config.group} of model "
-              f"{config.model_name}, waiting for its lease", flush=True)
+        print(f"scheduler ready: standby, waiting for the lease of group {config.group} "
+              f"(model {config.model_name})", flush=True)
         await lease.acquire()
         logger.warning("took the lease of group %s: taking over its requests", config.group)
     obs.readiness.standby = False   # active: ready once the warm-up's forward pass is done
