@@ -93,15 +93,17 @@ class Stack:
                 time.sleep(0.2)
         raise RuntimeError("no scheduler holds the lease")
 
-    def recomputed(self) -> float:
-        total = 0.0
+    def recomputed(self, seen: dict[int, float] | None = None) -> dict[int, float]:
+        """tokens_recomputed_total per scheduler (by pid); a dead one keeps its value in
+        ``seen`` (its count does not vanish with it)."""
+        counts = dict(seen or {})
         for p, port in self.schedulers:
             if p.poll() is not None:
                 continue
             text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-            total += sum(float(line.split()[-1]) for line in text.splitlines()
-                         if line.startswith("tessera:tokens_recomputed_total{"))
-        return total
+            counts[p.popen.pid] = sum(float(line.split()[-1]) for line in text.splitlines()
+                                      if line.startswith("tessera:tokens_recomputed_total{"))
+        return counts
 
     def stop(self) -> None:
         for p, _ in self.gateways:
@@ -204,7 +206,8 @@ def faults(stack: Stack, n: int, max_tokens: int, warm: int) -> list[tuple]:
         median, worst = _recovery(streams, killed)
         if kind == "scheduler":
             stack.add_scheduler()   # the supervisor's replacement standby
-        rows.append((kind, median, worst, stack.recomputed() - before))
+        after = stack.recomputed(before)
+        rows.append((kind, median, worst, sum(after.values()) - sum(before.values())))
     return rows
 
 
