@@ -49,7 +49,9 @@ import time
 
 import httpx
 
-from common.config import served_model_name
+from common.config import (DeviceConfig, EngineConfig, SchedulingConfig, ServeConfig,
+                           served_model_name)
+from common.settings import add_arguments, from_args, pick, to_argv
 from common.model_config import ModelConfig
 from tessera import LLM, SamplingParams
 from tessera.bench_serve import sse_chunks
@@ -71,11 +73,15 @@ def fixed_prompts(n: int, length: int, vocab: int, seed: int = 1) -> list[list[i
 
 # ---------------------------------------------------------------------------- in-process
 
+def engine_config(args, model_dir: str) -> EngineConfig:
+    """The engine settings both sides run with (the flags common/config.py declares)."""
+    return from_args(EngineConfig, args, model=model_dir)
+
+
 def in_process(args, model_dir: str, prompts, ttft_prompts, warm_prompts):
     # LLM warms its worker up as a served worker does (one worst-case step sizes the KV
     # cache); then the warm-up requests of both sides
-    llm = LLM(model_dir, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens)
+    llm = LLM(config=engine_config(args, model_dir))
     warm = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     llm.generate([{"prompt_token_ids": p} for p in warm_prompts], warm, use_tqdm=False)
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
@@ -99,10 +105,9 @@ def in_process(args, model_dir: str, prompts, ttft_prompts, warm_prompts):
 def start_stack(args, model_dir: str, env: dict[str, str | None] | None = None
                 ) -> tuple[Proc, str]:
     http_port, grpc_port = free_port(), free_port()
-    argv = [*TESSERA, "serve", "--model", model_dir,
-            "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--dtype", args.dtype,
-            "--max-num-seqs", str(args.max_num_seqs),
-            "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+    serve = pick(ServeConfig, engine_config(args, model_dir), http_port=http_port,
+                 grpc_port=grpc_port)
+    argv = [*TESSERA, "serve", *to_argv(serve, ServeConfig)]   # the same settings as in process
     proc = Proc("tessera serve", argv, READY, env).start().wait_ready(args.start_timeout)
     return proc, f"http://127.0.0.1:{http_port}"
 
@@ -251,11 +256,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", help="model directory (default: make one with --preset in a temp dir)")
     ap.add_argument("--preset", default="bench", help="make-model preset when --model is not given")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--num-requests", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
-    ap.add_argument("--max-num-seqs", type=int, default=256)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    add_arguments(ap, SchedulingConfig)   # --max-num-seqs, --max-num-batched-tokens, ...
+    add_arguments(ap, DeviceConfig)       # --device, --dtype, ...
     ap.add_argument("--ttft-requests", type=int, default=20)
     ap.add_argument("--ttft-prompt-len", type=int, default=64)
     ap.add_argument("--ttft-output-len", type=int, default=16, help="max_tokens of stack TTFT requests")

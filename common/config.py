@@ -12,11 +12,15 @@ read flat: `config.block_size`):
     CacheConfig      + kv_cache_memory_gb, gpu_memory_utilization      worker, engine
     DeviceConfig     device, dtype, seed, enforce_eager                worker, engine
     ParallelConfig   tensor_parallel_size, pipeline_parallel_size      scheduler, worker, engine
+    DistConfig       dist_timeout_s                                    worker
+    StepTimeoutConfig step_timeout_s                                   scheduler
+    BodyLimitConfig  max_body_bytes                                    gateway
     LogConfig        log_format, log_prompts                           services
     RecoveryConfig   request_timeout_s                                 scheduler, serve
+    AccessConfig     api_key, tenants_file, limits, TLS                gateway (serve)
 
 `EngineConfig` is the offline `LLM`'s, `ServeConfig` (`tessera serve`) is an EngineConfig plus
-the stack's own settings, from which each child's flags are generated (`settings.to_argv`).
+every other group and the stack's own settings, from which each child's flags are generated (`settings.to_argv`).
 The values derived from settings (the served model name, the clamp of max_model_len) are
 computed here and nowhere else; common/limits.py checks prompts against them.
 """
@@ -28,15 +32,16 @@ import socket
 from dataclasses import dataclass
 
 from common.logging_setup import LOG_FORMATS
-from common.settings import setting
+from common.settings import Settings, setting
 
 DTYPES = ("float32", "bfloat16", "float16")
 
 
 def served_model_name(model: str, name: str | None = None) -> str:
     """The model's name in the APIs and in Redis keys: `name`, else the model directory's
-    name as the user wrote the path (`.` is the current directory; a symlink keeps its own
-    name): every service derives it here, so separately started services agree."""
+    name as the user wrote the path (a symlink keeps its own name; `.` is the working
+    directory as the OS reports it): every service derives it here, so separately started
+    services agree."""
     if name:
         return name
     return os.path.basename(os.path.abspath(model)) or "model"
@@ -69,7 +74,7 @@ GROUPS = dict(frozen=True, kw_only=True)
 
 
 @dataclass(**GROUPS)
-class ModelSource:
+class ModelSource(Settings):
     model: str = setting(help="local Hugging Face model directory")
     served_model_name: str | None = setting(
         None, "the model's name in the APIs and in Redis keys (default: the directory's name)")
@@ -80,29 +85,32 @@ class ModelSource:
 
 
 @dataclass(**GROUPS)
-class ContextConfig:
+class ContextConfig(Settings):
     max_model_len: int | None = setting(
         None, "longest sequence (prompt + output) served, in tokens (default: the model's "
-        "max_position_embeddings)")
+        "max_position_embeddings)", min=1)
 
 
 @dataclass(**GROUPS)
 class SchedulingConfig(ContextConfig):
-    max_num_seqs: int = setting(256, "sequences running at once")
-    max_num_batched_tokens: int = setting(2048, "tokens per step: the prefill chunk budget")
+    max_num_seqs: int = setting(256, "sequences running at once", min=1, max=1 << 16)
+    max_num_batched_tokens: int = setting(2048, "tokens per step: the prefill chunk budget", min=1,
+                                          max=1 << 20)
     enable_prefix_caching: bool = setting(True, "do not reuse the KV blocks of shared prefixes")
 
 
 @dataclass(**GROUPS)
-class BlockConfig:
-    block_size: int = setting(16, "tokens per KV cache block")
+class BlockConfig(Settings):
+    block_size: int = setting(16, "tokens per KV cache block", min=1, max=1024)
 
 
 @dataclass(**GROUPS)
 class CacheConfig(BlockConfig):
-    kv_cache_memory_gb: float = setting(2.0, "KV cache budget on CPU, in GiB")
+    kv_cache_memory_gb: float = setting(2.0, "KV cache budget on CPU, in GiB", min=1e-6,
+                                        max=1 << 20)
     gpu_memory_utilization: float = setting(
-        0.9, "fraction of GPU memory a worker may use (weights, activations, KV cache)")
+        0.9, "fraction of GPU memory a worker may use (weights, activations, KV cache)",
+        min=0.01, max=1.0)
 
     @property
     def kv_cache_memory_bytes(self) -> int:
@@ -110,20 +118,20 @@ class CacheConfig(BlockConfig):
 
 
 @dataclass(**GROUPS)
-class DeviceConfig:
+class DeviceConfig(Settings):
     device: str = setting("cpu", "cpu or cuda[:N]")
     dtype: str = setting("float32", "weight and compute dtype", choices=DTYPES)
-    seed: int = setting(0, "base seed of sampling")
+    seed: int = setting(0, "base seed of sampling", min=0, max=(1 << 63) - 1)
     enforce_eager: bool = setting(
         False, "CUDA: run decode steps eagerly instead of replaying CUDA graphs")
 
 
 @dataclass(**GROUPS)
-class ParallelConfig:
+class ParallelConfig(Settings):
     tensor_parallel_size: int = setting(
-        1, "workers per pipeline stage, splitting each layer", short="-tp")
+        1, "workers per pipeline stage, splitting each layer", short="-tp", min=1, max=1024)
     pipeline_parallel_size: int = setting(
-        1, "pipeline stages, each holding a range of layers", short="-pp")
+        1, "pipeline stages, each holding a range of layers", short="-pp", min=1, max=1024)
 
     @property
     def world_size(self) -> int:
@@ -131,7 +139,26 @@ class ParallelConfig:
 
 
 @dataclass(**GROUPS)
-class LogConfig:
+class DistConfig(Settings):
+    dist_timeout_s: float = setting(
+        120.0, "seconds a worker group waits to form, and a collective waits for a peer",
+        flag="--dist-timeout", min=0.001)
+
+
+@dataclass(**GROUPS)
+class StepTimeoutConfig(Settings):
+    step_timeout_s: float = setting(30.0, "seconds a scheduler waits for a step's result",
+                                    flag="--step-timeout", min=0.001)
+
+
+@dataclass(**GROUPS)
+class BodyLimitConfig(Settings):
+    max_body_bytes: int = setting(4 << 20, "largest request body / gRPC message accepted",
+                                  min=1, max=1 << 30)
+
+
+@dataclass(**GROUPS)
+class LogConfig(Settings):
     log_format: str = setting("text", "text, or json: one JSON object per line, with request "
                               "and trace ids", choices=LOG_FORMATS)
     log_prompts: bool = setting(False, "debug: allow prompt and output text in the logs "
@@ -143,20 +170,20 @@ class RecoveryConfig:
     request_timeout_s: float = setting(
         600.0, "a request waiting out a fault (its worker group down) fails with an error this "
         "many seconds after it arrived (its own deadline, when it has one, wins)",
-        flag="--request-timeout")
+        flag="--request-timeout", min=0.001, max=1e7)
 
 
 @dataclass(**GROUPS)
 class EngineConfig(ParallelConfig, DeviceConfig, CacheConfig, SchedulingConfig, ModelSource):
     """The offline engine's settings: `LLM(model, tensor_parallel_size=2)` builds one."""
-    num_kv_blocks: int | None = setting(None, cli=False)   # fixed pool size (tests); default: profiled
+    num_kv_blocks: int | None = setting(None, cli=False, min=1)   # fixed pool (tests); default: sized
 
 
 @dataclass(**GROUPS)
-class WorkerConfig(LogConfig, ParallelConfig, DeviceConfig, CacheConfig, ModelSource):
+class WorkerConfig(LogConfig, DistConfig, ParallelConfig, DeviceConfig, CacheConfig, ModelSource):
     """`tessera worker`: one model shard and its KV cache behind gRPC."""
     host: str = setting("127.0.0.1", "bind address of the gRPC and metrics ports")
-    port: int = setting(50061, "gRPC port")
+    port: int = setting(50061, "gRPC port", min=0, max=65535)
     redis_url: str | None = setting(None, "register in this Redis with a heartbeat key")
     worker_id: str | None = setting(None, "name in the worker registry (default: HOSTNAME-PID)")
     rank: int = setting(0, "this worker's rank in its group, pp_stage * tp_size + tp_rank; "
@@ -166,29 +193,28 @@ class WorkerConfig(LogConfig, ParallelConfig, DeviceConfig, CacheConfig, ModelSo
         None, "the group's torch.distributed TCP store, hosted by rank 0 (default: rank 0 "
         "publishes one in Redis)", metavar="HOST:PORT")
     group: str = setting("0", "worker group name")
-    dist_timeout_s: float = setting(
-        120.0, "seconds a group waits to form, and a collective waits for a peer",
-        flag="--dist-timeout")
-    metrics_port: int = setting(8002, "HTTP /metrics /health /ready on --host (0: none)")
+    metrics_port: int = setting(8002, "HTTP /metrics /health /ready on --host (0: none)",
+                               min=0, max=65535)
     ready_timeout_s: float = setting(
-        10.0, "not ready while a step runs longer than this, in seconds", flag="--ready-timeout")
+        10.0, "not ready while a step runs longer than this, in seconds", flag="--ready-timeout",
+        min=0.001)
     heartbeat_ttl_s: float = setting(5.0, cli=False)
 
 
 @dataclass(**GROUPS)
-class SchedulerServiceConfig(RecoveryConfig, LogConfig, ParallelConfig, BlockConfig, SchedulingConfig,
-                             ModelSource):
+class SchedulerServiceConfig(RecoveryConfig, LogConfig, StepTimeoutConfig, ParallelConfig,
+                             BlockConfig, SchedulingConfig, ModelSource):
     """`tessera scheduler`: continuous batching over one worker group, leased in Redis."""
     workers: tuple[str, ...] = setting(
         help="comma-separated gRPC addresses of every worker of the group (any order)")
     redis_url: str = setting("redis://127.0.0.1:6379/0", "Redis of the request streams")
     group: str = setting("0", "worker group name (one active scheduler each)")
-    step_timeout_s: float = setting(30.0, "seconds per step", flag="--step-timeout")
     ready_timeout_s: float = setting(
         10.0, "ready while the worker group finished a forward pass within this many seconds; "
-        "idle, a one-token canary step keeps it honest", flag="--ready-timeout")
+        "idle, a one-token canary step keeps it honest", flag="--ready-timeout", min=0.001)
     metrics_host: str = setting("0.0.0.0", "bind address of --metrics-port")
-    metrics_port: int = setting(8001, "HTTP /metrics /health /ready (0: none)")
+    metrics_port: int = setting(8001, "HTTP /metrics /health /ready (0: none)", min=0,
+                                 max=65535)
     lease_ms: int = setting(5000, cli=False)
     max_deliveries: int = setting(
         3, "dead-letter a request delivered this many times without finishing")
@@ -196,34 +222,60 @@ class SchedulerServiceConfig(RecoveryConfig, LogConfig, ParallelConfig, BlockCon
         3000, "a request in flight that its scheduler has not touched for this long is taken "
         "over by another (the active scheduler touches its own every third of it; 0: never "
         "touch nor claim, so no request survives this scheduler's death: benchmarks only)",
-        flag="--claim-idle-ms")
+        flag="--claim-idle-ms", min=0, max=3_600_000)
 
 
 @dataclass(**GROUPS)
-class GatewayConfig(LogConfig, ContextConfig, ModelSource):
+class AccessConfig:
+    """Who may call the public faces and how much (gateway.auth, gateway.limits), and TLS."""
+    api_key: str | None = setting(
+        None, "require 'Authorization: Bearer KEY' on every /v1 route and gRPC call (one "
+        "tenant; default $TESSERA_API_KEY)")
+    tenants_file: str | None = setting(
+        None, "JSON tenants file (keys as SHA-256, limits, weights); reloaded on SIGHUP",
+        flag="--tenants", metavar="FILE")
+    shared_prefix_cache: bool = setting(
+        False, "let tenants share cached prompt blocks (default: a prefix-cache salt per tenant)")
+    max_queued_requests: int | None = setting(
+        None, "answer 429 while this many requests of the model wait in Redis")
+    ssl_certfile: str | None = setting(
+        None, "serve HTTPS and gRPC over TLS with this PEM certificate (chain)")
+    ssl_keyfile: str | None = setting(None, "the certificate's PEM private key")
+
+    def __post_init__(self) -> None:
+        if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
+            raise ValueError("TLS needs both --ssl-certfile and --ssl-keyfile")
+
+
+@dataclass(**GROUPS)
+class GatewayConfig(AccessConfig, LogConfig, BodyLimitConfig, ContextConfig, ModelSource):
     """`tessera gateway`: the OpenAI HTTP and tessera.v1 gRPC faces of one model."""
     redis_url: str = setting("redis://127.0.0.1:6379/0", "Redis of the request streams")
     host: str = setting("127.0.0.1", "bind address")
-    http_port: int = setting(8000, "OpenAI-compatible HTTP port (0: any free port)")
-    grpc_port: int = setting(50051, "tessera.v1 gRPC port")
-    max_body_bytes: int = setting(4 << 20, "largest request body / gRPC message accepted")
+    http_port: int = setting(8000, "OpenAI-compatible HTTP port (0: any free port)",
+                             min=0, max=65535)
+    grpc_port: int = setting(50051, "tessera.v1 gRPC port", min=0, max=65535)
     max_redis_connections: int = setting(1024, cli=False)   # each open stream holds one
+    metrics_port: int | None = setting(
+        None, "also serve /health, /ready and /metrics (plain HTTP) on this port")
     resume_ttl_s: float = setting(
         600.0, "a request with disconnect policy 'continue' is cancelled this many seconds "
         "after its client left unless someone resumes it", flag="--resume-ttl")
 
 
 @dataclass(**GROUPS)
-class ServeConfig(RecoveryConfig, LogConfig, EngineConfig):
+class ServeConfig(RecoveryConfig, AccessConfig, LogConfig, BodyLimitConfig, StepTimeoutConfig,
+                  DistConfig, EngineConfig):
     """`tessera serve`: the whole stack on one machine; every child's settings, plus these."""
     host: str = setting("127.0.0.1", "bind address of the gateway")
-    http_port: int = setting(8000, "OpenAI-compatible HTTP port")
-    grpc_port: int = setting(50051, "tessera.v1 gRPC port")
+    http_port: int = setting(8000, "OpenAI-compatible HTTP port", min=1, max=65535)
+    grpc_port: int = setting(50051, "tessera.v1 gRPC port", min=1, max=65535)
     redis_url: str | None = setting(None, "use this Redis instead of a private redis-server")
     data_parallel_size: int = setting(
-        1, "worker groups, each with its own scheduler, sharing the request stream", short="-dp")
+        1, "worker groups, each with its own scheduler, sharing the request stream", short="-dp",
+        min=1, max=1024)
     scheduler_replicas: int = setting(
         2, "schedulers per worker group: one active, the others standbys on the group's lease "
-        "that take over its requests when it dies")
+        "that take over its requests when it dies", min=1, max=16)
     restart: bool = setting(True, "stop the whole stack when a process dies instead of "
                             "restarting it (debugging)", flag="--no-restart")

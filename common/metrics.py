@@ -10,7 +10,8 @@ owner service, so summing a metric over every scraped pod never counts a request
 - scheduler (the engine): requests running/waiting, KV-cache usage, prefix-cache queries/hits,
   prompt/generation token counters, preemptions, per-request queue/prefill/decode/inference
   times and token counts, step round trips, readiness, the Redis request stream's depth;
-- worker: per-step timings, tokens and sequences per step.
+- worker: per-step timings, tokens and sequences per step;
+- every process that `tessera serve` restarted: process_restarts_total{service}, its own count.
 
 Every interval is measured on one process's monotonic clock (Redis's own clock for the time a
 request waited in the stream), never by subtracting two machines' clocks.

@@ -1,4 +1,5 @@
-"""What we need to know about a Hugging Face model directory, parsed once from its config.json.
+"""What we need to know about a Hugging Face model directory, parsed once from its config.json
+(or about a single GGUF file, from its metadata: `common/gguf_config.py`).
 
 Every service reads the same frozen `ModelConfig`: the worker to build the model, the scheduler
 for the context length and stop ids, the gateway for the context length. It accepts both the
@@ -13,14 +14,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common import gguf_config
+from common.gguf_file import GGUFError, is_gguf, open_gguf
+
 # HF `architectures` name -> our model family: the one list of supported architectures. The
 # worker's registry maps each family to its class; make-model writes these names.
 ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
     "GPT2LMHeadModel": "gpt2",
 }
+# A config without `architectures` names its class by `model_type`, as transformers reads it.
+MODEL_TYPES: dict[str, str] = {family: arch for arch, family in ARCHITECTURES.items()}
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -69,9 +76,16 @@ class ModelConfig:
     def num_queries_per_kv(self) -> int:
         return self.num_heads // self.num_kv_heads
 
+    @property
+    def qk_norm(self) -> bool:
+        """Qwen3 normalizes each head of q and k (RMSNorm over head_dim) before RoPE."""
+        return self.family == "qwen3"
+
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> "ModelConfig":
         path = Path(model_dir)
+        if is_gguf(path):
+            return cls.from_gguf(path)
         if not path.is_dir():
             raise ModelConfigError(f"model directory not found: {path}")
         cfg_path = path / "config.json"
@@ -86,9 +100,21 @@ class ModelConfig:
         return cls.from_dict(raw, model_dir=str(path), generation=gen)
 
     @classmethod
+    def from_gguf(cls, path: str | Path) -> "ModelConfig":
+        """The config of a single GGUF file, from its metadata (`common/gguf_config.py`)."""
+        try:
+            f = open_gguf(path)
+            raw, gen = gguf_config.hf_config(f), gguf_config.generation_config(f)
+        except GGUFError as e:
+            raise ModelConfigError(str(e)) from None
+        return cls.from_dict(raw, model_dir=str(path), generation=gen)
+
+    @classmethod
     def from_dict(cls, raw: dict[str, Any], model_dir: str = "", generation: dict | None = None
                   ) -> "ModelConfig":
         archs = raw.get("architectures") or []
+        if not archs and raw.get("model_type") in MODEL_TYPES:
+            archs = [MODEL_TYPES[raw["model_type"]]]
         arch = next((a for a in archs if a in ARCHITECTURES), None)
         if arch is None:
             raise ModelConfigError(

@@ -116,6 +116,16 @@ def idempotency_key(tenant: str, key: str) -> str:
     return f"{PREFIX}idem:{digest}"
 
 
+def tenant_bucket(tenant: str, kind: str) -> str:
+    """Hash {level, ts}: one tenant's token bucket, ``kind`` "requests" or "tokens"."""
+    return f"{PREFIX}limit:{tenant}:{kind}"
+
+
+def tenant_inflight(tenant: str) -> str:
+    """Sorted set: the tenant's unfinished request ids, scored by when each entry expires."""
+    return f"{PREFIX}limit:{tenant}:inflight"
+
+
 @dataclass(frozen=True)
 class RedisLimits:
     """Lifetimes and caps of what Tessera keeps in Redis."""
@@ -193,6 +203,8 @@ class QueuedRequest:
     idempotency_key: str | None = None
     disconnect: str = DISCONNECT_CANCEL     # what to do when the client goes away
     traceparent: str | None = None          # W3C trace context of the gateway's span
+    cache_salt: str | None = None           # set by the gateway from the tenant, never the client
+    weight: float = 1.0                     # the tenant's fair-share weight (gateway's tenants)
     # "" for a new request; "worker" / "scheduler": re-enqueued by a scheduler whose worker
     # group died (or dead-scheduler recovery), so whoever reads it resumes from out:{id}.
     recovered: str = ""
@@ -205,7 +217,8 @@ class QueuedRequest:
             "params": params_to_json(self.params), "priority": self.priority,
             "arrival": self.arrival_time, "deadline": self.deadline, "tenant": self.tenant,
             "idem": self.idempotency_key, "disconnect": self.disconnect,
-            "trace": self.traceparent,
+            "trace": self.traceparent, "salt": self.cache_salt,
+            "weight": self.weight,
         }
         if self.recovered:
             body["recovered"] = self.recovered
@@ -234,11 +247,22 @@ class QueuedRequest:
                 deadline=None if b["deadline"] is None else float(b["deadline"]),
                 tenant=str(b["tenant"]), idempotency_key=b["idem"],
                 disconnect=b["disconnect"], traceparent=b["trace"],
+                cache_salt=None if b.get("salt") is None else str(b["salt"]),
+                weight=_weight(b.get("weight", 1.0)),
                 recovered=str(b.get("recovered") or ""))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise MalformedEntry(f"bad request entry: {e}", request_id) from e
 
 
+def _weight(value: Any) -> float:
+    w = float(value)
+    if not 1e-3 <= w <= 1e6:   # NaN fails both comparisons too
+        raise ValueError(f"weight {value!r} is outside [0.001, 1e6]")
+    return w
+
+
+# NOTE: slots, not frozen: the engine core makes one per sequence per step, and a frozen
+# dataclass takes ~4x as long to build (object.__setattr__ per field).
 @dataclass(slots=True)
 class OutputEvent:
     """One request's output from one step (or its failure).

@@ -15,6 +15,9 @@ INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_N = 128                 # choices per request: each is a sequence with its own KV blocks
 MAX_LOGIT_BIAS = 100.0      # OpenAI's documented range for a bias
+MAX_STOP, MAX_STOP_CHARS = 64, 1024   # stop strings per request, characters per stop string
+MAX_STOP_TOKEN_IDS = 1024
+MAX_LOGIT_BIAS_ENTRIES = 4096         # the detokenizer and sampler cost grows with each
 
 
 @dataclass(frozen=True)
@@ -63,19 +66,25 @@ class SamplingParams:
                self.max_tokens, f"an integer in [1, {INT32_MAX}]")
         _check(_is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
                "min_tokens", self.min_tokens, "an integer in [0, max_tokens]")
-        _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop,
-               "a list of non-empty strings")
-        _check(all(_is_token_id(t) for t in self.stop_token_ids), "stop_token_ids",
-               self.stop_token_ids, f"a list of token ids in [0, {INT32_MAX}]")
+        _check(len(self.stop) <= MAX_STOP and all(
+            isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in self.stop), "stop",
+            _short(self.stop), f"at most {MAX_STOP} non-empty strings of at most "
+            f"{MAX_STOP_CHARS} characters")
+        _check(len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS and all(
+            _is_token_id(t) for t in self.stop_token_ids), "stop_token_ids",
+            _short(self.stop_token_ids), f"at most {MAX_STOP_TOKEN_IDS} token ids in "
+            f"[0, {INT32_MAX}]")
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
             _check(v is None or (_is_int(v) and 0 <= v <= 20), name, v,
                    "None or an integer in [0, 20]")
         if self.logit_bias is not None:
-            _check(isinstance(self.logit_bias, dict) and all(
-                _is_token_id(k) and _is_bias(v) for k, v in self.logit_bias.items()),
-                "logit_bias", self.logit_bias, "a mapping of token id to a bias in "
-                f"[-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}] (or -inf: never sample it)")
+            _check(isinstance(self.logit_bias, dict)
+                   and len(self.logit_bias) <= MAX_LOGIT_BIAS_ENTRIES and all(
+                       _is_token_id(k) and _is_bias(v) for k, v in self.logit_bias.items()),
+                   "logit_bias", _short(self.logit_bias), f"at most {MAX_LOGIT_BIAS_ENTRIES} "
+                   f"entries of token id to a bias in [-{MAX_LOGIT_BIAS:g}, "
+                   f"{MAX_LOGIT_BIAS:g}] (or -inf: never sample it)")
 
     @property
     def greedy(self) -> bool:
@@ -105,6 +114,14 @@ def _is_bias(v) -> bool:
 
 def _is_token_id(v) -> bool:
     return _is_int(v) and 0 <= v <= INT32_MAX
+
+
+def _short(value) -> object:
+    """A value for an error message: a long list or mapping is named by its size."""
+    try:
+        return value if len(value) <= 8 else f"<{type(value).__name__} of {len(value)}>"
+    except TypeError:
+        return value
 
 
 def _check(ok: bool, name: str, value, expected: str) -> None:

@@ -2,14 +2,16 @@
 and the command-line flags and the argument lists of child processes are generated from it.
 
     @dataclass(frozen=True, kw_only=True)
-    class CacheConfig:
-        block_size: int = setting(16, "tokens per KV cache block")
+    class BlockConfig(Settings):
+        block_size: int = setting(16, "tokens per KV cache block", min=1, max=1024)
 
 `add_arguments(parser, WorkerConfig)` declares `--block-size` (type int, default 16, that
 help); `from_args(WorkerConfig, namespace)` builds the config back from the parsed flags;
 `to_argv(config, WorkerConfig)` writes the flags a `tessera worker` child needs to receive the
 values `config` holds (only those that differ from the child's defaults). A setting's
 argparse `dest` is its field name, so `args.block_size` and `config.block_size` agree.
+Building a config checks its bounds (`Settings.__post_init__`), from flags or from code alike
+(`LLM(model, block_size=0)` fails as `--block-size 0` does).
 
 Booleans are switches: `--enforce-eager` for a False default, `--no-prefix-caching` for a True
 one (`enable_prefix_caching`). `X | None` takes an X or is left unset; `tuple[str, ...]` is
@@ -31,15 +33,41 @@ T = TypeVar("T")
 def setting(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | None = None,
             short: str | None = None, choices: Iterable[Any] | None = None,
             metavar: str | None = None, cli: bool = True, arg_type: Callable | None = None,
-            convert: Callable | None = None) -> Any:
+            convert: Callable | None = None, min: float | None = None,
+            max: float | None = None) -> Any:
     """A config field with what its flag needs. `flag` overrides the name derived from the
     field (`--block-size`), `short` adds an alias (`-tp`). `arg_type` parses the flag's text
     when the field's type cannot (the namespace keeps what it returns) and `convert` turns
-    that into the field's value (e.g. `--rank hostname` -> an int, in `from_args`)."""
+    that into the field's value (e.g. `--rank hostname` -> an int, in `from_args`). `min`
+    and `max` bound the value (inclusive), checked whenever a config is built."""
     metadata = {"help": help, "flag": flag, "short": short, "metavar": metavar, "cli": cli,
                 "choices": tuple(choices) if choices is not None else None,
-                "arg_type": arg_type, "convert": convert}
+                "arg_type": arg_type, "convert": convert, "min": min, "max": max}
     return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Base of every settings group: a value outside its setting's [min, max] or choices is
+    refused when the config is built (from flags or in code), naming the flag."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            if value is None or not meta:
+                continue
+            lo, hi, choices = meta.get("min"), meta.get("max"), meta.get("choices")
+            name = _flag(f) if meta.get("cli") else f.name
+            if choices is not None and value not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}, "
+                                 f"got {value!r}")
+            if isinstance(value, bool) or (lo is None and hi is None):
+                continue
+            if not isinstance(value, (int, float)) or value != value \
+                    or (lo is not None and value < lo) or (hi is not None and value > hi):
+                bounds = f"[{_show(lo) if lo is not None else '-inf'}, " \
+                         f"{_show(hi) if hi is not None else 'inf'}]"
+                raise ValueError(f"{name} must be in {bounds}, got {value!r}")
 
 
 def _base_type(hint: Any) -> tuple[type, bool]:
@@ -100,7 +128,7 @@ def from_args(cls: type[T], args: argparse.Namespace, **overrides: Any) -> T:
     `overrides` for fields set by code."""
     values = {}
     for f, _ in _cli_fields(cls):
-        if hasattr(args, f.name):
+        if hasattr(args, f.name) and f.name not in overrides:
             value = getattr(args, f.name)
             convert = f.metadata["convert"]
             values[f.name] = convert(value) if convert is not None else value

@@ -26,6 +26,9 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _Backend
 
+from common.gguf_file import is_gguf, open_gguf
+from common.gguf_tokenizer import build_gguf_tokenizer
+
 # Named special tokens HF exposes to chat templates (its SPECIAL_TOKENS_ATTRIBUTES).
 _NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
@@ -39,8 +42,11 @@ class Tokenizer:
         special_tokens: Mapping[str, str] | None = None,
         chat_template: str | dict[str, str] | None = None,
         clean_up_tokenization_spaces: bool = False,
+        template_source: str = "tokenizer_config.json or chat_template.jinja",
     ) -> None:
         self._backend = backend
+        # Where a chat template would have come from: named when there is none.
+        self.template_source = template_source
         self._special = {k: v for k, v in (special_tokens or {}).items() if v is not None}
         self.chat_template = chat_template
         self._clean_up = clean_up_tokenization_spaces
@@ -49,6 +55,8 @@ class Tokenizer:
     def from_dir(cls, model_dir: str | pathlib.Path) -> Tokenizer:
         """Load ``tokenizer.json`` and (if present) ``tokenizer_config.json`` from ``model_dir``."""
         root = pathlib.Path(model_dir)
+        if is_gguf(root):
+            return cls.from_gguf(root)
         if not root.is_dir():
             raise FileNotFoundError(f"model directory not found: {root}")
         tok_path = root / "tokenizer.json"
@@ -69,7 +77,17 @@ class Tokenizer:
             special_tokens=special,
             chat_template=_load_chat_template(root, config),
             clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
+            template_source=f"{root / 'tokenizer_config.json'} (chat_template) or "
+                            f"{root / 'chat_template.jinja'}",
         )
+
+    @classmethod
+    def from_gguf(cls, path: str | pathlib.Path) -> Tokenizer:
+        """The tokenizer a GGUF file's metadata describes (`common/gguf_tokenizer.py`)."""
+        built = build_gguf_tokenizer(open_gguf(path))
+        return cls(built.backend(), special_tokens=built.special_tokens,
+                   chat_template=built.chat_template,
+                   template_source=f"{path} (metadata field tokenizer.chat_template)")
 
     # -- ids <-> text ---------------------------------------------------------------
 
@@ -166,7 +184,7 @@ class Tokenizer:
         if name_or_template is not None:
             return name_or_template
         if templates is None:
-            raise ValueError("this tokenizer has no chat template (none in tokenizer_config.json or chat_template.jinja)")
+            raise ValueError(f"the model has no chat template: none in {self.template_source}")
         return templates
 
 

@@ -12,11 +12,13 @@ NOTE: nothing here logs prompt or output text: it is user content.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import pathlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
 from dataclasses import dataclass, field
 
 import jinja2
@@ -33,6 +35,8 @@ from common.model_config import ModelConfig
 from common.redis_schema import OutputEvent, QueuedRequest
 from common.sampling_params import SamplingParams
 from common.tokenizer import Tokenizer
+from gateway.auth import OPEN_TENANT, Tenants
+from gateway.limits import Admission, Limiter
 from gateway.queue import EventsLost, RequestNotFound, RequestSubmitter
 from gateway.resume import KIND_COMPLETION, PROMPT_TAIL, RelayMeta
 from gateway.telemetry import GatewayTelemetry, current_call
@@ -45,20 +49,24 @@ class GatewayError(Exception):
     error shape (HTTP status + OpenAI error body, or a gRPC status code)."""
 
     def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None) -> None:
+                 code: str | None = None, headers: Mapping[str, str] | None = None,
+                 type_: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
+        self.headers = dict(headers or {})   # e.g. retry-after, x-ratelimit-* on a 429
+        self._type = type_
 
     @property
     def type(self) -> str:
-        return _ERROR_TYPES.get(self.status, "server_error")
+        return self._type or _ERROR_TYPES.get(self.status, "server_error")
 
 
-_ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error",
-                413: "invalid_request_error", 503: "service_unavailable"}
+_ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error",
+                404: "not_found_error", 413: "invalid_request_error", 429: "requests",
+                503: "service_unavailable"}
 
 
 def invalid(message: str, param: str | None = None, code: str | None = None) -> GatewayError:
@@ -78,23 +86,30 @@ class GatewayState:
     redis: aioredis.Redis
     max_body_bytes: int = 4 << 20
     resume_ttl_s: float = 600.0   # a "continue" request nobody re-attaches to is then cancelled
+    tenants: Tenants = field(default_factory=Tenants)
+    shared_prefix_cache: bool = False       # True: tenants may hit each other's cached prompts
+    max_queued_requests: int | None = None  # the model's queue depth past which we answer 429
     created: int = field(default_factory=lambda: int(time.time()))
     _background: set[asyncio.Task] = field(default_factory=set, repr=False)
 
     def __post_init__(self) -> None:
         self.submitter = RequestSubmitter(self.redis)
         self.telemetry = GatewayTelemetry(self.model_name)
+        self.limiter = Limiter(self.redis)
 
     @classmethod
     def load(cls, model_dir: str | pathlib.Path, model_name: str, redis: aioredis.Redis,
              max_body_bytes: int = 4 << 20, max_model_len: int | None = None,
-             resume_ttl_s: float = 600.0) -> GatewayState:
+             resume_ttl_s: float = 600.0, **policy: object) -> GatewayState:
         config = ModelConfig.from_dir(model_dir)
         tokenizer = Tokenizer.from_dir(model_dir)
+        if tokenizer.chat_template is None:
+            logger.warning("the model has no chat template (none in %s): "
+                           "/v1/chat/completions will answer 400", tokenizer.template_source)
         limit = resolve_max_model_len(max_model_len, config.max_position_embeddings)
         # Ids past the model's embedding rows would crash a worker: the model's size rules.
         return cls(tokenizer, model_name, limit, config.vocab_size, redis, max_body_bytes,
-                   resume_ttl_s)
+                   resume_ttl_s, **policy)  # type: ignore[arg-type]
 
     @property
     def model_info(self) -> ModelInfo:
@@ -161,15 +176,33 @@ class GatewayState:
                          list(prompt_token_ids[-PROMPT_TAIL:]), params, disconnect,
                          include_usage, echo_text)
         call = current_call()   # the client call this runs in (gateway.telemetry)
+        request_id = request_id or uuid.uuid4().hex
+        await self._check_queue_depth()
+        reserved = len(prompt_token_ids) + params.n * params.max_tokens
+        admission = await self._admit(tenant, request_id, reserved)
+        t = self.tenants.get(tenant)
+        if t is not None:   # the tenant's priority is a floor: no client jumps other tenants
+            priority = max(priority, t.priority)
         queued = QueuedRequest(
-            request_id=request_id or uuid.uuid4().hex, model=self.model_name,
+            request_id=request_id, model=self.model_name,
             prompt_token_ids=prompt_token_ids, params=params, priority=priority,
+            weight=t.weight if t is not None else 1.0,
             arrival_time=time.time(), tenant=tenant, idempotency_key=idempotency_key or None,
-            disconnect=disconnect, traceparent=call.traceparent if call is not None else None)
-        rid = await self.submitter.submit(queued, meta.to_record())
+            disconnect=disconnect, traceparent=call.traceparent if call is not None else None,
+            cache_salt=self.cache_salt(tenant))
+        try:
+            rid = await self.submitter.submit(queued, meta.to_record())
+        except BaseException:
+            if admission is not None:
+                self.release_soon(tenant, request_id, reserved)
+            raise
         if call is not None:
-            call.started(rid, params, len(prompt_token_ids))
-        return Generation(self, rid, prompt_token_ids, params, disconnect, meta=meta)
+            call.started(rid, params, len(prompt_token_ids), tenant)
+        gen = Generation(self, rid, prompt_token_ids, params, disconnect, meta=meta)
+        if admission is not None:
+            gen.reservation = (tenant, request_id, reserved)
+            gen.rate_headers = admission.headers
+        return gen
 
     async def reattach(self, request_id: str, last_index: int = -1,
                        fallback: tuple[list[int], SamplingParams, str] | None = None
@@ -206,6 +239,64 @@ class GatewayState:
         gen.attached = attached
         return gen
 
+    # ---- tenants ------------------------------------------------------------------------
+    def cache_salt(self, tenant: str) -> str | None:
+        """The prefix-cache salt of a tenant's requests: derived here, never taken from the
+        request, so one tenant cannot probe another's cached prompts by timing."""
+        if self.shared_prefix_cache or tenant == OPEN_TENANT:
+            return None
+        return hashlib.sha256(f"tessera-cache-salt:{tenant}".encode()).hexdigest()[:32]
+
+    async def _admit(self, tenant: str, request_id: str, cost: int) -> Admission | None:
+        """Take from the tenant's buckets (None: the tenant has no limits) or raise a 429."""
+        t = self.tenants.get(tenant)
+        if t is None or not self.limiter.limited(t):
+            return None
+        try:
+            a = await self.limiter.admit(t, request_id, cost)
+        except (RedisError, OSError) as e:
+            raise GatewayError(503, f"rate limiter unavailable: {e}") from None
+        if a.never_fits:
+            raise invalid(f"this request needs {cost} tokens (prompt + n * max_tokens), above "
+                          f"the tenant's {t.tokens_per_minute} tokens per minute", "max_tokens",
+                          "rate_limit_exceeded")
+        if not a.admitted:
+            what = {"requests": f"requests per minute ({t.requests_per_minute})",
+                    "tokens": f"tokens per minute ({t.tokens_per_minute})",
+                    "concurrency": f"concurrent requests ({t.max_concurrent_requests})"}
+            raise GatewayError(429, f"Rate limit reached for {what[a.reason]} of tenant "
+                               f"{t.name}. Please retry after {a.retry_after_s} s.",
+                               code="rate_limit_exceeded", headers=a.headers,
+                               type_="tokens" if a.reason == "tokens" else "requests")
+        return a
+
+    async def check_owner(self, request_id: str, tenant: str) -> None:
+        """404 unless ``request_id`` is ``tenant``'s: a client reads, resumes and cancels only
+        its own tenant's requests (with authentication off there is one tenant)."""
+        if not self.tenants.enabled:
+            return
+        try:
+            owner = await self.submitter.tenant_of(request_id)
+        except (RedisError, OSError) as e:
+            raise GatewayError(503, f"Redis does not answer: {e}") from None
+        if owner != tenant:
+            raise GatewayError(404, f"request {request_id} is unknown or expired", "request_id")
+
+    async def _check_queue_depth(self) -> None:
+        if self.max_queued_requests is None:
+            return
+        depth = await self.submitter.queue_depth(self.model_name)
+        if depth >= self.max_queued_requests:
+            raise GatewayError(429, f"{depth} requests are waiting for {self.model_name} "
+                               f"(limit {self.max_queued_requests}); retry later",
+                               code="queue_full", headers={"retry-after": "1"})
+
+    def release_soon(self, tenant: str, request_id: str, refund: int) -> None:
+        """Give back a finished request's concurrency slot and its unused tokens."""
+        t = self.tenants.get(tenant)
+        if t is not None:
+            self._spawn(self.limiter.release(t, request_id, refund))
+
     async def is_ready(self) -> bool:
         """Some scheduler of this model is ready: its worker group finished a real forward
         pass within its ready timeout (scheduler.health keeps one key per group, with a TTL)."""
@@ -241,7 +332,7 @@ class GatewayState:
         except (RedisError, OSError) as e:
             logger.warning("resume TTL of %s: Redis does not answer: %s", request_id, e)
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -293,6 +384,8 @@ class Generation:
         self.prompt_logprobs: list | None = [None] if params.prompt_logprobs is not None else None
         self._relay = state.telemetry.relay(request_id, resumed=last_index >= 0)
         self._error: str | None = None
+        self.reservation: tuple[str, str, int] | None = None   # (tenant, id, tokens) to release
+        self.rate_headers: dict[str, str] = {}
 
     @property
     def usage(self) -> tuple[int, int]:
@@ -382,6 +475,11 @@ class Generation:
         cancel unless the client asked to continue."""
         if not self._relay.ended:
             self._report()
+        if self.reservation is not None:
+            tenant, rid, reserved = self.reservation
+            self.reservation = None
+            used = sum(self.usage)
+            self.state.release_soon(tenant, rid, reserved - used)
         if not self.done:
             self.done = True
             if self.disconnect == schema.DISCONNECT_CONTINUE:

@@ -18,13 +18,15 @@ from common import convert
 from common import redis_schema as schema
 from common.proto.tessera.v1 import generate_pb2, generate_pb2_grpc
 from common.sampling_params import INT32_MAX
+from gateway.auth import UNAUTHENTICATED, GrpcAuth, grpc_tenant
 from gateway.generation import GatewayError, GatewayState, Generation, invalid
 from gateway.resume import KIND_CHAT, KIND_COMPLETION
 
 logger = logging.getLogger(__name__)
 
-_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
-          413: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}
+_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
+          404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+          429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}
 SERVICE_NAME = generate_pb2.DESCRIPTOR.services_by_name["Generate"].full_name
 
 
@@ -35,7 +37,15 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
         self.state = state
 
     async def _abort(self, context: grpc.aio.ServicerContext, e: GatewayError) -> None:
-        await context.abort(_CODES.get(e.status, grpc.StatusCode.INTERNAL), e.message)
+        # A 429's retry-after and x-ratelimit-* travel as trailing metadata.
+        await context.abort(_CODES.get(e.status, grpc.StatusCode.INTERNAL), e.message,
+                            tuple(e.headers.items()))
+
+    def _tenant(self, context: grpc.aio.ServicerContext) -> str:
+        tenant = grpc_tenant(self.state.tenants, context.invocation_metadata())
+        if tenant is None:   # GrpcAuth refuses these first; kept for servers built without it
+            raise GatewayError(401, UNAUTHENTICATED)
+        return tenant
 
     def _prompt_ids(self, prompt: convert.Prompt | None) -> list[int]:
         if prompt is None:
@@ -44,8 +54,10 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
             return self.state.render_chat(prompt)
         return self.state.encode_prompt(prompt)
 
-    async def _open(self, request: generate_pb2.GenerateRequest) -> Generation:
+    async def _open(self, request: generate_pb2.GenerateRequest,
+                    context: grpc.aio.ServicerContext) -> Generation:
         """Validate and enqueue, or reattach to a running request (last_event_index set)."""
+        tenant = self._tenant(context)
         try:
             call = convert.generate_request_from_proto(request)
         except ValueError as e:
@@ -60,6 +72,7 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
             if not -1 <= call.last_event_index <= INT32_MAX:
                 raise invalid(f"last_event_index must be in [-1, {INT32_MAX}], got "
                               f"{call.last_event_index}", "last_event_index")
+            await state.check_owner(call.request_id, tenant)
             # The record holds the prompt's context, params and shape, so a resume needs
             # neither prompt nor params and works on any replica; they are only the fallback
             # for a record written without them.
@@ -70,7 +83,8 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
         return await state.start(self._prompt_ids(call.prompt), call.params,
                                  request_id=call.request_id, kind=kind,
                                  idempotency_key=call.idempotency_key or None,
-                                 priority=call.priority, disconnect=call.disconnect)
+                                 priority=call.priority, disconnect=call.disconnect,
+                                 tenant=tenant)
 
     def _call(self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         """The traced, timed client call (gateway.telemetry), continuing the metadata's
@@ -83,7 +97,7 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
         gen = None
         with self._call(request, context):
             try:
-                gen = await self._open(request)
+                gen = await self._open(request, context)
                 result = await gen.collect()
             except GatewayError as e:
                 await self._abort(context, e)
@@ -98,7 +112,7 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
         gen = None
         with self._call(request, context):
             try:
-                gen = await self._open(request)
+                gen = await self._open(request, context)
                 async for chunk in gen.chunks():
                     yield convert.stream_chunk_to_proto(chunk)
             except GatewayError as e:
@@ -126,6 +140,13 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
         if not request.request_id:
             await self._abort(context, invalid("request_id is required", "request_id"))
         # Unknown or finished ids are not an error: a cancel races with the generation's end.
+        # Another tenant's request counts as unknown: nothing is cancelled, nothing revealed.
+        try:
+            await self.state.check_owner(request.request_id, self._tenant(context))
+        except GatewayError as e:
+            if e.status == 401:
+                await self._abort(context, e)
+            return generate_pb2.CancelResponse()
         await self.state.submitter.cancel(request.request_id)
         return generate_pb2.CancelResponse()
 
@@ -148,14 +169,17 @@ class _Health(health.aio.HealthServicer):
             else health_pb2.HealthCheckResponse.NOT_SERVING)
 
 
-async def create_server(state: GatewayState, address: str) -> tuple[grpc.aio.Server, int]:
+async def create_server(state: GatewayState, address: str,
+                        tls: tuple[bytes, bytes] | None = None) -> tuple[grpc.aio.Server, int]:
     """A started-to-be grpc.aio server bound to ``address``; returns it and the bound port.
+    With ``tls`` (PEM certificate chain, private key) the port speaks TLS only.
 
     The receive limit is the HTTP face's body limit: gRPC answers RESOURCE_EXHAUSTED itself
     for a larger message, before any of our code runs.
     """
-    server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", state.max_body_bytes)])
+    server = grpc.aio.server(
+        options=[("grpc.max_receive_message_length", state.max_body_bytes)],
+        interceptors=[GrpcAuth(state.tenants, SERVICE_NAME)])
     generate_pb2_grpc.add_GenerateServicer_to_server(GenerateServicer(state), server)
     health_servicer = _Health(state)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -163,7 +187,10 @@ async def create_server(state: GatewayState, address: str) -> tuple[grpc.aio.Ser
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(address)
+    if tls is not None:
+        port = server.add_secure_port(address, grpc.ssl_server_credentials([(tls[1], tls[0])]))
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot bind the gRPC server to {address}")
     return server, port

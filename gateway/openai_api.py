@@ -23,6 +23,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from common import redis_schema as schema
 from gateway import openai_format as fmt
 from gateway import openai_schemas as s
+from gateway import openapi
+from gateway.auth import HttpAuth
 from gateway.generation import GatewayError, GatewayState, Generation, invalid
 from gateway.openai_stream import chat_events, completion_events, stream_response
 from gateway.queue import RequestNotFound
@@ -35,7 +37,8 @@ _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
 
 
 def _error(e: GatewayError) -> JSONResponse:
-    return JSONResponse(s.error_body(e.message, e.type, e.param, e.code), status_code=e.status)
+    return JSONResponse(s.error_body(e.message, e.type, e.param, e.code), status_code=e.status,
+                        headers=e.headers or None)
 
 
 class BodyLimit:
@@ -110,7 +113,8 @@ async def _start_all(state: GatewayState, prompts: list[list[int]], params: Any,
                 ids, params, request_id=f"{prefix}-{uuid.uuid4().hex}", idempotency_key=k,
                 disconnect=req.disconnect, kind=kind, include_usage=req.include_usage,
                 echo_text=None if echo_texts is None else fmt.prompt_text_of(
-                    state, ids, params, echo_texts[i])))
+                    state, ids, params, echo_texts[i]),
+                tenant=request.state.tenant))
     except BaseException:
         for g in gens:
             g.close()
@@ -146,12 +150,42 @@ async def _record(state: GatewayState, request_id: str) -> dict[str, str]:
     except RequestNotFound:
         raise GatewayError(404, f"request {request_id} is unknown or expired", "request_id",
                            "request_not_found") from None
+def add_ops_routes(app: FastAPI, state: GatewayState) -> None:
+    """/health, /ready and /metrics: no prompt data, never behind a key; also served alone on
+    --metrics-port (create_ops_app) so they can live on a port the public never reaches."""
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        if await state.is_ready():
+            return JSONResponse({"status": "ready"})
+        return _error(GatewayError(503, f"no scheduler of {state.model_name} is ready (none ran "
+                                   "a forward pass within its ready timeout)"))
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.telemetry.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def create_ops_app(state: GatewayState) -> FastAPI:
+    app = FastAPI(title="Tessera gateway (operations)", docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    add_ops_routes(app, state)
+    return app
 
 
 def create_app(state: GatewayState) -> FastAPI:
     """The HTTP app of one gateway replica, serving ``state``'s model."""
-    app = FastAPI(title="Tessera gateway", docs_url=None, redoc_url=None, openapi_url=None)
+    # /openapi.json and /docs are open (no prompt data), like /health.
+    app = FastAPI(title="Tessera gateway", version="1", docs_url="/docs", redoc_url=None,
+                  description="OpenAI-compatible completions and chat, plus stream resume.")
+    openapi.install(app, [s.CompletionRequest, s.ChatCompletionRequest])
     app.add_middleware(BodyLimit, max_bytes=state.max_body_bytes)
+    # Outside the body limit: a client without a valid key is refused before its body is read.
+    app.add_middleware(HttpAuth, tenants=state.tenants)
     # Outermost: an inference call is traced and timed from arrival to its last byte.
     app.add_middleware(CallTracing, telemetry_=state.telemetry)
 
@@ -169,20 +203,7 @@ def create_app(state: GatewayState) -> FastAPI:
         logger.exception("unexpected error")   # the traceback, never the request body
         return JSONResponse(s.error_body("internal server error", "server_error"), 500)
 
-    @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/ready")
-    async def ready() -> Response:
-        if await state.is_ready():
-            return JSONResponse({"status": "ready"})
-        return _error(GatewayError(503, f"no scheduler of {state.model_name} is ready (none ran "
-                                   "a forward pass within its ready timeout)"))
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(state.telemetry.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    add_ops_routes(app, state)
 
     @app.get("/v1/models")
     async def models() -> Response:
@@ -190,7 +211,7 @@ def create_app(state: GatewayState) -> FastAPI:
         card = s.ModelCard(id=m.id, created=m.created, max_model_len=m.max_model_len)
         return JSONResponse(s.ModelList(data=[card]).model_dump())
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=openapi.body(s.CompletionRequest))
     async def completions(request: Request) -> Response:
         req = await _parse(request, s.CompletionRequest)
         state.check_model(req.model)
@@ -209,7 +230,7 @@ def create_app(state: GatewayState) -> FastAPI:
                                 texts if req.echo else None)
         rid = gens[0].request_id
         created = gens[0].meta.created
-        headers = {"X-Request-Id": rid}
+        headers = {"X-Request-Id": rid, **gens[0].rate_headers}
         if not req.stream:
             await _collect(gens, request)
             return JSONResponse(fmt.completion_response(state, rid, req.echo, gens, texts,
@@ -218,7 +239,7 @@ def create_app(state: GatewayState) -> FastAPI:
             state, rid, gens, texts if req.echo else None, req.include_usage, created,
             resumed=False), headers)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=openapi.body(s.ChatCompletionRequest))
     async def chat(request: Request) -> Response:
         req = await _parse(request, s.ChatCompletionRequest)
         state.check_model(req.model)
@@ -226,7 +247,7 @@ def create_app(state: GatewayState) -> FastAPI:
         params = fmt.chat_params(state, req, len(ids))
         gens = await _start_all(state, [ids], params, req, request, KIND_CHAT)
         rid, created = gens[0].request_id, gens[0].meta.created
-        headers = {"X-Request-Id": rid}
+        headers = {"X-Request-Id": rid, **gens[0].rate_headers}
         if not req.stream:
             await _collect(gens, request)
             return JSONResponse(fmt.chat_response(state, rid, gens[0], created).model_dump(),
@@ -245,6 +266,7 @@ def create_app(state: GatewayState) -> FastAPI:
             last = parse_event_id(raw, request_id)
         except ValueError as e:
             raise invalid(str(e), "Last-Event-ID") from None
+        await state.check_owner(request_id, request.state.tenant)
         gen = await state.reattach(request_id, last)
         meta = gen.meta
         headers = {"X-Request-Id": request_id}
@@ -259,9 +281,10 @@ def create_app(state: GatewayState) -> FastAPI:
         return stream_response([gen], body, headers)
 
     @app.get("/v1/requests/{request_id}")
-    async def request_result(request_id: str) -> Response:
+    async def request_result(request_id: str, request: Request) -> Response:
         """A request's final result, as its POST would have answered it (a non-streaming
         client whose gateway died fetches it here), or 202 while it runs."""
+        await state.check_owner(request_id, request.state.tenant)
         rec = await _record(state, request_id)
         headers = {"X-Request-Id": request_id}
         if rec.get("state") not in schema.TERMINAL_STATES:

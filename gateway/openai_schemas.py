@@ -1,8 +1,9 @@
 """Request and response bodies of the OpenAI-compatible HTTP API (the subset Tessera serves).
 
 Requests declare types only; value ranges are checked once, by SamplingParams, so the HTTP
-and the gRPC face give the same message for the same mistake. Unknown fields are ignored
-(as OpenAI and vLLM do), so newer SDKs that send extra fields keep working.
+and the gRPC face give the same message for the same mistake. The ranges appear in the
+served OpenAPI schema (``_doc``: documentation, the check stays SamplingParams'). Unknown
+fields are ignored (as OpenAI and vLLM do), so newer SDKs that send extra fields keep working.
 """
 
 from __future__ import annotations
@@ -11,6 +12,14 @@ import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
+
+from common.sampling_params import (INT32_MAX, INT64_MAX, INT64_MIN, MAX_LOGIT_BIAS_ENTRIES,
+                                    MAX_N, MAX_STOP, MAX_STOP_TOKEN_IDS)
+
+
+def _doc(default: Any = None, **bounds: Any) -> Any:
+    """A field whose JSON schema shows the bounds SamplingParams enforces."""
+    return Field(default, json_schema_extra=bounds)
 
 
 # Request fields handed to SamplingParams under the same name.
@@ -30,26 +39,26 @@ class StreamOptions(_Request):
 class _SamplingRequest(_Request):
     """Fields both endpoints take; None means "the SamplingParams default"."""
     model: str | None = None
-    n: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    n: int | None = _doc(minimum=1, maximum=MAX_N)
+    temperature: float | None = _doc(minimum=0)
+    top_p: float | None = _doc(exclusiveMinimum=0, maximum=1)
+    stop: str | list[str] | None = _doc(maxItems=MAX_STOP)
+    seed: int | None = _doc(minimum=INT64_MIN, maximum=INT64_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = _doc(minimum=-2, maximum=2)
+    frequency_penalty: float | None = _doc(minimum=-2, maximum=2)
+    logit_bias: dict[str, float] | None = _doc(maxProperties=MAX_LOGIT_BIAS_ENTRIES)
     user: str | None = None
     # vLLM extras
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    min_tokens: int | None = None
+    top_k: int | None = _doc(minimum=-1, maximum=INT32_MAX)
+    min_p: float | None = _doc(minimum=0, maximum=1)
+    repetition_penalty: float | None = _doc(exclusiveMinimum=0)
+    min_tokens: int | None = _doc(minimum=0, maximum=INT32_MAX)
     ignore_eos: bool | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[int] | None = _doc(maxItems=MAX_STOP_TOKEN_IDS)
     # Tessera extension (DESIGN.md §4): keep generating when the client goes away.
     disconnect: Literal["cancel", "continue"] = "cancel"
 
@@ -74,8 +83,8 @@ class _SamplingRequest(_Request):
 
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
-    logprobs: int | None = None
+    max_tokens: int | None = _doc(16, minimum=1, maximum=INT32_MAX)
+    logprobs: int | None = _doc(minimum=0, maximum=20)
     echo: bool = False
 
 
@@ -99,10 +108,10 @@ class ChatMessageIn(_Request):
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessageIn]
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: int | None = _doc(minimum=1, maximum=INT32_MAX)
+    max_completion_tokens: int | None = _doc(minimum=1, maximum=INT32_MAX)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = _doc(minimum=0, maximum=20)
 
 
 # ---- responses ---------------------------------------------------------------------------

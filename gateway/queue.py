@@ -163,3 +163,25 @@ class RequestSubmitter:
                   maxlen=self.limits.cancels_maxlen, approximate=True)
         await pipe.execute()
         return True
+
+    async def tenant_of(self, request_id: str) -> str | None:
+        """The tenant that submitted ``request_id``; None when unknown or expired."""
+        tenant = await self.redis.hget(schema.request_record(request_id), "tenant")
+        return None if tenant is None else schema.text(tenant)
+
+    async def queue_depth(self, model: str) -> int:
+        """Requests of ``model`` waiting for a scheduler to read them (the consumer group's
+        lag; the same count the schedulers export as tessera:request_queue_depth)."""
+        stream = schema.requests_stream(model)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xinfo_groups(stream)
+        pipe.xlen(stream)
+        try:
+            groups, length = await pipe.execute()
+        except aioredis.ResponseError:   # no stream yet: nothing waits
+            return 0
+        for g in groups:
+            if schema.text(g["name"]) == schema.SCHEDULERS_GROUP:
+                lag = g.get("lag")
+                return int(lag) if lag is not None else max(length - int(g["pending"]), 0)
+        return length

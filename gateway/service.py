@@ -9,15 +9,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import pathlib
+import signal
 
 import redis.asyncio as aioredis
 import uvicorn
 
 from common.config import GatewayConfig
 from common.redis_client import connect
+from gateway.auth import Tenants
 from gateway.generation import GatewayState
 from gateway.grpc_api import create_server
-from gateway.openai_api import create_app
+from gateway.openai_api import create_app, create_ops_app
 
 logger = logging.getLogger(__name__)
 
@@ -26,20 +30,36 @@ async def serve(config: GatewayConfig) -> None:
     """Serve until cancelled; prints "gateway ready http://HOST:PORT grpc HOST:PORT" once
     both faces listen. ``run_until_signal`` wraps it for a process of its own."""
     redis = connect(config.redis_url, max_connections=config.max_redis_connections)
+    # $TESSERA_API_KEY is read here, when the process starts serving (not at import).
+    tenants = Tenants.from_settings(config.api_key or os.environ.get("TESSERA_API_KEY") or None,
+                                    config.tenants_file)
     state = GatewayState.load(config.model, config.model_name, redis,
                               max_body_bytes=config.max_body_bytes,
                               max_model_len=config.max_model_len,
-                              resume_ttl_s=config.resume_ttl_s)
-    grpc_server, grpc_port = await create_server(state, f"{config.host}:{config.grpc_port}")
-    http = uvicorn.Server(uvicorn.Config(create_app(state), host=config.host,
-                                         port=config.http_port, log_level="warning",
-                                         access_log=False, lifespan="off",
-                                         log_config=None))   # our handlers (--log-format)
+                              resume_ttl_s=config.resume_ttl_s, tenants=tenants,
+                              shared_prefix_cache=config.shared_prefix_cache,
+                              max_queued_requests=config.max_queued_requests)
+    if tenants.path:   # SIGHUP re-reads the tenants file (main thread only)
+        with contextlib.suppress(RuntimeError, ValueError):
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, tenants.reload)
+    tls = None
+    if config.ssl_certfile and config.ssl_keyfile:
+        tls = (pathlib.Path(config.ssl_certfile).read_bytes(),
+               pathlib.Path(config.ssl_keyfile).read_bytes())
+    grpc_server, grpc_port = await create_server(state, f"{config.host}:{config.grpc_port}",
+                                                 tls=tls)
+    http = _uvicorn(create_app(state), config.host, config.http_port, config.ssl_certfile,
+                    config.ssl_keyfile)
     # uvicorn would take over SIGINT/SIGTERM and re-raise them after its own shutdown, which
     # skips ours (gRPC, Redis); the caller owns signals and cancels serve() instead.
     http.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
+    ops = None
+    if config.metrics_port is not None:   # plain HTTP: probes and scrapers, no prompt data
+        ops = _uvicorn(create_ops_app(state), config.host, config.metrics_port, None, None)
+        ops.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
     await grpc_server.start()
     http_task = asyncio.create_task(http.serve())
+    ops_task = asyncio.create_task(ops.serve()) if ops is not None else None
     try:
         while not http.started:
             if http_task.done():   # failed to bind: surface uvicorn's error
@@ -47,28 +67,41 @@ async def serve(config: GatewayConfig) -> None:
                 raise OSError(f"the HTTP server did not start on {config.host}:{config.http_port}")
             await asyncio.sleep(0.02)
         http_port = http.servers[0].sockets[0].getsockname()[1]
-        print(f"gateway ready http://{config.host}:{http_port} grpc {config.host}:{grpc_port}",
+        scheme = "https" if tls else "http"
+        print(f"gateway ready {scheme}://{config.host}:{http_port} grpc {config.host}:{grpc_port}",
               flush=True)
         logger.info("serving model %s", config.model_name)
         await http_task
     finally:
         http.should_exit = True
-        await asyncio.shield(_stop(http_task, grpc_server, redis))
+        if ops is not None:
+            ops.should_exit = True
+        await asyncio.shield(_stop(http_task, grpc_server, redis, ops_task))
 
 
-async def _stop(http_task: asyncio.Task, grpc_server: object, redis: aioredis.Redis) -> None:
-    try:
-        await asyncio.wait_for(http_task, 5)
-    except (asyncio.TimeoutError, asyncio.CancelledError, Exception):   # noqa: BLE001
-        pass
+def _uvicorn(app: object, host: str, port: int, certfile: str | None,
+             keyfile: str | None) -> uvicorn.Server:
+    return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                         access_log=False, lifespan="off",
+                                         ssl_certfile=certfile, ssl_keyfile=keyfile,
+                                         log_config=None))   # our handlers (--log-format)
+
+
+async def _stop(http_task: asyncio.Task, grpc_server: object, redis: aioredis.Redis,
+                ops_task: asyncio.Task | None = None) -> None:
+    for task in (http_task, ops_task):
+        if task is None:
+            continue
+        try:
+            await asyncio.wait_for(task, 5)
+        except (asyncio.TimeoutError, asyncio.CancelledError, Exception):   # noqa: BLE001
+            pass
     await grpc_server.stop(grace=2)   # type: ignore[attr-defined]
     await redis.aclose()
 
 
 async def run_until_signal(config: GatewayConfig) -> None:
     """``serve`` until SIGINT or SIGTERM, then shut down in order (main thread only)."""
-    import signal
-
     task = asyncio.ensure_future(serve(config))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -84,13 +84,16 @@ class Call:
         self.input_tokens = self.output_tokens = 0
         self.finish_reasons: list[str] = []
         self.status: int | None = None   # HTTP status, once the response starts
+        self.tenant = ""
 
     @property
     def traceparent(self) -> str | None:
         return telemetry.traceparent_of(self.span)
 
-    def started(self, request_id: str, params: SamplingParams, num_prompt_tokens: int) -> None:
+    def started(self, request_id: str, params: SamplingParams, num_prompt_tokens: int,
+                tenant: str = "") -> None:
         """A request of this call was enqueued (a batch of prompts enqueues several)."""
+        self.tenant = tenant   # its name goes into the log line; never its key
         if not self.request_ids:
             request_id_var.set(request_id)
             if self.recording:
@@ -172,6 +175,8 @@ class Relay:
                 self.span.set_status(Status(StatusCode.ERROR, error))
             self.span.end()
         extra = f" prompt={text[0]!r} output={text[1]!r}" if text is not None else ""
+        tenant = call.tenant if call is not None else ""
+        extra = (f" tenant={tenant}" if tenant else "") + extra
         logger.info("request %s finished %s: %d prompt + %d output tokens, ttft %s, e2e %s%s",
                     self.request_id, ",".join(reasons) or "-", prompt_tokens, output_tokens,
                     "-" if ttft is None else f"{ttft:.3f} s",

@@ -71,10 +71,12 @@ def kernel_backend() -> str:
     return _backend
 
 
-def use_triton(x: torch.Tensor) -> bool:
-    """Whether an op on tensor x (its main input) runs the Triton kernel."""
+def use_triton(x: torch.Tensor | torch.device | str) -> bool:
+    """Whether an op on tensor x (its main input), or on tensors of device x, runs the Triton
+    kernel."""
     global _warned_no_triton
-    if _backend == "torch" or (_backend == "auto" and not x.is_cuda):
+    is_cuda = x.is_cuda if isinstance(x, torch.Tensor) else torch.device(x).type == "cuda"
+    if _backend == "torch" or (_backend == "auto" and not is_cuda):
         return False
     if not HAS_TRITON:
         if _backend == "triton":

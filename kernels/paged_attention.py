@@ -105,12 +105,17 @@ def paged_attention_decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 def paged_attention_prefill(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, query_start_loc: list[int],
                             seq_lens: list[int], scale: float,
-                            sliding_window: int | None = None) -> torch.Tensor:
+                            sliding_window: int | None = None,
+                            tiles: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """Prompt chunks of any lengths in one call; causal within a chunk, full over its prefix.
 
     query: [T, Hq, D], the chunks laid end to end; query_start_loc: S + 1 offsets into T.
-    Returns [T, Hq, D].
+    Returns [T, Hq, D]. tiles: the Triton kernel's per-step metadata
+    (kernels.paged_attention_prefill.prefill_tile_metadata), built once for all layers.
     """
-    fn = paged_attention_prefill_triton if use_triton(query) else paged_attention_prefill_ref
-    return fn(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
-              sliding_window)
+    if use_triton(query):
+        return paged_attention_prefill_triton(query, k_cache, v_cache, block_tables,
+                                              query_start_loc, seq_lens, scale,
+                                              sliding_window, tiles)
+    return paged_attention_prefill_ref(query, k_cache, v_cache, block_tables, query_start_loc,
+                                       seq_lens, scale, sliding_window)

@@ -47,6 +47,8 @@ class EngineRequest:
     params: SamplingParams
     priority: int = 0
     cache_salt: str | None = None
+    tenant: str = ""                    # fair share between tenants (scheduler.fair_share)
+    weight: float = 1.0
     model: str = ""                     # for telemetry attributes
     traceparent: str | None = None      # W3C context of the caller's span (telemetry)
     queue_wait_s: float = 0.0           # waited before it reached the core (telemetry)
@@ -115,7 +117,7 @@ class EngineCore:
         n = req.params.n
         seq = Request(sequence_id(req.request_id, k, n), list(req.prompt_token_ids), req.params,
                       priority=req.priority, eos_token_ids=self.eos_token_ids, seed_offset=k,
-                      cache_salt=req.cache_salt)
+                      cache_salt=req.cache_salt, tenant=req.tenant, weight=req.weight)
         seq.owner = req
         req.seqs[k] = seq
         if req.emitted and req.emitted[k]:

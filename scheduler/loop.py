@@ -102,13 +102,16 @@ class EngineLoop:
 
     # ---- Redis --------------------------------------------------------------------------
     def _admission_room(self) -> int:
-        """How many new requests to read: none while earlier ones still wait for blocks."""
+        """How many new requests to read: none while earlier ones wait for KV blocks (they
+        stay in Redis, where another group can take them); else up to max_num_seqs running
+        and waiting together, so that fair share (scheduler.fair_share) sees later tenants
+        while a flood of one tenant waits for the token budget."""
         c = self.core
         if self.recovery.down:   # read on (deadlines hold) unless a peer group serves them
             return 0 if self.recovery.peer_up else max(c.config.max_num_seqs - len(c.requests), 0)
-        if c.num_waiting or c.kv.num_free_blocks == 0:
+        if c.scheduler.waiting_for_blocks or c.kv.num_free_blocks == 0:
             return 0
-        return max(c.config.max_num_seqs - c.num_running, 0)
+        return max(c.config.max_num_seqs - c.num_running - c.num_waiting, 0)
 
     async def _exchange(self, block_ms: int | None) -> None:
         """One round trip: publish what the last step produced, read new requests (as many as
@@ -139,6 +142,8 @@ class EngineLoop:
         waited = max(admitted - entered, 0.0) if admitted and not emitted else 0.0
         req = EngineRequest(queued.request_id, list(queued.prompt_token_ids), queued.params,
                             priority=queued.priority, model=queued.model,
+                            cache_salt=queued.cache_salt, tenant=queued.tenant,
+                            weight=queued.weight,
                             traceparent=queued.traceparent, queue_wait_s=waited, tag=entry_id,
                             emitted=emitted, next_index=next_index,
                             deadline=self.recovery.deadline_of(queued, entered))

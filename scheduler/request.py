@@ -39,6 +39,9 @@ class Request:
     eos_token_ids: tuple[int, ...] = ()
     seed_offset: int = 0             # index among the n sequences of one user request
     cache_salt: str | None = None
+    tenant: str = ""                 # fair share (scheduler.fair_share): whose request it is
+    weight: float = 1.0              # ... and the tenant's weight
+    fair_tag: float = 0.0            # virtual start tag, set by the scheduler
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0       # prefix-cache hit at first admission
@@ -65,8 +68,8 @@ class Request:
         return len(self.all_token_ids)
 
     @property
-    def sort_key(self) -> tuple[int, int]:
-        return (self.priority, self.arrival)
+    def sort_key(self) -> tuple[int, float, int]:
+        return (self.priority, self.fair_tag, self.arrival)
 
     @property
     def finish_reason(self) -> str | None:

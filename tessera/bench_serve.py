@@ -4,6 +4,9 @@ Metrics follow vLLM's serving benchmark: TTFT (request sent -> first content chu
 (time per output token after the first: (e2e - ttft) / (output tokens - 1)), ITL (the gaps
 between consecutive content chunks), e2e latency; request and output-token throughput over
 the whole run. Every interval comes from this process's monotonic clock.
+
+`--chat` sends real questions to /v1/chat/completions instead and lets each answer stop at the
+model's own EOS, so a real model (SmolLM2) shows real output lengths.
 """
 
 from __future__ import annotations
@@ -18,6 +21,18 @@ from dataclasses import asdict, dataclass, field
 
 import httpx
 from tqdm.auto import tqdm
+
+
+# Varied questions for --chat (and benchmarks/offline_throughput.py --chat), cycled.
+CHAT_QUESTIONS = (
+    "What is the capital of France?", "Name three primary colors.", "Write a haiku about rain.",
+    "What is 2 + 2?", "Explain photosynthesis in one sentence.", "Who wrote Romeo and Juliet?",
+    "Give me a tip for learning Python.", "What is the boiling point of water?",
+    "Tell me a short joke.", "What does a CPU do?", "List three fruits.",
+    "How many days are in a leap year?", "Describe the color blue to a child.",
+    "What is the largest planet in the solar system?", "Suggest a name for a cat.",
+    "Why is the sky blue?",
+)
 
 
 @dataclass
@@ -56,7 +71,8 @@ async def _one(client: httpx.AsyncClient, url: str, body: dict) -> RequestResult
                 if chunk.get("usage"):
                     res.output_tokens = chunk["usage"]["completion_tokens"]
                     res.prompt_tokens = chunk["usage"]["prompt_tokens"]
-                if any(c.get("text") for c in chunk.get("choices", [])):
+                if any(c.get("text") or (c.get("delta") or {}).get("content")
+                       for c in chunk.get("choices", [])):
                     if last is None:
                         res.ttft = now - start
                     else:
@@ -83,18 +99,23 @@ async def run_benchmark(args: argparse.Namespace) -> dict:
     rng = random.Random(args.seed)
     prompts = [[rng.randrange(args.vocab_size) for _ in range(args.random_input_len)]
                for _ in range(args.num_prompts)]
-    url = args.base_url.rstrip("/") + "/v1/completions"
+    if args.chat:
+        prompts = [CHAT_QUESTIONS[i % len(CHAT_QUESTIONS)] for i in range(args.num_prompts)]
+    url = args.base_url.rstrip("/") + ("/v1/chat/completions" if args.chat else "/v1/completions")
     limit = asyncio.Semaphore(args.max_concurrency or args.num_prompts)
     bar = tqdm(total=args.num_prompts, desc="bench serve", disable=args.no_progress)
     timeout = httpx.Timeout(args.timeout, connect=10.0)
     limits = httpx.Limits(max_connections=max(args.max_concurrency or args.num_prompts, 1))
 
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
-        async def send(prompt: list[int]) -> RequestResult:
+        async def send(prompt: list[int] | str) -> RequestResult:
             async with limit:
                 body = {"model": args.model, "prompt": prompt, "max_tokens": args.random_output_len,
                         "temperature": 0.0, "ignore_eos": True, "stream": True,
                         "stream_options": {"include_usage": True}}
+                if args.chat:   # a real question; the answer ends at the model's EOS
+                    del body["prompt"], body["ignore_eos"]
+                    body["messages"] = [{"role": "user", "content": prompt}]
                 r = await _one(client, url, body)
                 bar.update(1)
                 return r
@@ -146,6 +167,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     rate.add_argument("--request-rate", type=float, default=None,
                       help="Poisson arrivals per second (default: all at once)")
     rate.add_argument("--max-concurrency", type=int, default=None)
+    p.add_argument("--chat", action="store_true",
+                   help="send real questions to /v1/chat/completions, each answer stopping at "
+                   "the model's EOS (--random-output-len is then the cap)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--json", dest="json_path", default=None, help="write results here")

@@ -65,6 +65,8 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
     settings.add_arguments(p, EngineConfig, skip=("seed",))   # --seed is the request's here
+    p.add_argument("--chat", action="store_true",
+                   help="send each prompt as a user message through the model's chat template")
     p.set_defaults(handler=_run_generate)
 
 
@@ -77,7 +79,10 @@ def _run_generate(args: argparse.Namespace) -> int:
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens,
                             seed=args.seed)
     start = time.perf_counter()
-    outputs = llm.generate(args.prompt, params)
+    if args.chat:
+        outputs = llm.chat([[{"role": "user", "content": p}] for p in args.prompt], params)
+    else:
+        outputs = llm.generate(args.prompt, params)
     elapsed = time.perf_counter() - start
     for out in outputs:
         completion = out.outputs[0]
@@ -134,6 +139,26 @@ def _run_scheduler(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _add_hash_key(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "hash-key", help="print the SHA-256 digest of an API key, for a --tenants file",
+        description="Reads the key from the argument, or from standard input with '-' (keeps "
+        "it out of the shell's history).")
+    p.add_argument("key", help="the API key, or - to read one line from standard input")
+
+    def run(args: argparse.Namespace) -> int:
+        from gateway.auth import hash_key
+
+        key = sys.stdin.readline().strip() if args.key == "-" else args.key
+        if not key:
+            print("hash-key: empty key", file=sys.stderr)
+            return 2
+        print(hash_key(key))
+        return 0
+
+    p.set_defaults(handler=run)
 
 
 def _add_gateway(subparsers: argparse._SubParsersAction) -> None:
@@ -193,6 +218,24 @@ def _run_bench_serve(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+def _add_convert(subparsers: argparse._SubParsersAction) -> None:
+    from tessera.convert_gguf import add_arguments
+
+    p = subparsers.add_parser(
+        "convert", help="write a GGUF file as a Hugging Face model directory",
+        description="Dequantize a GGUF file into a Hugging Face directory (config, safetensors, "
+        "tokenizer.json, tokenizer_config.json with the chat template). Every --model flag also "
+        "takes the .gguf file itself.")
+    add_arguments(p)
+    p.set_defaults(handler=_run_convert)
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from tessera.convert_gguf import main as convert_main
+
+    return convert_main(args)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tessera", description="Tessera LLM inference server")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -203,6 +246,8 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_gateway(subparsers)
     _add_serve(subparsers)
     _add_bench(subparsers)
+    _add_hash_key(subparsers)
+    _add_convert(subparsers)
     return parser
 
 

@@ -72,6 +72,20 @@ def _tokenize_request(text: str | Sequence[Mapping[str, str]], model: str
     return msg
 
 
+def _auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...] | None:
+    """The gateway's key check (``--api-key`` / ``--tenants``) reads this metadata."""
+    return (("authorization", f"Bearer {api_key}"),) if api_key else None
+
+
+def _open_channel(module: Any, address: str, options: Sequence[tuple[str, Any]],
+                  root_certificates: bytes | None) -> Any:
+    """``module`` is grpc or grpc.aio; TLS when root certificates are given."""
+    if root_certificates is None:
+        return module.insecure_channel(address, options=list(options))
+    return module.secure_channel(address, grpc.ssl_channel_credentials(root_certificates),
+                                 options=list(options))
+
+
 class TesseraClient:
     """Blocking client. ``model`` may stay empty when the gateway serves one model.
 
@@ -80,13 +94,18 @@ class TesseraClient:
     ``disconnect`` ("cancel" or "continue"), ``last_event_index`` (stream only: resume after
     that event of ``request_id``, on any gateway replica: pass ``None`` as the prompt; the
     gateway rebuilds the stream from Redis). Streams never yield an index twice.
+    ``api_key`` goes with every call as ``authorization`` metadata (a gateway started with
+    --api-key or --tenants asks for it); ``root_certificates`` (PEM bytes) makes the channel
+    TLS, checked against them.
     """
 
     def __init__(self, address: str, *, model: str = "", timeout: float | None = None,
-                 options: Sequence[tuple[str, Any]] = ()) -> None:
+                 options: Sequence[tuple[str, Any]] = (), api_key: str | None = None,
+                 root_certificates: bytes | None = None) -> None:
         self.model = model
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(address, options=list(options))
+        self._metadata = _auth_metadata(api_key)
+        self._channel = _open_channel(grpc, address, options, root_certificates)
         self._stub = generate_pb2_grpc.GenerateStub(self._channel)
 
     def generate(self, prompt: Prompt, *, request_id: str = "", idempotency_key: str = "",
@@ -95,7 +114,8 @@ class TesseraClient:
         req = _request(prompt, self.model, request_id, idempotency_key, None, priority,
                        disconnect, sampling)
         try:
-            return convert.generate_result_from_proto(self._stub.Generate(req, timeout=self.timeout))
+            return convert.generate_result_from_proto(self._stub.Generate(req, timeout=self.timeout,
+            metadata=self._metadata))
         except grpc.RpcError as e:
             raise _error(e) from None
 
@@ -106,7 +126,7 @@ class TesseraClient:
         cancels the call (and, with disconnect="cancel", the generation)."""
         req = _request(prompt, self.model, request_id, idempotency_key, last_event_index,
                        priority, disconnect, sampling)
-        call = self._stub.GenerateStream(req, timeout=self.timeout)
+        call = self._stub.GenerateStream(req, timeout=self.timeout, metadata=self._metadata)
         last = -1 if last_event_index is None else last_event_index
         try:
             for msg in call:
@@ -122,14 +142,16 @@ class TesseraClient:
     def tokenize(self, text: str | Sequence[Mapping[str, str]]) -> list[int]:
         """Token ids of a text (with the tokenizer's special tokens) or of a rendered chat."""
         try:
-            resp = self._stub.Tokenize(_tokenize_request(text, self.model), timeout=self.timeout)
+            resp = self._stub.Tokenize(_tokenize_request(text, self.model), timeout=self.timeout,
+            metadata=self._metadata)
         except grpc.RpcError as e:
             raise _error(e) from None
         return list(resp.token_ids)
 
     def list_models(self) -> list[ModelInfo]:
         try:
-            resp = self._stub.ListModels(generate_pb2.ListModelsRequest(), timeout=self.timeout)
+            resp = self._stub.ListModels(generate_pb2.ListModelsRequest(), timeout=self.timeout,
+            metadata=self._metadata)
         except grpc.RpcError as e:
             raise _error(e) from None
         return [convert.model_info_from_proto(m) for m in resp.models]
@@ -138,7 +160,8 @@ class TesseraClient:
         """Stop a generation; unknown or finished ids are not an error."""
         try:
             self._stub.Cancel(generate_pb2.CancelRequest(request_id=request_id),
-                              timeout=self.timeout)
+                              timeout=self.timeout,
+            metadata=self._metadata)
         except grpc.RpcError as e:
             raise _error(e) from None
 
@@ -156,10 +179,12 @@ class AsyncTesseraClient:
     """asyncio client (grpc.aio); the same calls as TesseraClient, awaited."""
 
     def __init__(self, address: str, *, model: str = "", timeout: float | None = None,
-                 options: Sequence[tuple[str, Any]] = ()) -> None:
+                 options: Sequence[tuple[str, Any]] = (), api_key: str | None = None,
+                 root_certificates: bytes | None = None) -> None:
         self.model = model
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(address, options=list(options))
+        self._metadata = _auth_metadata(api_key)
+        self._channel = _open_channel(grpc.aio, address, options, root_certificates)
         self._stub = generate_pb2_grpc.GenerateStub(self._channel)
 
     async def generate(self, prompt: Prompt, *, request_id: str = "",
@@ -168,7 +193,8 @@ class AsyncTesseraClient:
         req = _request(prompt, self.model, request_id, idempotency_key, None, priority,
                        disconnect, sampling)
         try:
-            msg = await self._stub.Generate(req, timeout=self.timeout)
+            msg = await self._stub.Generate(req, timeout=self.timeout,
+            metadata=self._metadata)
         except grpc.RpcError as e:
             raise _error(e) from None
         return convert.generate_result_from_proto(msg)
@@ -179,7 +205,7 @@ class AsyncTesseraClient:
                      **sampling: Any) -> AsyncIterator[StreamChunk]:
         req = _request(prompt, self.model, request_id, idempotency_key, last_event_index,
                        priority, disconnect, sampling)
-        call = self._stub.GenerateStream(req, timeout=self.timeout)
+        call = self._stub.GenerateStream(req, timeout=self.timeout, metadata=self._metadata)
         last = -1 if last_event_index is None else last_event_index
         try:
             async for msg in call:
@@ -195,7 +221,8 @@ class AsyncTesseraClient:
     async def tokenize(self, text: str | Sequence[Mapping[str, str]]) -> list[int]:
         try:
             resp = await self._stub.Tokenize(_tokenize_request(text, self.model),
-                                             timeout=self.timeout)
+                                             timeout=self.timeout,
+            metadata=self._metadata)
         except grpc.RpcError as e:
             raise _error(e) from None
         return list(resp.token_ids)
@@ -203,7 +230,8 @@ class AsyncTesseraClient:
     async def list_models(self) -> list[ModelInfo]:
         try:
             resp = await self._stub.ListModels(generate_pb2.ListModelsRequest(),
-                                               timeout=self.timeout)
+                                               timeout=self.timeout,
+            metadata=self._metadata)
         except grpc.RpcError as e:
             raise _error(e) from None
         return [convert.model_info_from_proto(m) for m in resp.models]
@@ -211,7 +239,8 @@ class AsyncTesseraClient:
     async def cancel(self, request_id: str) -> None:
         try:
             await self._stub.Cancel(generate_pb2.CancelRequest(request_id=request_id),
-                                    timeout=self.timeout)
+                                    timeout=self.timeout,
+            metadata=self._metadata)
         except grpc.RpcError as e:
             raise _error(e) from None
 

@@ -114,11 +114,9 @@ class LLMEngine:
                                                  config.max_num_seqs)
             if num_kv_blocks == 0:
                 raise ValueError("no memory left for a single KV block")
-        self.core = EngineCore(SchedulerConfig(
-            num_blocks=num_kv_blocks, block_size=config.block_size,
-            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-            max_model_len=self.max_model_len, enable_prefix_caching=config.enable_prefix_caching),
-            self.model_config.eos_token_ids)
+        self.core = EngineCore(SchedulerConfig.from_settings(config, num_kv_blocks,
+                                                             self.max_model_len),
+                               self.model_config.eos_token_ids)
         self.scheduler = self.core.scheduler
 
     # ---- requests -----------------------------------------------------------------------
@@ -160,12 +158,13 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """One engine step; returns the requests that finished in it."""
-        finished: list[RequestOutput] = []
-        for req, ev in self.step_events():
-            self._apply(req, ev, finished)
-        return finished
+        done = [req for req, ev in self.step_events() if self._apply(req, ev)]
+        # Built once the whole step is applied: a stop string may end a request before the
+        # step's events of its other sequences are in.
+        return [self._output(req) for req in done]
 
-    def _apply(self, req: EngineRequest, ev: OutputEvent, finished: list[RequestOutput]) -> None:
+    def _apply(self, req: EngineRequest, ev: OutputEvent) -> bool:
+        """Add an event to the request's output; True if it was the request's last."""
         out: _Output = req.tag
         seq = out.seqs[ev.seq_index]
         if ev.prompt_logprobs and ev.seq_index == 0:
@@ -177,13 +176,10 @@ class LLMEngine:
             seq.detok.add_tokens(ev.token_ids)
             if seq.detok.stopped is not None and ev.finish_reason is None:
                 stop = self.core.finish_sequence(req.request_id, ev.seq_index, "stop")
-                if stop is not None:
-                    self._apply(req, stop, finished)
-                return
+                return stop is not None and self._apply(req, stop)
         if ev.finish_reason is not None:
             seq.finish_reason = ev.finish_reason
-        if ev.final:
-            finished.append(self._output(req))
+        return ev.final
 
     def _output(self, req: EngineRequest) -> RequestOutput:
         out: _Output = req.tag

@@ -28,7 +28,7 @@ import time
 from common.config import GatewayConfig, SchedulerServiceConfig, ServeConfig, WorkerConfig
 from common.metrics import RESTARTS_ENV, SERVICE_ENV
 from common.settings import pick, to_argv
-from tessera.procs import TESSERA, Proc, ProcessGroup, RedisProc, free_port
+from tessera.procs import TESSERA, Proc, ProcessFailed, ProcessGroup, RedisProc, free_port
 
 BACKOFF_S = (1.0, 30.0)   # first delay, longest delay; doubles per failure in a row
 STABLE_S = 60.0           # a unit that ran this long before dying starts the backoff over
@@ -62,11 +62,12 @@ def worker_procs(config: WorkerConfig, labels: list[str], env: dict[str, str] | 
     return procs
 
 
-class Unit:
+class Unit(ProcessGroup):
     """Processes restarted together (a worker group; or one process), with its restarts."""
 
     def __init__(self, name: str, procs: list[Proc]) -> None:
-        self.name, self.procs, self.restarts = name, procs, 0
+        super().__init__(procs)
+        self.name, self.restarts = name, 0
         self.started_at = time.monotonic()
 
     def start(self, timeout: float = 300.0) -> None:
@@ -81,11 +82,6 @@ class Unit:
 
     def dead(self) -> Proc | None:
         return next((p for p in self.procs if p.poll() is not None), None)
-
-    def stop(self) -> None:
-        group = ProcessGroup()
-        group.procs = self.procs
-        group.stop()
 
 
 class Stack:
@@ -139,9 +135,7 @@ class Stack:
 
     def stop(self) -> None:
         self.stopping.set()
-        group = ProcessGroup()
-        group.procs = [p for unit in self.units for p in unit.procs]
-        group.stop()
+        ProcessGroup([p for unit in self.units for p in unit.procs]).stop()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
@@ -217,6 +211,9 @@ def serve(config: ServeConfig) -> int:
         while not stack.stopping.wait(1.0):
             pass
         print(f"{stack.failed}; stopping the stack (--no-restart)", file=sys.stderr)
+        return 1
+    except ProcessFailed as e:   # a child did not come up: its output says why
+        print(f"tessera serve: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 0

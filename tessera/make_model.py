@@ -26,7 +26,9 @@ if TYPE_CHECKING:  # torch is imported where weights are made, so the CLI parses
 
 # Our families and the HF `architectures` name each is written with (common/model_config.py).
 _ARCHITECTURES = {family: hf_name for hf_name, family in ARCHITECTURES.items()}
-ARCHS = tuple(_ARCHITECTURES)
+# Qwen3's tests use checkpoints transformers itself makes (tests/test_qwen3.py): its q/k norms
+# are not among the tensors this writer knows.
+ARCHS = tuple(f for f in _ARCHITECTURES if f != "qwen3")
 
 
 @dataclass(frozen=True)

@@ -158,8 +158,8 @@ class Proc:
 class ProcessGroup:
     """Processes stopped together, in reverse order of their start."""
 
-    def __init__(self) -> None:
-        self.procs: list[Proc] = []
+    def __init__(self, procs: list[Proc] | None = None) -> None:
+        self.procs: list[Proc] = list(procs or [])
 
     def add(self, proc: Proc) -> Proc:
         self.procs.append(proc)

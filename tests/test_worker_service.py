@@ -3,7 +3,6 @@ diff produces the same tokens as the in-process worker, and a mismatch is refuse
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -20,22 +19,17 @@ from scheduler.engine_core import EngineCore, EngineRequest
 from scheduler.executor import GrpcExecutor
 from scheduler.scheduler import SchedulerConfig
 from tessera import LLM
+from tessera.procs import free_port
 from worker.runner import ModelRunner
 from worker.worker import Worker
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def worker_stub(tiny_model):
     model_dir = str(tiny_model("llama"))
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "tessera.cli", "worker", "--model", model_dir, "--port", str(port),
          "--kv-cache-memory-gb", "0.001", "--metrics-port", "0"],
@@ -85,6 +79,20 @@ def test_execute_matches_the_in_process_worker(worker_stub):
         assert {k: v.token_id for k, v in remote.sampled.items()} == \
             {k: v.token_id for k, v in expected.sampled.items()}
     assert set(remote.sampled) == {"a", "b"}
+
+
+def test_a_second_warmup_gives_the_same_blocks_and_the_worker_serves(worker_stub):
+    """Schedulers warm again after every restart: the cache is sized afresh, not around the
+    old one, and the worker starts over at step 1."""
+    _, stub = worker_stub
+    request = worker_pb2.WarmupRequest(max_num_batched_tokens=64, max_num_seqs=4)
+    first = stub.Warmup(request)
+    stub.Execute(step_plan_to_proto(_plans()[0]))
+    second = stub.Warmup(request)
+    assert (second.num_blocks, second.block_bytes) == (first.num_blocks, first.block_bytes)
+    assert second.num_blocks > 8
+    out = step_output_from_proto(stub.Execute(step_plan_to_proto(_plans()[0])))
+    assert set(out.sampled) == {"b"}
 
 
 def test_mismatch_is_failed_precondition_and_reset_recovers(worker_stub):

@@ -2,7 +2,9 @@
 
 Built once per step from the scheduled sequences (decodes first, then prompt chunks) and
 shared by every layer. Slots are derived here from the block tables; nothing upstream ever
-sends per-token slot lists.
+sends per-token slot lists. On CUDA the step's index tensors cross in one copy from pinned
+memory that does not wait for the device, and so does the Triton prefill kernel's tile
+metadata (built here, once, rather than by each layer's launch).
 """
 
 from __future__ import annotations
@@ -10,6 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from kernels import use_triton
+from kernels.paged_attention_prefill import prefill_tile_metadata
 
 
 @dataclass
@@ -22,6 +27,7 @@ class AttentionMetadata:
     num_decode_tokens: int           # the first this-many sequences have exactly one token
     prefill_query_start_loc: list[int]  # offsets of the prompt chunks, relative to their start
     prefill_seq_lens: list[int]
+    prefill_tiles: tuple[torch.Tensor, ...] | None = None   # the Triton prefill's, per step
 
     @property
     def last_token_indices(self) -> torch.Tensor:
@@ -61,9 +67,24 @@ def build_attention_metadata(query_lens: list[int], start_positions: list[int],
     positions = starts[seq_of_token] + offset_in_seq
     slot_mapping = tables[seq_of_token, positions // block_size] * block_size + positions % block_size
     first_prefill = query_start_loc[num_decodes]
+    prefill_query_start_loc = [x - first_prefill for x in query_start_loc[num_decodes:]]
+    tiles = None
+    if num_decodes < num_seqs and use_triton(device):
+        tiles = prefill_tile_metadata(prefill_query_start_loc, seq_lens[num_decodes:], device)
+    seq_lens_t = torch.tensor(seq_lens, dtype=torch.int64)
+    if torch.device(device).type == "cuda":
+        # One pinned buffer, one copy that does not block the host; views split it again.
+        t = len(positions)
+        packed = torch.cat([positions, slot_mapping, seq_lens_t, tables.view(-1)])
+        packed = packed.pin_memory().to(device, non_blocking=True)
+        positions, slot_mapping = packed[:t], packed[t:2 * t]
+        seq_lens_t = packed[2 * t:2 * t + num_seqs]
+        tables = packed[2 * t + num_seqs:].view(num_seqs, max_blocks)
+    else:
+        positions, slot_mapping = positions.to(device), slot_mapping.to(device)
+        tables, seq_lens_t = tables.to(device), seq_lens_t.to(device)
     return AttentionMetadata(
-        positions=positions.to(device), slot_mapping=slot_mapping.to(device),
-        block_tables=tables.to(device), seq_lens=torch.tensor(seq_lens, dtype=torch.int64).to(device),
-        query_start_loc=query_start_loc, num_decode_tokens=num_decodes,
-        prefill_query_start_loc=[x - first_prefill for x in query_start_loc[num_decodes:]],
-        prefill_seq_lens=seq_lens[num_decodes:])
+        positions=positions, slot_mapping=slot_mapping, block_tables=tables,
+        seq_lens=seq_lens_t, query_start_loc=query_start_loc, num_decode_tokens=num_decodes,
+        prefill_query_start_loc=prefill_query_start_loc,
+        prefill_seq_lens=seq_lens[num_decodes:], prefill_tiles=tiles)

@@ -34,8 +34,8 @@ def graph_sizes(max_num_seqs: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model, kv_caches: list, scratch_block: int, block_size: int,
-                 max_blocks_per_seq: int, sizes: list[int], hidden_size: int,
-                 dtype: torch.dtype, device: torch.device, capture: bool = True) -> None:
+                 max_blocks_per_seq: int, sizes: list[int], device: torch.device,
+                 capture: bool = True) -> None:
         self.model, self.kv_caches = model, kv_caches
         self.sizes = sorted(set(sizes))
         self.max_bs = self.sizes[-1]
@@ -45,7 +45,6 @@ class DecodeGraphs:
         self.slot_mapping = torch.zeros(n, dtype=torch.int64, device=d)
         self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int64, device=d)
         self.seq_lens = torch.ones(n, dtype=torch.int64, device=d)
-        self.out = torch.zeros(n, hidden_size, dtype=dtype, device=d)
         self.pad_slot = scratch_block * block_size
         self.capture = capture
         self._graphs: dict[int, object] = {}

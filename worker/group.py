@@ -11,7 +11,7 @@ import logging
 import socket
 import time
 
-from worker.parallel import default_backend, init_worker_group
+from worker.parallel import default_backend, init_worker_group, rank_device
 
 logger = logging.getLogger(__name__)
 
@@ -69,15 +69,30 @@ def resolve_init_addr(config) -> str:
         client.close()
 
 
+def group_device(config) -> str:
+    """This rank's device (worker/parallel.py's rank_device), every rank of the group assumed
+    on this host; a single worker keeps the configured device."""
+    import torch
+
+    if config.world_size == 1 or torch.device(config.device).type != "cuda":
+        return config.device
+    return str(rank_device(config.device, config.rank, config.world_size,
+                           torch.cuda.device_count()))
+
+
 async def join_group(config) -> None:
-    """Block until every rank of the group has joined (the model is built after this)."""
+    """Block until every rank of the group has joined (the model is built after this).
+    config.device is this rank's own device (group_device)."""
+    import torch
+
     addr = resolve_init_addr(config)
     backend = default_backend(config.device)
+    device = None
     if backend == "nccl":
-        import torch
-
-        torch.cuda.set_device(torch.device(config.device))
-    logger.info("joining group %s as rank %d of %d at %s (%s)", config.group, config.rank,
-                config.world_size, addr, backend)
+        # Before init_process_group: NCCL binds each rank's communicator to the current GPU.
+        device = torch.device(config.device)
+        torch.cuda.set_device(device)
+    logger.info("joining group %s as rank %d of %d at %s (%s, %s)", config.group, config.rank,
+                config.world_size, addr, backend, config.device)
     init_worker_group(config.tensor_parallel_size, config.pipeline_parallel_size, config.rank,
-                      f"tcp://{addr}", backend, config.dist_timeout_s)
+                      f"tcp://{addr}", backend, config.dist_timeout_s, device)

@@ -1,5 +1,6 @@
 """Load a model from a local Hugging Face directory, with errors that say exactly what is wrong.
 
+A single GGUF file is read through `worker/gguf_loader.py` under the same HF names.
 Tensors are visited one at a time from `model.safetensors` or from the shards listed in
 `model.safetensors.index.json` as lazy slices: each parallel layer reads only its own part
 (`worker/lazy_tensor.py`), and a pipeline stage skips other stages' layers unread, so a rank's
@@ -16,7 +17,9 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
+from common.gguf_file import is_gguf
 from common.model_config import ModelConfig, ModelConfigError
+from worker.gguf_loader import iter_gguf
 from worker.layers.linear import WeightShapeError
 from worker.lazy_tensor import LazyTensor
 from worker.models.registry import MODELS
@@ -58,6 +61,9 @@ def checkpoint_files(model_dir: str | Path) -> list[Path]:
 
 
 def iter_checkpoint(model_dir: str | Path) -> Iterator[tuple[str, LazyTensor]]:
+    if is_gguf(model_dir):
+        yield from iter_gguf(str(model_dir))
+        return
     for file in checkpoint_files(model_dir):
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():

@@ -100,11 +100,35 @@ def default_backend(device: str | torch.device) -> str:
     return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
+def rank_device(device: str | torch.device, rank: int, local_size: int,
+                device_count: int) -> torch.device:
+    """The device a rank of a group runs on, from the configured one.
+
+    NCCL needs one GPU per rank, and `torch.cuda.set_device` needs an index: on a host running
+    `local_size` ranks of the group (ranks r, r+1, ... all here), a bare "cuda" puts local rank
+    i on cuda:(i % device_count); "cuda:k" names the host's first GPU for the group, so rank i
+    takes cuda:((k + i) % device_count). A host that sees one GPU (a pod per rank) gives every
+    rank cuda:0. Non-CUDA devices are returned as they are."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return dev
+    if device_count < 1:
+        raise ValueError(f"device {dev} requested but no CUDA device is visible")
+    if local_size < 1 or rank < 0:
+        raise ValueError(f"rank {rank} of a local group of {local_size}")
+    first = dev.index or 0
+    if first >= device_count:
+        raise ValueError(f"{dev} requested but only {device_count} CUDA devices are visible")
+    return torch.device("cuda", (first + rank % local_size) % device_count)
+
+
 def init_worker_group(tp_size: int, pp_size: int, rank: int, init_method: str,
-                      backend: str = "gloo", timeout_s: float = 120.0) -> None:
+                      backend: str = "gloo", timeout_s: float = 120.0,
+                      device: torch.device | None = None) -> None:
     """Join the group's process group (blocks until all tp_size * pp_size ranks arrive at the
     TCP store `init_method`, e.g. "tcp://10.0.0.5:29500") and set the TP group and the
-    pipeline stage. Collectives that stall longer than timeout_s fail (a dead peer)."""
+    pipeline stage. Collectives that stall longer than timeout_s fail (a dead peer). With
+    NCCL, `device` (this rank's GPU, see rank_device) binds the communicator to it."""
     world = tp_size * pp_size
     if tp_size < 1 or pp_size < 1:
         raise ValueError("tensor- and pipeline-parallel sizes must be at least 1")
@@ -113,7 +137,8 @@ def init_worker_group(tp_size: int, pp_size: int, rank: int, init_method: str,
     pp_rank, tp_rank = divmod(rank, tp_size)
     if world > 1:
         dist.init_process_group(backend, init_method=init_method, world_size=world, rank=rank,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+                                timeout=datetime.timedelta(seconds=timeout_s),
+                                device_id=device if backend == "nccl" else None)
     tp_pg = None
     if tp_size > 1:
         # Every rank creates every stage's group, in the same order (torch.distributed's rule).

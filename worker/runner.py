@@ -23,6 +23,20 @@ from worker.parallel import get_pp_stage
 logger = logging.getLogger(__name__)
 
 
+def _on_device(method):
+    """Run a runner method with its GPU as the thread's current device. Triton launches on
+    the current device, not on its tensors' device, and a new thread (the worker service's
+    step thread) starts on GPU 0: without this, LLM(device="cuda:1") would run its kernels
+    on GPU 0 against GPU 1's memory."""
+    @functools.wraps(method)
+    def on_device(self, *args, **kwargs):
+        if self.device.type != "cuda":
+            return method(self, *args, **kwargs)
+        with torch.cuda.device(self.device):
+            return method(self, *args, **kwargs)
+    return on_device
+
+
 @functools.lru_cache(maxsize=None)
 def _cpu_flags() -> frozenset[str]:
     try:
@@ -92,24 +106,52 @@ class ModelRunner:
         self.kv_caches = allocate_kv_cache(self.config, num_blocks, self.block_size, self.dtype,
                                            self.device)
 
-    def capture_decode_graphs(self, max_num_seqs: int, capture: bool = True) -> None:
-        """Replay decode steps of up to max_num_seqs sequences from CUDA graphs
-        (worker/cuda_graphs.py). The cache gets one scratch block past the scheduler's pool,
-        for the padding rows' writes. capture=False: the same path run eagerly (tests)."""
-        from worker.cuda_graphs import DecodeGraphs, graph_sizes
+    def release_kv_cache(self) -> None:
+        """Drop the KV cache and decode graphs and, on CUDA, hand their memory back to the
+        driver, so that a warm-up measuring free memory sees it free."""
+        self.allocate_kv_cache(0)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def why_no_decode_graphs(self, capture: bool = True) -> str | None:
+        """Why capture_decode_graphs would run decode steps eagerly; None: it captures."""
+        from kernels import use_triton
         from worker.parallel import get_tp_group
 
         if self.pp.size > 1 or get_tp_group().size > 1:
-            logger.info("decode graphs are for single-worker groups: running eagerly")
+            return "decode graphs are for single-worker groups"
+        if capture and not use_triton(self.device):
+            # The torch references read values on the host (int(seq_lens.max()) in decode
+            # attention): a host sync inside a capture fails it.
+            return "the torch kernel fallback syncs with the host, which a capture cannot"
+        if capture and self.device.type != "cuda":
+            return f"CUDA graphs need a CUDA device, not {self.device}"
+        return None
+
+    def decode_graphs_supported(self) -> bool:
+        """Whether capture_decode_graphs would capture (else decode steps run eagerly)."""
+        return self.why_no_decode_graphs() is None
+
+    @_on_device
+    def capture_decode_graphs(self, max_num_seqs: int, capture: bool = True) -> None:
+        """Replay decode steps of up to max_num_seqs sequences from CUDA graphs
+        (worker/cuda_graphs.py). The cache gets one scratch block past the scheduler's pool,
+        for the padding rows' writes. capture=False: the same path run eagerly (tests).
+        Where capture is unsupported (decode_graphs_supported), decode steps stay eager."""
+        from worker.cuda_graphs import DecodeGraphs, graph_sizes
+
+        reason = self.why_no_decode_graphs(capture)
+        if reason is not None:
+            logger.info("%s: running decode steps eagerly", reason)
             return
         pool = self.num_blocks
         self.allocate_kv_cache(pool + 1)
         self.num_blocks = pool
         max_blocks = -(-self.config.max_position_embeddings // self.block_size)
         self.graphs = DecodeGraphs(self.model, self.kv_caches, pool, self.block_size, max_blocks,
-                                   graph_sizes(max_num_seqs), self.config.hidden_size,
-                                   self.dtype, self.device, capture=capture)
+                                   graph_sizes(max_num_seqs), self.device, capture=capture)
 
+    @_on_device
     def profile_run(self, num_tokens: int, num_seqs: int) -> None:
         """One worst-case forward pass (num_tokens tokens over num_seqs prompt chunks) on a
         temporary cache just large enough: warms the kernels and, on CUDA, shows the peak
@@ -125,6 +167,7 @@ class ModelRunner:
         self.execute(seqs)
         self.allocate_kv_cache(saved)
 
+    @_on_device
     @torch.inference_mode()
     def execute(self, seqs: list[SequenceInput], all_logits: bool = False) -> RunnerOutput:
         if not seqs:

@@ -11,6 +11,10 @@ numbers per row (`exponential_` over [256, 32000] costs ~230 ms on our 2-core CP
 u is a counter-based hash of (seed, seed_offset, token index), so its tokens do not depend on the
 rest of the batch, its position, or a preemption in between.
 
+NOTE on devices: sampling runs where the logits are (on a GPU, no [S, V] copy to the host);
+only the S uniforms come from the host (the seeded hash and the CPU generator) and the S
+tokens go back. Every index and parameter tensor is built on the logits' device.
+
 NOTE on top_p: rows with top_k find their nucleus by sorting their k candidates. Rows without top_k
 never sort the vocabulary (~1 s for [256, 32000] here): they draw from the whole distribution and
 reject a token whose more-probable mass already reaches top_p, redrawing above it (FlashInfer's
@@ -103,7 +107,7 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow], undo: Undo | 
     tokens only) penalties IN PLACE to a contiguous float [S, V] and return it. Touches O(tokens)
     entries, never a pass over [S, V]; with `undo`, records old values so the caller can restore."""
     S, V = logits.shape
-    flat = logits.view(-1)
+    flat, dev = logits.view(-1), logits.device
     bias_k, bias_v, ban_k = [], [], []
     for i, row in enumerate(rows):
         for t, b in (row.params.logit_bias or {}).items():
@@ -111,20 +115,23 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow], undo: Undo | 
                 bias_k.append(i * V + t), bias_v.append(float(b))
         ban_k.extend(i * V + t for t in _banned_below_min_tokens(row) if t < V)
     if bias_k:
-        _edit(flat, torch.tensor(bias_k), lambda old: old + torch.tensor(bias_v), undo)
+        _edit(flat, torch.tensor(bias_k, device=dev),
+              lambda old: old + torch.tensor(bias_v, device=dev), undo)
     if ban_k:
-        _edit(flat, torch.tensor(ban_k), lambda old: torch.full_like(old, float("-inf")), undo)
+        _edit(flat, torch.tensor(ban_k, device=dev),
+              lambda old: torch.full_like(old, float("-inf")), undo)
     rep = [i for i, row in enumerate(rows) if row.params.repetition_penalty != 1.0]
     if rep:
-        keys = _flat_keys(rows, rep, V, prompt=True)
-        pen = torch.tensor([r.params.repetition_penalty for r in rows])[keys // V]
+        keys = _flat_keys(rows, rep, V, prompt=True).to(dev)
+        pen = torch.tensor([r.params.repetition_penalty for r in rows], device=dev)[keys // V]
         _edit(flat, keys, lambda old: torch.where(old > 0, old / pen, old * pen), undo)
     pf = [i for i, row in enumerate(rows) if row.params.presence_penalty or row.params.frequency_penalty]
     if pf:
-        keys, counts = torch.unique(_flat_keys(rows, pf, V, prompt=False), return_counts=True)
+        keys, counts = torch.unique(_flat_keys(rows, pf, V, prompt=False).to(dev),
+                                    return_counts=True)
         r = keys // V
-        presence = torch.tensor([row.params.presence_penalty for row in rows])[r]
-        frequency = torch.tensor([row.params.frequency_penalty for row in rows])[r]
+        presence = torch.tensor([row.params.presence_penalty for row in rows], device=dev)[r]
+        frequency = torch.tensor([row.params.frequency_penalty for row in rows], device=dev)[r]
         _edit(flat, keys, lambda old: old - presence - frequency * counts, undo)
     return logits
 
@@ -141,7 +148,7 @@ def fast_argmax(x: torch.Tensor) -> torch.Tensor:
     R, V = x.shape
     B = _ARGMAX_CHUNK
     C = V // B
-    if C < 2:
+    if C < 2 or x.device.type != "cpu":   # the chunking works around the CPU kernel only
         return x.argmax(-1)
     best, best_chunk = x[:, :C * B].unflatten(-1, (C, B)).amax(-1).max(-1)
     idx = best_chunk * B + _chunk_rows(x, torch.arange(R) * V + best_chunk * B, B).argmax(-1)
@@ -158,7 +165,7 @@ def fast_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     R, V = x.shape
     B = _TOPK_CHUNK
     C = V // B
-    if k * B * 4 > V:
+    if k * B * 4 > V or x.device.type != "cpu":   # the chunking works around the CPU kernel
         return x.topk(k, -1)
     _, chunks = x[:, :C * B].unflatten(-1, (C, B)).amax(-1).topk(k, -1, sorted=False)
     cand = _chunk_rows(x, (torch.arange(R)[:, None] * V + chunks * B).flatten(), B).view(R, k * B)
@@ -174,7 +181,8 @@ def _pick(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF draw per row from cumulative weights [R, K]. The target stays strictly below
     the total, so a zero-weight (banned or filtered) token can never be returned."""
     total = cdf[:, -1:]
-    target = torch.minimum(u.to(cdf.dtype)[:, None] * total, total.nextafter(torch.zeros(())))
+    u = u.to(cdf.device, cdf.dtype)   # the uniforms come from the host
+    target = torch.minimum(u[:, None] * total, total.nextafter(total.new_zeros(())))
     return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_max(cdf.shape[1] - 1)
 
 
@@ -183,7 +191,8 @@ def compute_prompt_logprobs(logits: torch.Tensor, next_token_ids: Sequence[int],
     """Per prompt position: the logprob of the prompt token that actually follows, and the top
     num_top (id, logprob) pairs, descending. logits: [P, V] raw; next_token_ids: P ids."""
     lp = logits.float().log_softmax(-1)
-    actual = lp.gather(1, torch.as_tensor(next_token_ids, dtype=torch.long)[:, None]).squeeze(1)
+    index = torch.as_tensor(next_token_ids, dtype=torch.long, device=lp.device)
+    actual = lp.gather(1, index[:, None]).squeeze(1)
     tops: list[list[tuple[int, float]]] = [[] for _ in range(lp.shape[0])]
     if num_top > 0:
         top_v, top_i = lp.topk(min(num_top, lp.shape[1]), -1)
@@ -200,10 +209,11 @@ class Sampler:
         self._generator.seed() if seed is None else self._generator.manual_seed(seed)
         self._buffers: dict[str, torch.Tensor] = {}
 
-    def _buffer(self, name: str, shape: torch.Size) -> torch.Tensor:
-        if self._buffers.get(name, torch.empty(0)).numel() < shape.numel():
-            self._buffers[name] = torch.empty(shape.numel())
-        return self._buffers[name][:shape.numel()].view(shape)
+    def _buffer(self, name: str, shape: torch.Size, device: torch.device) -> torch.Tensor:
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < shape.numel() or buf.device != device:
+            buf = self._buffers[name] = torch.empty(shape.numel(), device=device)
+        return buf[:shape.numel()].view(shape)
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
@@ -211,14 +221,11 @@ class Sampler:
         S, V = logits.shape
         if len(rows) != S:
             raise ValueError(f"{S} rows of logits for {len(rows)} sampling rows")
-        if logits.device.type != "cpu":
-            # NOTE: the bookkeeping tensors below live on the CPU. On an accelerator an
-            # all-greedy batch without penalties or logprobs takes its argmax on the device
-            # (S ints cross the bus); anything else samples from a host copy of the logits.
-            if all(r.params.temperature == 0 and r.params.logprobs is None
-                   and not _needs_penalties(r) for r in rows):
-                return SamplerOutput(logits.argmax(-1).tolist(), None, [None] * S)
-            logits = logits.float().cpu()
+        if logits.device.type != "cpu" and all(
+                r.params.temperature == 0 and r.params.logprobs is None
+                and not _needs_penalties(r) for r in rows):
+            # An all-greedy batch on an accelerator: one argmax, S ints cross the bus.
+            return SamplerOutput(logits.argmax(-1).tolist(), None, [None] * S)
         work = logits.float().contiguous()
         lp_rows = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         raw_lp = work[lp_rows].log_softmax(-1) if lp_rows else None  # before any edit
@@ -245,7 +252,7 @@ class Sampler:
 
     def _tokens(self, work: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         S, V = work.shape
-        tokens = torch.empty(S, dtype=torch.long)
+        tokens = torch.empty(S, dtype=torch.long, device=work.device)
         groups: dict[str, list[int]] = {"greedy": [], "top_k": [], "full": []}
         for i, r in enumerate(rows):
             p = r.params
@@ -269,12 +276,14 @@ class Sampler:
 
     def _sample_top_k(self, x: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """Rows with top_k: temperature, top_p and min_p on their k sorted candidates only."""
-        top_k = torch.tensor([r.params.top_k for r in rows])
-        temp, top_p, min_p = (torch.tensor([getattr(r.params, f) for r in rows])
+        dev = x.device
+        top_k = torch.tensor([r.params.top_k for r in rows], device=dev)
+        temp, top_p, min_p = (torch.tensor([getattr(r.params, f) for r in rows], device=dev)
                               for f in ("temperature", "top_p", "min_p"))
-        vals, ids = fast_topk(x, int(top_k.max()))
+        vals, ids = fast_topk(x, max(r.params.top_k for r in rows))
         vals = vals / temp[:, None]
-        vals.masked_fill_(torch.arange(vals.shape[1]) >= top_k[:, None], float("-inf"))
+        vals.masked_fill_(torch.arange(vals.shape[1], device=dev) >= top_k[:, None],
+                          float("-inf"))
         w = (vals - vals[:, :1]).exp_()  # 1 at the best token: min_p is `w >= min_p`
         before = w.cumsum(-1) - w        # mass strictly ahead in the sorted order
         keep = (before < (top_p * w.sum(-1))[:, None]) & (w >= min_p[:, None])
@@ -283,15 +292,15 @@ class Sampler:
     def _sample_full(self, x: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """Rows without top_k: weights exp((l - max) / T) over the whole vocabulary, built in one
         reused buffer; top_p by rejection (module note)."""
-        temp, top_p, min_p = (torch.tensor([getattr(r.params, f) for r in rows])
+        temp, top_p, min_p = (torch.tensor([getattr(r.params, f) for r in rows], device=x.device)
                               for f in ("temperature", "top_p", "min_p"))
-        w = self._buffer("weights", x.shape)
+        w = self._buffer("weights", x.shape, x.device)
         inv_t = (1.0 / temp)[:, None]
         torch.addcmul(-x.amax(-1, keepdim=True) * inv_t, x, inv_t, out=w).exp_()
         mass = w.sum(-1) if (top_p < 1).any() else None  # before min_p: top_p comes first
         if (min_p > 0).any():
             w.masked_fill_(w < min_p[:, None], 0.0)
-        cdf = torch.cumsum(w, -1, out=self._buffer("cdf", x.shape))
+        cdf = torch.cumsum(w, -1, out=self._buffer("cdf", x.shape, x.device))
         tokens = _pick(cdf, self._uniforms(rows))
         todo, draw = (top_p < 1).nonzero().squeeze(1), 0
         while todo.numel():

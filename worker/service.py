@@ -15,6 +15,7 @@ unusable, so the worker answers UNAVAILABLE and exits; its supervisor restarts i
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -22,14 +23,15 @@ import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from common.config import WorkerConfig
+from common.config import SchedulingConfig, WorkerConfig
 from common.convert import step_output_to_proto, step_plan_from_proto
 from common.http_probe import start_probe
 from common.model_config import ModelConfig
 from common.proto.tessera.v1 import worker_pb2, worker_pb2_grpc
-from worker.group import join_group
+from worker.group import group_device, join_group
 from worker.parallel import get_pp_stage, get_tp_group
 from worker.runner import ModelRunner
 from worker.telemetry import WorkerHealth, WorkerTelemetry
@@ -47,7 +49,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.tp, self.pp = get_tp_group(), get_pp_stage()
         self.worker = Worker(runner, seed=config.seed,
                              is_driver=self.pp.is_last and self.tp.rank == 0)
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step")
+        device = runner.device
+        # A new thread's current CUDA device is GPU 0 (the runner also sets it per call).
+        self._thread = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="step",
+            initializer=torch.cuda.set_device if device.type == "cuda" else None,
+            initargs=(device,) if device.type == "cuda" else ())
         self._order = asyncio.Condition()
         self.warmed_up = False
         self.telemetry = WorkerTelemetry(config.model_name, config.ready_timeout_s)
@@ -73,6 +80,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     def _warmup(self, max_tokens: int, max_seqs: int) -> tuple[int, int]:
         c = self.config
+        # Every Warmup (schedulers send one after each restart) sizes the cache afresh.
         return self.worker.warmup(max_tokens, max_seqs, c.kv_cache_memory_bytes,
                                   c.gpu_memory_utilization, c.enforce_eager)
 
@@ -84,9 +92,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         await context.abort(grpc.StatusCode.UNAVAILABLE, f"worker group broken: {e}")
 
     async def Warmup(self, request, context) -> worker_pb2.WarmupResponse:
+        defaults = SchedulingConfig   # a request without sizes: the settings' defaults
         try:
             num_blocks, per_block = await self._run(
-                self._warmup, request.max_num_batched_tokens or 2048, request.max_num_seqs or 256)
+                self._warmup, request.max_num_batched_tokens or defaults.max_num_batched_tokens,
+                request.max_num_seqs or defaults.max_num_seqs)
         except RuntimeError as e:
             if self.config.world_size == 1:
                 raise
@@ -181,6 +191,7 @@ async def heartbeat(config: WorkerConfig, address: str) -> None:
 
 async def serve(config: WorkerConfig, ready: asyncio.Event | None = None) -> None:
     """Run the worker service until cancelled."""
+    config = dataclasses.replace(config, device=group_device(config))   # this rank's GPU
     if config.world_size > 1:
         await join_group(config)
     servicer = WorkerServicer(config)

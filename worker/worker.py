@@ -17,6 +17,7 @@ from common.step import NewSequence, SampledToken, StepOutput, StepPlan
 from worker.kv_cache import kv_cache_bytes_per_block
 from worker.runner import ModelRunner, SequenceInput
 from worker.sampler import Sampler, SamplingRow, compute_prompt_logprobs
+from worker.warmup import cuda_kv_budget, warm_up
 
 
 class StepMismatchError(RuntimeError):
@@ -70,22 +71,22 @@ class Worker:
         max_num_blocks when given. The gRPC worker and the offline engine both size their
         cache here. Returns (blocks, bytes per block)."""
         runner = self.runner
-        runner.profile_run(max(1, max_num_batched_tokens), max(1, max_num_seqs))
-        per_block = kv_cache_bytes_per_block(runner.config, runner.block_size, runner.dtype)
         if runner.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(runner.device)
-            used_by_others = total - free
-            budget = int(total * gpu_memory_utilization) - used_by_others
+            def budget() -> int:
+                return cuda_kv_budget(runner.device, gpu_memory_utilization)
         else:
-            budget = kv_cache_memory_bytes
-        num_blocks = max(budget // per_block, 0)
+            def budget() -> int:
+                return kv_cache_memory_bytes
         if max_num_blocks is not None:
-            num_blocks = min(num_blocks, max_num_blocks)
-        runner.allocate_kv_cache(num_blocks)
-        if runner.device.type == "cuda" and not enforce_eager and num_blocks:
-            runner.capture_decode_graphs(max_num_seqs)   # decode steps replay CUDA graphs
+            per_block = kv_cache_bytes_per_block(runner.config, runner.block_size, runner.dtype)
+            uncapped = budget
+
+            def budget() -> int:
+                return min(uncapped(), max_num_blocks * per_block)
+        warm = warm_up(runner, max_num_batched_tokens, max_num_seqs, budget,
+                       decode_graphs=runner.device.type == "cuda" and not enforce_eager)
         self.reset()
-        return num_blocks, per_block
+        return warm
 
     def reset(self) -> None:
         self.states.clear()

@@ -45,5 +45,5 @@ class Attention(nn.Module):
                 self.scale, self.sliding_window)
         out[nd:] = paged_attention_prefill(
             q[nd:], k_cache, v_cache, meta.block_tables[nd:], meta.prefill_query_start_loc,
-            meta.prefill_seq_lens, self.scale, self.sliding_window)
+            meta.prefill_seq_lens, self.scale, self.sliding_window, meta.prefill_tiles)
         return out.view(t, -1)

@@ -1,7 +1,8 @@
-"""The Llama family: Llama 2/3, Mistral (sliding window) and Qwen2 (q/k/v bias).
+"""The Llama family: Llama 2/3, Mistral (sliding window), Qwen2 (q/k/v bias) and Qwen3
+(per-head RMSNorm on q and k before RoPE, explicit head_dim).
 
-The three differ only in config values (bias, sliding windows, RoPE scaling, tied
-embeddings), all read from `ModelConfig`, so one definition serves them.
+They differ only in config values (bias, sliding windows, RoPE scaling, tied embeddings,
+q/k norm), all read from `ModelConfig`, so one definition serves them.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ class LlamaAttention(nn.Module):
         self.q_size, self.kv_size = heads * cfg.head_dim, kv_heads * cfg.head_dim
         self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size,
                                         bias=False, dtype=dtype)
+        # Qwen3: one RMSNorm over head_dim, shared by every head (replicated under TP).
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, dtype) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, dtype) if cfg.qk_norm else None
         self.rotary = rotary
         self.attn = Attention(heads, cfg.head_dim, kv_heads, cfg.head_dim ** -0.5,
                               cfg.sliding_windows[layer])
@@ -45,6 +49,10 @@ class LlamaAttention(nn.Module):
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, -1, self.attn.head_dim)
         k = k.view(t, -1, self.attn.head_dim)
+        if self.q_norm is not None:
+            hd = self.attn.head_dim
+            q = self.q_norm(q.reshape(-1, hd)).view(t, -1, hd)
+            k = self.k_norm(k.reshape(-1, hd)).view(t, -1, hd)
         self.rotary(positions, q, k)
         return self.o_proj(self.attn(q, k, v, kv_cache, meta))
 

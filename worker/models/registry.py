@@ -12,5 +12,6 @@ MODELS: dict[str, type[nn.Module]] = {
     "llama": LlamaForCausalLM,
     "mistral": LlamaForCausalLM,
     "qwen2": LlamaForCausalLM,
+    "qwen3": LlamaForCausalLM,
     "gpt2": GPT2LMHeadModel,
 }

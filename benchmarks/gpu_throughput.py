@@ -1,0 +1,232 @@
+"""Offline throughput on a GPU (scripts/gpu_check.sh runs it): Tessera's engine against HF
+`generate`, in one run, same model and dtype. The CPU roofline benchmark is
+benchmarks/offline_throughput.py.
+
+Standard workload: the `bench` model from make-model, 128 requests, prompt lengths uniform in
+[16, 512] (seed 0), 128 output tokens each, ignore_eos. Baselines: HF `generate` one request
+at a time (measured on the first 16 requests: its rate does not depend on how many) and HF
+`generate` on left-padded batches of 32. Also reports model-FLOPs utilisation in steady decode
+against a peak matmul rate measured in the same run.
+
+On CUDA, `--energy` adds joules per generated token over Tessera's timed run (NVML or
+nvidia-smi, benchmarks/power.py), and `--graphs-vs-eager N` times N short requests decoding
+with CUDA graphs and with --enforce-eager, in the same run.
+
+    python benchmarks/gpu_throughput.py [--dtype bfloat16 float32] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Run as a script, Python puts benchmarks/ first on sys.path, where benchmarks/kernels.py would
+# shadow the `kernels` package: the repository root goes there instead.
+if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import argparse
+import gc
+import random
+import tempfile
+import time
+
+import torch
+
+from common.model_config import ModelConfig
+from tessera import LLM, SamplingParams
+
+
+def workload(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(rng.randint(16, 512))] for _ in range(n)]
+
+
+def peak_matmul_flops(dtype: torch.dtype, device: str) -> float:
+    n = 2048 if device == "cpu" else 8192
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    for _ in range(2):
+        a @ b
+    reps = 5 if device == "cpu" else 50
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def flops_per_token(cfg: ModelConfig, context: float) -> float:
+    """Matmul FLOPs of one token: weights (2 per parameter) plus attention over `context`."""
+    h, kv = cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim
+    q = cfg.num_heads * cfg.head_dim
+    per_layer = h * (q + 2 * kv) + q * h + 3 * h * cfg.intermediate_size
+    weights = cfg.num_layers * per_layer + h * cfg.vocab_size
+    attention = cfg.num_layers * 2 * q * context
+    return 2 * weights + 2 * attention
+
+
+def _free(device: str) -> None:
+    """Release a finished engine's GPU memory (its KV cache takes a share of the device)."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def run_tessera(model_dir: str, prompts, out_len: int, dtype: str, device: str, cfg: ModelConfig,
+                energy: bool = False, enforce_eager: bool = False,
+                gpu_memory_utilization: float = 0.5):
+    llm = LLM(model_dir, dtype=dtype, device=device, max_num_seqs=256, max_num_batched_tokens=4096,
+              enforce_eager=enforce_eager, gpu_memory_utilization=gpu_memory_utilization)
+    params = SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": p} for p in prompts[:4]],
+                 SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    # time steady-decode steps (every sequence computing one token) for the MFU figure
+    executor = llm.engine.executor
+    inner = executor.execute
+    decode = {"time": 0.0, "flops": 0.0, "tokens": 0}
+
+    def timed(plan):
+        t = time.perf_counter()
+        out = inner(plan)
+        _sync(device)
+        dt = time.perf_counter() - t
+        if not plan.new and all(s.num_scheduled_tokens == 1 for s in plan.running):
+            ctx = sum(s.num_computed_tokens for s in plan.running) / len(plan.running)
+            decode["time"] += dt
+            decode["tokens"] += len(plan.running)
+            decode["flops"] += len(plan.running) * flops_per_token(cfg, ctx)
+        return out
+
+    executor.execute = timed
+    meter = None
+    if energy and device.startswith("cuda"):
+        from benchmarks.power import GpuEnergy
+        meter = GpuEnergy(torch.device(device).index or 0)
+        meter.__enter__()
+    t = time.perf_counter()
+    try:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        _sync(device)
+        elapsed = time.perf_counter() - t
+    finally:
+        if meter is not None:
+            meter.__exit__(None, None, None)
+    assert all(len(o.outputs[0].token_ids) == out_len for o in outs)
+    decode["compute_dtype"] = executor.worker.runner.dtype
+    if meter is not None:
+        decode["energy"] = (meter.joules / (len(prompts) * out_len), meter.mean_watts,
+                            meter.source)
+    return len(prompts) * out_len / elapsed, decode
+
+
+def run_hf_one_at_a_time(hf, prompts, out_len: int, device: str) -> float:
+    t = time.perf_counter()
+    for ids in prompts:
+        x = torch.tensor([ids], device=device)
+        out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=out_len,
+                          min_new_tokens=out_len, do_sample=False, pad_token_id=0)
+        assert out.shape[1] == len(ids) + out_len
+    _sync(device)
+    return len(prompts) * out_len / (time.perf_counter() - t)
+
+
+def run_hf_padded(hf, prompts, out_len: int, batch: int, device: str) -> float:
+    t = time.perf_counter()
+    for i in range(0, len(prompts), batch):
+        group = prompts[i:i + batch]
+        width = max(len(p) for p in group)
+        ids = torch.zeros(len(group), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, p in enumerate(group):      # left padding
+            ids[j, width - len(p):] = torch.tensor(p)
+            mask[j, width - len(p):] = 1
+        hf.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=out_len,
+                    min_new_tokens=out_len, do_sample=False, pad_token_id=0)
+    _sync(device)
+    return len(prompts) * out_len / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", help="model directory (default: make the bench model in a temp dir)")
+    ap.add_argument("--dtype", nargs="+", default=["bfloat16", "float32"])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--num-requests", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--hf-single", type=int, default=16, help="requests for the one-at-a-time baseline")
+    ap.add_argument("--hf-batched", type=int, default=64, help="requests for the padded-batch baseline")
+    ap.add_argument("--hf-batch-size", type=int, default=32)
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--energy", action="store_true", help="CUDA: joules per token (NVML)")
+    ap.add_argument("--graphs-vs-eager", type=int, default=0, metavar="N",
+                    help="CUDA: also time N short requests with CUDA graphs and eagerly")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.5,
+                    help="CUDA: the engine's share (the rest is for the HF baselines)")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    model_dir = args.model
+    if model_dir is None:
+        from tessera.make_model import make_model
+        model_dir = str(make_model(tempfile.mkdtemp() + "/bench", "llama", preset="bench"))
+    cfg = ModelConfig.from_dir(model_dir)
+    prompts = workload(args.num_requests, cfg.vocab_size)
+    rows = []
+    for dtype in args.dtype:
+        tdtype = getattr(torch, dtype)
+        ours, decode = run_tessera(model_dir, prompts, args.output_len, dtype, args.device, cfg,
+                                   args.energy, gpu_memory_utilization=args.gpu_memory_utilization)
+        _free(args.device)
+        if args.graphs_vs_eager:   # small-batch decode, where launch overhead dominates
+            short = [p[:16] for p in prompts[:args.graphs_vs_eager]]
+            speeds = []
+            for eager in (False, True):
+                speeds.append(run_tessera(model_dir, short, args.output_len, dtype, args.device,
+                                          cfg, enforce_eager=eager,
+                                          gpu_memory_utilization=args.gpu_memory_utilization)[1])
+                _free(args.device)
+            g, e = (d["tokens"] / d["time"] if d["time"] else float("nan") for d in speeds)
+            decode["graphs_vs_eager"] = (g, e)
+        # MFU against the peak of the dtype the engine computes in (float32 on a CPU without
+        # native half-precision matmuls, see worker/runner.py compute_dtype)
+        peak = peak_matmul_flops(decode["compute_dtype"], args.device)
+        single = batched = float("nan")
+        if not args.skip_hf:
+            from transformers import AutoModelForCausalLM
+            hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=tdtype).to(args.device).eval()
+            hf.generation_config.eos_token_id = None
+            with torch.inference_mode():
+                single = run_hf_one_at_a_time(hf, prompts[:args.hf_single], args.output_len, args.device)
+                batched = run_hf_padded(hf, prompts[:args.hf_batched], args.output_len,
+                                        args.hf_batch_size, args.device)
+            del hf
+            _free(args.device)
+        mfu = decode["flops"] / decode["time"] / peak if decode["time"] else float("nan")
+        rows.append((dtype, ours, single, batched, mfu, peak, decode))
+    print(f"\nworkload: {args.num_requests} requests, prompts U[16,512], {args.output_len} output tokens, "
+          f"device {args.device}, torch threads {torch.get_num_threads()}")
+    print(f"{'dtype':9s} {'computes in':>11s} {'tessera tok/s':>13s} {'HF 1-at-a-time':>15s} {'HF batch':>9s} "
+          f"{'x 1-at-a-time':>13s} {'x batch':>8s} {'decode MFU':>10s} {'peak GFLOP/s':>12s} {'decode tok/s':>12s}")
+    for dtype, ours, single, batched, mfu, peak, decode in rows:
+        dec = decode["tokens"] / decode["time"] if decode["time"] else float("nan")
+        print(f"{dtype:9s} {str(decode['compute_dtype'])[6:]:>11s} {ours:13.1f} {single:15.1f} {batched:9.1f} {ours / single:13.2f} "
+              f"{ours / batched:8.2f} {mfu * 100:9.1f}% {peak / 1e9:12.0f} {dec:12.1f}")
+    for dtype, ours, _, _, _, _, decode in rows:
+        if "energy" in decode:
+            per_token, watts, source = decode["energy"]
+            print(f"energy {dtype}: {per_token:.4f} J/token at {ours:.0f} tok/s "
+                  f"(mean {watts:.0f} W, {source})")
+        if "graphs_vs_eager" in decode:
+            g, e = decode["graphs_vs_eager"]
+            print(f"graphs {dtype}: decode {g:.0f} tok/s with CUDA graphs, {e:.0f} eager "
+                  f"({g / e:.2f}x, {args.graphs_vs_eager} sequences)")
+
+
+if __name__ == "__main__":
+    main()
