@@ -10,6 +10,10 @@
 - Dead-lettering: a request re-delivered past ``max_deliveries`` goes to the dead-letter stream
   with its reason, and its client gets an error event; a real scheduler that dies on a request
   (the hook's exit mode) leaves it pending with its delivery count for the next one.
+- Worker and scheduler death under 32 concurrent streams (HTTP and gRPC, greedy and seeded):
+  the worker SIGKILLed and restarted, then the active scheduler SIGKILLed (its standby takes
+  over); with two worker groups, one group's worker killed for good (its requests finish on the
+  other). Every stream ends with the fault-free text, its event ids contiguous, none twice.
 """
 
 from __future__ import annotations
