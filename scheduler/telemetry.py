@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING
 
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, set_span_in_context
 
-from common import redis_schema as schema
 from common import telemetry
 from common.step import StepOutput, StepPlan
 from scheduler.health import Readiness

@@ -12,7 +12,7 @@ import torch
 
 from cli_procs import start_serve
 from gguf_writer import write_gguf
-from redis_server import free_port
+from tessera.procs import free_port
 
 QUESTION = "What is the capital of France?"
 MAX_TOKENS = 32
