@@ -125,6 +125,11 @@ class RequestQueue:
         raw = [(eid, fields) for eid, fields in reply[1] if fields]
         return await self._admit(await self._deadletter_redelivered(raw))
 
+    @property
+    def claim_scan_done(self) -> bool:
+        """The last ``claim_stale`` reached the end of the pending list (its cursor wrapped)."""
+        return self._claim_cursor in ("0-0", "0")
+
     async def _deadletter_redelivered(self, raw: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
         """Dead-letter the claimed entries delivered more than ``max_deliveries`` times (the
         stream's own delivery count: XAUTOCLAIM just added one); returns the others.

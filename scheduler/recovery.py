@@ -110,7 +110,7 @@ class Recovery:
             claimed = await self.loop.queue.claim_stale(min_idle_ms)
             if claimed:
                 total += await self.resume(claimed, SCHEDULER)
-            if self.loop.queue._claim_cursor in ("0-0", "0"):
+            if self.loop.queue.claim_scan_done:
                 return total
 
     async def resume(self, entries: list[tuple[str, QueuedRequest]], reason: str) -> int:
