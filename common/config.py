@@ -106,6 +106,9 @@ class BlockConfig(Settings):
 
 @dataclass(**GROUPS)
 class CacheConfig(BlockConfig):
+    kv_cache_dtype: str = setting(
+        "auto", "KV cache storage dtype; auto: the compute dtype. A half type halves the bytes "
+        "attention reads (computed in float32 on CPU)", choices=("auto", *DTYPES))
     kv_cache_memory_gb: float = setting(2.0, "KV cache budget on CPU, in GiB", min=1e-6,
                                         max=1 << 20)
     gpu_memory_utilization: float = setting(

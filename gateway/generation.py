@@ -12,7 +12,6 @@ NOTE: nothing here logs prompt or output text: it is user content.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import pathlib
 import time
@@ -35,42 +34,15 @@ from common.model_config import ModelConfig
 from common.redis_schema import OutputEvent, QueuedRequest
 from common.sampling_params import SamplingParams
 from common.tokenizer import Tokenizer
-from gateway.auth import OPEN_TENANT, Tenants
-from gateway.limits import Admission, Limiter
+from gateway.auth import Tenants
+from gateway.errors import GatewayError, invalid
+from gateway.limits import Limiter
 from gateway.queue import EventsLost, RequestNotFound, RequestSubmitter
 from gateway.resume import KIND_COMPLETION, PROMPT_TAIL, RelayMeta
 from gateway.telemetry import GatewayTelemetry, current_call
+from gateway.tenancy import TenantPolicy
 
 logger = logging.getLogger(__name__)
-
-
-class GatewayError(Exception):
-    """A request the gateway refuses or could not serve; each face maps ``status`` to its own
-    error shape (HTTP status + OpenAI error body, or a gRPC status code)."""
-
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None, headers: Mapping[str, str] | None = None,
-                 type_: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-        self.headers = dict(headers or {})   # e.g. retry-after, x-ratelimit-* on a 429
-        self._type = type_
-
-    @property
-    def type(self) -> str:
-        return self._type or _ERROR_TYPES.get(self.status, "server_error")
-
-
-_ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error",
-                404: "not_found_error", 413: "invalid_request_error", 429: "requests",
-                503: "service_unavailable"}
-
-
-def invalid(message: str, param: str | None = None, code: str | None = None) -> GatewayError:
-    return GatewayError(400, message, param, code)
 
 
 @dataclass
@@ -95,7 +67,9 @@ class GatewayState:
     def __post_init__(self) -> None:
         self.submitter = RequestSubmitter(self.redis)
         self.telemetry = GatewayTelemetry(self.model_name)
-        self.limiter = Limiter(self.redis)
+        self.policy = TenantPolicy(self.tenants, Limiter(self.redis), self.submitter,
+                                   self.model_name, self.shared_prefix_cache,
+                                   self.max_queued_requests)
 
     @classmethod
     def load(cls, model_dir: str | pathlib.Path, model_name: str, redis: aioredis.Redis,
@@ -177,19 +151,17 @@ class GatewayState:
                          include_usage, echo_text)
         call = current_call()   # the client call this runs in (gateway.telemetry)
         request_id = request_id or uuid.uuid4().hex
-        await self._check_queue_depth()
+        policy = self.policy
+        await policy.check_queue_depth()
         reserved = len(prompt_token_ids) + params.n * params.max_tokens
-        admission = await self._admit(tenant, request_id, reserved)
-        t = self.tenants.get(tenant)
-        if t is not None:   # the tenant's priority is a floor: no client jumps other tenants
-            priority = max(priority, t.priority)
+        admission = await policy.admit(tenant, request_id, reserved)
+        priority, weight = policy.shape(tenant, priority)
         queued = QueuedRequest(
             request_id=request_id, model=self.model_name,
-            prompt_token_ids=prompt_token_ids, params=params, priority=priority,
-            weight=t.weight if t is not None else 1.0,
+            prompt_token_ids=prompt_token_ids, params=params, priority=priority, weight=weight,
             arrival_time=time.time(), tenant=tenant, idempotency_key=idempotency_key or None,
             disconnect=disconnect, traceparent=call.traceparent if call is not None else None,
-            cache_salt=self.cache_salt(tenant))
+            cache_salt=policy.cache_salt(tenant))
         try:
             rid = await self.submitter.submit(queued, meta.to_record())
         except BaseException:
@@ -239,63 +211,13 @@ class GatewayState:
         gen.attached = attached
         return gen
 
-    # ---- tenants ------------------------------------------------------------------------
-    def cache_salt(self, tenant: str) -> str | None:
-        """The prefix-cache salt of a tenant's requests: derived here, never taken from the
-        request, so one tenant cannot probe another's cached prompts by timing."""
-        if self.shared_prefix_cache or tenant == OPEN_TENANT:
-            return None
-        return hashlib.sha256(f"tessera-cache-salt:{tenant}".encode()).hexdigest()[:32]
-
-    async def _admit(self, tenant: str, request_id: str, cost: int) -> Admission | None:
-        """Take from the tenant's buckets (None: the tenant has no limits) or raise a 429."""
-        t = self.tenants.get(tenant)
-        if t is None or not self.limiter.limited(t):
-            return None
-        try:
-            a = await self.limiter.admit(t, request_id, cost)
-        except (RedisError, OSError) as e:
-            raise GatewayError(503, f"rate limiter unavailable: {e}") from None
-        if a.never_fits:
-            raise invalid(f"this request needs {cost} tokens (prompt + n * max_tokens), above "
-                          f"the tenant's {t.tokens_per_minute} tokens per minute", "max_tokens",
-                          "rate_limit_exceeded")
-        if not a.admitted:
-            what = {"requests": f"requests per minute ({t.requests_per_minute})",
-                    "tokens": f"tokens per minute ({t.tokens_per_minute})",
-                    "concurrency": f"concurrent requests ({t.max_concurrent_requests})"}
-            raise GatewayError(429, f"Rate limit reached for {what[a.reason]} of tenant "
-                               f"{t.name}. Please retry after {a.retry_after_s} s.",
-                               code="rate_limit_exceeded", headers=a.headers,
-                               type_="tokens" if a.reason == "tokens" else "requests")
-        return a
-
+    # ---- tenants (gateway.tenancy) ----------------------------------------------------
     async def check_owner(self, request_id: str, tenant: str) -> None:
-        """404 unless ``request_id`` is ``tenant``'s: a client reads, resumes and cancels only
-        its own tenant's requests (with authentication off there is one tenant)."""
-        if not self.tenants.enabled:
-            return
-        try:
-            owner = await self.submitter.tenant_of(request_id)
-        except (RedisError, OSError) as e:
-            raise GatewayError(503, f"Redis does not answer: {e}") from None
-        if owner != tenant:
-            raise GatewayError(404, f"request {request_id} is unknown or expired", "request_id")
-
-    async def _check_queue_depth(self) -> None:
-        if self.max_queued_requests is None:
-            return
-        depth = await self.submitter.queue_depth(self.model_name)
-        if depth >= self.max_queued_requests:
-            raise GatewayError(429, f"{depth} requests are waiting for {self.model_name} "
-                               f"(limit {self.max_queued_requests}); retry later",
-                               code="queue_full", headers={"retry-after": "1"})
+        await self.policy.check_owner(request_id, tenant)
 
     def release_soon(self, tenant: str, request_id: str, refund: int) -> None:
         """Give back a finished request's concurrency slot and its unused tokens."""
-        t = self.tenants.get(tenant)
-        if t is not None:
-            self._spawn(self.limiter.release(t, request_id, refund))
+        self._spawn(self.policy.release(tenant, request_id, refund))
 
     async def is_ready(self) -> bool:
         """Some scheduler of this model is ready: its worker group finished a real forward

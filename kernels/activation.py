@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels._triton import check, check_device, check_float, check_rows, tl, triton, use_triton
+from kernels.cpu_ext import cpu_ops, use_cpu_kernels
 
 BLOCK = 1024  # elements of one row handled by one program
 
@@ -83,7 +84,13 @@ def gelu_tanh_triton(x: torch.Tensor) -> torch.Tensor:
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x: [T, 2*I] holding gate then up projections -> silu(gate) * up, [T, I]."""
-    return silu_and_mul_triton(x) if use_triton(x) else silu_and_mul_ref(x)
+    if use_triton(x):
+        return silu_and_mul_triton(x)
+    if x.dim() == 2 and x.stride(-1) == 1 and x.shape[1] % 2 == 0 and use_cpu_kernels(x):
+        out = torch.empty(x.shape[0], x.shape[1] // 2)
+        cpu_ops().silu_and_mul(out, x)   # one pass (kernels/csrc/elementwise_cpu.cpp)
+        return out
+    return silu_and_mul_ref(x)
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:

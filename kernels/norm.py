@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from kernels._triton import (check, check_device, check_float, check_rows, pow2, tl, triton,
                              use_triton)
+from kernels.cpu_ext import cpu_ops, use_cpu_kernels
 
 MAX_HIDDEN = 65536  # one program holds a whole row in registers
 
@@ -134,9 +135,20 @@ def fused_add_layer_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight:
     return _norm_triton("fused_add_layer_norm", x, residual, weight, bias, eps)  # type: ignore
 
 
+def _cpu_rows(*tensors: torch.Tensor) -> bool:
+    """2-D float32 CPU tensors with dense rows: the C++ kernel's layout."""
+    return all(t.dim() == 2 and t.stride(-1) == 1 for t in tensors) and use_cpu_kernels(*tensors)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x: [T, H], weight: [H] -> [T, H] in x's dtype."""
-    return rms_norm_triton(x, weight, eps) if use_triton(x) else rms_norm_ref(x, weight, eps)
+    if use_triton(x):
+        return rms_norm_triton(x, weight, eps)
+    if _cpu_rows(x) and use_cpu_kernels(weight):
+        out = torch.empty(x.shape)
+        cpu_ops().rms_norm(out, out, x, None, weight.contiguous(), eps)
+        return out
+    return rms_norm_ref(x, weight, eps)
 
 
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
@@ -144,6 +156,10 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     """residual <- x + residual; returns (rms_norm(residual), residual). Inputs are not modified."""
     if use_triton(x):
         return fused_add_rms_norm_triton(x, residual, weight, eps)
+    if _cpu_rows(x, residual) and use_cpu_kernels(weight) and x.shape == residual.shape:
+        out, res_out = torch.empty(x.shape), torch.empty(x.shape)
+        cpu_ops().rms_norm(out, res_out, x, residual, weight.contiguous(), eps)
+        return out, res_out
     return fused_add_rms_norm_ref(x, residual, weight, eps)
 
 

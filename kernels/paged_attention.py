@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 
 from kernels._triton import use_triton
-from kernels.paged_attention_cpu import paged_attention_decode_cpu
+from kernels.paged_attention_cpu import (paged_attention_cpu, paged_attention_decode_cpu,
+                                         use_cpu_attention)
 from kernels.paged_attention_decode import paged_attention_decode_triton
 from kernels.paged_attention_prefill import paged_attention_prefill_triton
 
@@ -40,8 +41,9 @@ def paged_attention_decode_ref(query: torch.Tensor, k_cache: torch.Tensor, v_cac
     group = num_heads // num_kv_heads
     max_len = int(seq_lens.max())
     num_blocks = -(-max_len // k_cache.shape[1])
-    keys = _gather_kv(k_cache, block_tables, num_blocks)[:, :max_len]       # [S, L, Hkv, D]
-    values = _gather_kv(v_cache, block_tables, num_blocks)[:, :max_len]
+    # a half-precision cache under a float32 query: computed in the query's dtype
+    keys = _gather_kv(k_cache, block_tables, num_blocks)[:, :max_len].to(query.dtype)
+    values = _gather_kv(v_cache, block_tables, num_blocks)[:, :max_len].to(query.dtype)
     q = query.view(num_seqs, num_kv_heads, group, head_dim)
     scores = torch.matmul(q, keys.permute(0, 2, 3, 1)) * scale               # [S, Hkv, G, L]
     key_pos = torch.arange(max_len, device=query.device)
@@ -73,8 +75,8 @@ def paged_attention_prefill_ref(query: torch.Tensor, k_cache: torch.Tensor, v_ca
         q_len = end - start
         num_blocks = -(-seq_len // block_size)
         row = block_tables[i:i + 1]
-        keys = _gather_kv(k_cache, row, num_blocks)[0, :seq_len]             # [L, Hkv, D]
-        values = _gather_kv(v_cache, row, num_blocks)[0, :seq_len]
+        keys = _gather_kv(k_cache, row, num_blocks)[0, :seq_len].to(query.dtype)   # [L, Hkv, D]
+        values = _gather_kv(v_cache, row, num_blocks)[0, :seq_len].to(query.dtype)
         q = query[start:end].view(q_len, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
         scores = torch.matmul(q, keys.permute(1, 2, 0)[:, None]) * scale    # [Hkv, G, Q, L]
         q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)
@@ -95,6 +97,10 @@ def paged_attention_decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     """One query token per sequence. query: [S, Hq, D] -> [S, Hq, D]."""
     if use_triton(query):
         fn = paged_attention_decode_triton
+    elif use_cpu_attention(query):   # the C++ kernel: K/V read in place
+        starts = torch.arange(query.shape[0] + 1, dtype=torch.int64)
+        return paged_attention_cpu(query, k_cache, v_cache, block_tables, seq_lens, starts,
+                                   scale, sliding_window)
     elif query.device.type == "cpu":
         fn = paged_attention_decode_cpu   # the reference's math, arranged for memory traffic
     else:
@@ -113,6 +119,11 @@ def paged_attention_prefill(query: torch.Tensor, k_cache: torch.Tensor, v_cache:
     Returns [T, Hq, D]. tiles: the Triton kernel's per-step metadata
     (kernels.paged_attention_prefill.prefill_tile_metadata), built once for all layers.
     """
+    if use_cpu_attention(query) and not use_triton(query):
+        return paged_attention_cpu(query, k_cache, v_cache, block_tables,
+                                   torch.tensor(seq_lens, dtype=torch.int64),
+                                   torch.tensor(query_start_loc, dtype=torch.int64), scale,
+                                   sliding_window)
     if use_triton(query):
         return paged_attention_prefill_triton(query, k_cache, v_cache, block_tables,
                                               query_start_loc, seq_lens, scale,

@@ -8,6 +8,7 @@ import torch
 
 from kernels._triton import (check, check_device, check_float, check_index, check_rows, pow2, tl,
                              triton, use_triton)
+from kernels.cpu_ext import cpu_ops, use_cpu_kernels
 
 
 def rope_inv_freq(head_dim: int, theta: float, rope_type: str = "default", factor: float = 1.0,
@@ -133,5 +134,8 @@ def apply_rotary(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
     the float32 [max_positions, D] cos|sin table of `build_cos_sin_cache`."""
     if use_triton(query):
         apply_rotary_triton(positions, query, key, cos_sin_cache)
+    elif (use_cpu_kernels(query, key, cos_sin_cache) and positions.dtype == torch.int64
+          and positions.device.type == "cpu"):
+        cpu_ops().rotary(query, key, positions.contiguous(), cos_sin_cache)  # in place, one pass
     else:
         apply_rotary_ref(positions, query, key, cos_sin_cache)

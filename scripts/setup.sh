@@ -66,6 +66,9 @@ fi
 # `docker-compose config`, which needs no Docker engine).
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+# g++ and ninja build the C++ CPU kernels (kernels/csrc/); without them the torch path runs
+command -v g++ >/dev/null 2>&1 || missing+=(g++)
+command -v ninja >/dev/null 2>&1 || missing+=(ninja-build)
 if [ -n "$EXTRAS" ] && ! command -v docker-compose >/dev/null 2>&1; then
     missing+=(docker-compose)
 fi
@@ -78,4 +81,7 @@ if [ ${#missing[@]} -gt 0 ]; then
              "install with: sudo apt-get install -y ${missing[*]}" >&2
     fi
 fi
+# Build the C++ CPU kernels now (cached per CPU under ~/.cache/tessera/ext) rather than on
+# the first model step; a failed build only warns: the torch path then runs.
+"$VENV/bin/python" -c 'from kernels.cpu_ext import cpu_ops; print("setup: C++ CPU kernels", "built" if cpu_ops() else "not built (torch path)")' || true
 echo "setup: ready ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))"

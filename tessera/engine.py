@@ -104,7 +104,7 @@ class LLMEngine:
             num_kv_blocks = min(config.num_kv_blocks or warm, warm)
         else:
             runner = ModelRunner(self.model_config, config.dtype, 0, config.block_size,
-                                 config.device)
+                                 config.device, config.kv_cache_dtype)
             self.executor = LocalExecutor(Worker(runner, seed=config.seed),
                                           config.kv_cache_memory_bytes,
                                           config.gpu_memory_utilization, config.enforce_eager,

@@ -29,7 +29,8 @@ class LLM:
     worker processes (gloo on CPU, NCCL on CUDA); `close()` stops them. On CUDA, decode
     steps replay CUDA graphs unless enforce_eager. The KV cache is sized as a worker sizes it,
     after a profiled worst-case step: kv_cache_memory_gb on CPU, the gpu_memory_utilization
-    share of the GPU on CUDA (num_kv_blocks caps it)."""
+    share of the GPU on CUDA (num_kv_blocks caps it). kv_cache_dtype: auto (the compute
+    dtype), float32, float16 or bfloat16 (vLLM's --kv-cache-dtype)."""
 
     def __init__(self, model: str | None = None, *, config: EngineConfig | None = None,
                  **settings: Any) -> None:

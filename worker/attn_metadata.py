@@ -10,6 +10,7 @@ metadata (built here, once, rather than by each layer's launch).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -28,6 +29,12 @@ class AttentionMetadata:
     prefill_query_start_loc: list[int]  # offsets of the prompt chunks, relative to their start
     prefill_seq_lens: list[int]
     prefill_tiles: tuple[torch.Tensor, ...] | None = None   # the Triton prefill's, per step
+
+    @cached_property
+    def query_start_loc_tensor(self) -> torch.Tensor:
+        """query_start_loc as an int64 CPU tensor (for the CPU attention kernel), made once
+        per step and shared by every layer."""
+        return torch.tensor(self.query_start_loc, dtype=torch.int64)
 
     @property
     def last_token_indices(self) -> torch.Tensor:

@@ -19,6 +19,18 @@ def local_num_layers(cfg: ModelConfig) -> int:
     return end - start
 
 
+KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def resolve_kv_cache_dtype(name: str, compute_dtype: torch.dtype) -> torch.dtype:
+    """The cache's storage dtype for `--kv-cache-dtype` (vLLM's flag): `auto` stores what the
+    model computes in; a half type halves the bytes attention reads, and the CPU kernel
+    converts on load and computes in float32."""
+    if name not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv cache dtype must be one of {KV_CACHE_DTYPES}, not {name!r}")
+    return compute_dtype if name == "auto" else getattr(torch, name)
+
+
 def kv_cache_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
     elem = torch.empty((), dtype=dtype).element_size()
     return 2 * local_num_layers(cfg) * block_size * local_kv_heads(cfg) * cfg.head_dim * elem

@@ -15,7 +15,8 @@ import torch
 
 from common.model_config import ModelConfig
 from worker.attn_metadata import build_attention_metadata
-from worker.kv_cache import allocate_kv_cache
+from worker.kv_cache import allocate_kv_cache, resolve_kv_cache_dtype
+from worker.layers.cpu_linear import prepack_linears
 from worker.loader import load_model, parse_dtype
 from worker.parallel import get_pp_stage
 
@@ -86,15 +87,17 @@ class RunnerOutput:
 class ModelRunner:
     def __init__(self, config: ModelConfig, dtype: str | torch.dtype = "float32",
                  num_blocks: int = 256, block_size: int = 16,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", kv_cache_dtype: str = "auto") -> None:
         self.config = config
         self.device = torch.device(device)
         self.requested_dtype = parse_dtype(dtype)
         self.dtype = compute_dtype(self.requested_dtype, self.device)
+        self.kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, self.dtype)
         self.block_size = block_size
         self.pp = get_pp_stage()
         self.graphs = None
         self.model = load_model(config, self.dtype, self.device)
+        prepack_linears(self.model)   # CPU float32: oneDNN-packed weights (no-op elsewhere)
         self.allocate_kv_cache(num_blocks)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
@@ -103,8 +106,8 @@ class ModelRunner:
         self.kv_caches = []   # drop the old tensors before making new ones
         self.graphs = None
         self.num_blocks = num_blocks
-        self.kv_caches = allocate_kv_cache(self.config, num_blocks, self.block_size, self.dtype,
-                                           self.device)
+        self.kv_caches = allocate_kv_cache(self.config, num_blocks, self.block_size,
+                                           self.kv_cache_dtype, self.device)
 
     def release_kv_cache(self) -> None:
         """Drop the KV cache and decode graphs and, on CUDA, hand their memory back to the

@@ -45,7 +45,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.config = config
         self.model_config = ModelConfig.from_dir(config.model)
         runner = ModelRunner(self.model_config, config.dtype, num_blocks=0,
-                             block_size=config.block_size, device=config.device)
+                             block_size=config.block_size, device=config.device,
+                             kv_cache_dtype=config.kv_cache_dtype)
         self.tp, self.pp = get_tp_group(), get_pp_stage()
         self.worker = Worker(runner, seed=config.seed,
                              is_driver=self.pp.is_last and self.tp.rank == 0)

@@ -33,7 +33,8 @@ def warm_up(runner: ModelRunner, max_num_batched_tokens: int, max_num_seqs: int,
     (KV blocks for the scheduler, bytes per block); any earlier cache is dropped first."""
     runner.release_kv_cache()
     runner.profile_run(max(1, max_num_batched_tokens), max(1, max_num_seqs))
-    per_block = kv_cache_bytes_per_block(runner.config, runner.block_size, runner.dtype)
+    per_block = kv_cache_bytes_per_block(runner.config, runner.block_size,
+                                         runner.kv_cache_dtype)
     num_blocks = max(kv_budget() // per_block, 0)
     graphs = decode_graphs and runner.decode_graphs_supported() and num_blocks > 1
     if graphs:

@@ -78,7 +78,8 @@ class Worker:
             def budget() -> int:
                 return kv_cache_memory_bytes
         if max_num_blocks is not None:
-            per_block = kv_cache_bytes_per_block(runner.config, runner.block_size, runner.dtype)
+            per_block = kv_cache_bytes_per_block(runner.config, runner.block_size,
+                                         runner.kv_cache_dtype)
             uncapped = budget
 
             def budget() -> int:

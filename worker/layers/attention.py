@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from kernels import paged_attention_decode, paged_attention_prefill, write_kv_cache
+from kernels.paged_attention_cpu import paged_attention_cpu, scratch_buffer, use_cpu_attention
 from worker.attn_metadata import AttentionMetadata
 
 
@@ -33,6 +34,14 @@ class Attention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = kv_cache
         write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        if use_cpu_attention(q):
+            # one C++ call for decodes and prompt chunks alike; the output buffer is shared
+            # by the layers (each o_proj reads it before the next layer writes it)
+            out = scratch_buffer("attention_out", tuple(q.shape), torch.float32)
+            paged_attention_cpu(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
+                                meta.query_start_loc_tensor, self.scale, self.sliding_window,
+                                out=out)
+            return out.view(t, -1)
         nd = meta.num_decode_tokens
         if nd == t:
             out = paged_attention_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,

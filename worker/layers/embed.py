@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from worker.layers.cpu_linear import linear, pack_weight
 from worker.layers.linear import check_shape
 from worker.lazy_tensor import as_tensor
 from worker.parallel import get_tp_group
@@ -48,12 +49,18 @@ class ParallelLMHead(VocabParallelEmbedding):
                  bias: bool = False) -> None:
         super().__init__(vocab_size, hidden_size, dtype)
         assert not bias, "LM heads with bias are not supported"
+        self.packed_weight: torch.Tensor | None = None   # see worker/layers/cpu_linear.py
+
+    def prepack(self) -> bool:
+        """Make the oneDNN-packed copy of the loaded weight (CPU float32); True if made."""
+        self.packed_weight = pack_weight(self.weight)
+        return self.packed_weight is not None
 
     def tie_to(self, embedding: VocabParallelEmbedding) -> None:
         self.weight = embedding.weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)
+        logits = linear(hidden, self.weight, None, self.packed_weight)
         if self.tp.size == 1:
             return logits
         return self.tp.all_gather_last_dim(logits)[:, :self.vocab_size]

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from worker.layers.cpu_linear import linear, pack_weight
 from worker.lazy_tensor import as_tensor
 from worker.parallel import get_tp_group
 
@@ -55,9 +55,15 @@ class _Linear(nn.Module):
         for p in self.parameters():
             p.weight_loader = self.weight_loader
             p.shard_ids = self.shard_ids
+        self.packed_weight: torch.Tensor | None = None   # see worker/layers/cpu_linear.py
+
+    def prepack(self) -> bool:
+        """Make the oneDNN-packed copy of the loaded weight (CPU float32); True if made."""
+        self.packed_weight = pack_weight(self.weight)
+        return self.packed_weight is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.packed_weight)
 
 
 class ReplicatedLinear(_Linear):
@@ -150,8 +156,8 @@ class RowParallelLinear(_Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            return F.linear(x, self.weight, self.bias)
-        y = self.tp.all_reduce(F.linear(x, self.weight))
+            return linear(x, self.weight, self.bias, self.packed_weight)
+        y = self.tp.all_reduce(linear(x, self.weight, None, self.packed_weight))
         return y if self.bias is None else y + self.bias
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:

@@ -1,0 +1,91 @@
+"""A gateway replica's per-request decisions about tenants (DESIGN.md §4, multi-tenancy):
+the prefix-cache salt, the priority floor and fair-share weight, the limits (gateway.limits,
+shared through Redis by every replica), the queue-depth admission, and who owns a request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from redis.exceptions import RedisError
+
+from gateway.auth import OPEN_TENANT, Tenants
+from gateway.errors import GatewayError, invalid
+from gateway.limits import Admission, Limiter
+from gateway.queue import RequestSubmitter
+
+
+class TenantPolicy:
+    def __init__(self, tenants: Tenants, limiter: Limiter, submitter: RequestSubmitter,
+                 model_name: str, shared_prefix_cache: bool = False,
+                 max_queued_requests: int | None = None) -> None:
+        self.tenants = tenants
+        self.limiter = limiter
+        self.submitter = submitter
+        self.model_name = model_name
+        self.shared_prefix_cache = shared_prefix_cache    # tenants may hit each other's cache
+        self.max_queued_requests = max_queued_requests    # queue depth past which: 429
+
+    def cache_salt(self, tenant: str) -> str | None:
+        """The prefix-cache salt of a tenant's requests: derived here, never taken from the
+        request, so one tenant cannot probe another's cached prompts by timing."""
+        if self.shared_prefix_cache or tenant == OPEN_TENANT:
+            return None
+        return hashlib.sha256(f"tessera-cache-salt:{tenant}".encode()).hexdigest()[:32]
+
+    def shape(self, tenant: str, priority: int) -> tuple[int, float]:
+        """(priority, fair-share weight) of a request: the tenant's priority is a floor, so
+        no client jumps other tenants by asking for a better one."""
+        t = self.tenants.get(tenant)
+        if t is None:
+            return priority, 1.0
+        return max(priority, t.priority), t.weight
+
+    async def admit(self, tenant: str, request_id: str, cost: int) -> Admission | None:
+        """Take from the tenant's buckets (None: the tenant has no limits) or raise a 429."""
+        t = self.tenants.get(tenant)
+        if t is None or not self.limiter.limited(t):
+            return None
+        try:
+            a = await self.limiter.admit(t, request_id, cost)
+        except (RedisError, OSError) as e:
+            raise GatewayError(503, f"rate limiter unavailable: {e}") from None
+        if a.never_fits:
+            raise invalid(f"this request needs {cost} tokens (prompt + n * max_tokens), above "
+                          f"the tenant's {t.tokens_per_minute} tokens per minute", "max_tokens",
+                          "rate_limit_exceeded")
+        if not a.admitted:
+            what = {"requests": f"requests per minute ({t.requests_per_minute})",
+                    "tokens": f"tokens per minute ({t.tokens_per_minute})",
+                    "concurrency": f"concurrent requests ({t.max_concurrent_requests})"}
+            raise GatewayError(429, f"Rate limit reached for {what[a.reason]} of tenant "
+                               f"{t.name}. Please retry after {a.retry_after_s} s.",
+                               code="rate_limit_exceeded", headers=a.headers,
+                               type_="tokens" if a.reason == "tokens" else "requests")
+        return a
+
+    async def release(self, tenant: str, request_id: str, refund: int) -> None:
+        t = self.tenants.get(tenant)
+        if t is not None and self.limiter.limited(t):
+            await self.limiter.release(t, request_id, refund)
+
+    async def check_owner(self, request_id: str, tenant: str) -> None:
+        """404 unless ``request_id`` is ``tenant``'s: a client reads, resumes and cancels only
+        its own tenant's requests (with authentication off there is one tenant)."""
+        if not self.tenants.enabled:
+            return
+        try:
+            owner = await self.submitter.tenant_of(request_id)
+        except (RedisError, OSError) as e:
+            raise GatewayError(503, f"Redis does not answer: {e}") from None
+        if owner != tenant:
+            raise GatewayError(404, f"request {request_id} is unknown or expired", "request_id")
+
+    async def check_queue_depth(self) -> None:
+        if self.max_queued_requests is None:
+            return
+        depth = await self.submitter.queue_depth(self.model_name)
+        if depth >= self.max_queued_requests:
+            raise GatewayError(429, f"{depth} requests are waiting for {self.model_name} "
+                               f"(limit {self.max_queued_requests}); retry later",
+                               code="queue_full", headers={"retry-after": "1"})
