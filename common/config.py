@@ -16,6 +16,7 @@ read flat: `config.block_size`):
     StepTimeoutConfig step_timeout_s                                   scheduler
     BodyLimitConfig  max_body_bytes                                    gateway
     LogConfig        log_format, log_prompts                           services
+    RecoveryConfig   request_timeout_s                                 scheduler, serve
     AccessConfig     api_key, tenants_file, limits, TLS                gateway (serve)
 
 `EngineConfig` is the offline `LLM`'s, `ServeConfig` (`tessera serve`) is an EngineConfig plus
@@ -168,6 +169,14 @@ class LogConfig(Settings):
 
 
 @dataclass(**GROUPS)
+class RecoveryConfig:
+    request_timeout_s: float = setting(
+        600.0, "a request waiting out a fault (its worker group down) fails with an error this "
+        "many seconds after it arrived (its own deadline, when it has one, wins)",
+        flag="--request-timeout", min=0.001, max=1e7)
+
+
+@dataclass(**GROUPS)
 class EngineConfig(ParallelConfig, DeviceConfig, CacheConfig, SchedulingConfig, ModelSource):
     """The offline engine's settings: `LLM(model, tensor_parallel_size=2)` builds one."""
     num_kv_blocks: int | None = setting(None, cli=False, min=1)   # fixed pool (tests); default: sized
@@ -196,8 +205,8 @@ class WorkerConfig(LogConfig, DistConfig, ParallelConfig, DeviceConfig, CacheCon
 
 
 @dataclass(**GROUPS)
-class SchedulerServiceConfig(LogConfig, StepTimeoutConfig, ParallelConfig, BlockConfig,
-                             SchedulingConfig, ModelSource):
+class SchedulerServiceConfig(RecoveryConfig, LogConfig, StepTimeoutConfig, ParallelConfig,
+                             BlockConfig, SchedulingConfig, ModelSource):
     """`tessera scheduler`: continuous batching over one worker group, leased in Redis."""
     workers: tuple[str, ...] = setting(
         help="comma-separated gRPC addresses of every worker of the group (any order)")
@@ -212,6 +221,11 @@ class SchedulerServiceConfig(LogConfig, StepTimeoutConfig, ParallelConfig, Block
     lease_ms: int = setting(5000, cli=False)
     max_deliveries: int = setting(
         3, "dead-letter a request delivered this many times without finishing")
+    claim_idle_ms: int = setting(
+        3000, "a request in flight that its scheduler has not touched for this long is taken "
+        "over by another (the active scheduler touches its own every third of it; 0: never "
+        "touch nor claim, so no request survives this scheduler's death: benchmarks only)",
+        flag="--claim-idle-ms", min=0, max=3_600_000)
 
 
 @dataclass(**GROUPS)
@@ -253,8 +267,8 @@ class GatewayConfig(AccessConfig, LogConfig, BodyLimitConfig, ContextConfig, Mod
 
 
 @dataclass(**GROUPS)
-class ServeConfig(AccessConfig, LogConfig, BodyLimitConfig, StepTimeoutConfig, DistConfig,
-                  EngineConfig):
+class ServeConfig(RecoveryConfig, AccessConfig, LogConfig, BodyLimitConfig, StepTimeoutConfig,
+                  DistConfig, EngineConfig):
     """`tessera serve`: the whole stack on one machine; every child's settings, plus these."""
     host: str = setting("127.0.0.1", "bind address of the gateway")
     http_port: int = setting(8000, "OpenAI-compatible HTTP port", min=1, max=65535)
@@ -263,5 +277,8 @@ class ServeConfig(AccessConfig, LogConfig, BodyLimitConfig, StepTimeoutConfig, D
     data_parallel_size: int = setting(
         1, "worker groups, each with its own scheduler, sharing the request stream", short="-dp",
         min=1, max=1024)
+    scheduler_replicas: int = setting(
+        2, "schedulers per worker group: one active, the others standbys on the group's lease "
+        "that take over its requests when it dies", min=1, max=16)
     restart: bool = setting(True, "stop the whole stack when a process dies instead of "
                             "restarting it (debugging)", flag="--no-restart")

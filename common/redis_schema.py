@@ -205,6 +205,9 @@ class QueuedRequest:
     traceparent: str | None = None          # W3C trace context of the gateway's span
     cache_salt: str | None = None           # set by the gateway from the tenant, never the client
     weight: float = 1.0                     # the tenant's fair-share weight (gateway's tenants)
+    # "" for a new request; "worker" / "scheduler": re-enqueued by a scheduler whose worker
+    # group died (or dead-scheduler recovery), so whoever reads it resumes from out:{id}.
+    recovered: str = ""
 
     def to_fields(self) -> dict[str, str]:
         """Stream entry fields. The id sits apart from the body so a body that fails to
@@ -217,6 +220,8 @@ class QueuedRequest:
             "trace": self.traceparent, "salt": self.cache_salt,
             "weight": self.weight,
         }
+        if self.recovered:
+            body["recovered"] = self.recovered
         return {"request_id": self.request_id, "data": _dumps(body)}
 
     @classmethod
@@ -243,7 +248,8 @@ class QueuedRequest:
                 tenant=str(b["tenant"]), idempotency_key=b["idem"],
                 disconnect=b["disconnect"], traceparent=b["trace"],
                 cache_salt=None if b.get("salt") is None else str(b["salt"]),
-                weight=_weight(b.get("weight", 1.0)))
+                weight=_weight(b.get("weight", 1.0)),
+                recovered=str(b.get("recovered") or ""))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise MalformedEntry(f"bad request entry: {e}", request_id) from e
 

@@ -53,6 +53,7 @@ class EngineRequest:
     traceparent: str | None = None      # W3C context of the caller's span (telemetry)
     queue_wait_s: float = 0.0           # waited before it reached the core (telemetry)
     tag: Any = None                     # the driver's (the service: its stream entry id)
+    deadline: float | None = None       # the driver's: wall clock past which a fault fails it
     # Resume (DESIGN.md §4): tokens each sequence already emitted, and the next event index.
     emitted: list[list[int]] | None = None
     next_index: int = 0
@@ -166,10 +167,14 @@ class EngineCore:
             seq.status = RequestStatus(reason)
         return self._sequence_done(req, seq, [], reason, None, None)
 
-    def requeue_running(self) -> None:
+    def requeue_running(self, kv_lost: bool = False) -> None:
         """The workers lost their state: every running sequence is preempted, to be sent again
-        in full and recomputed from its prompt and generated tokens (events continue)."""
+        in full and recomputed from its prompt and generated tokens (events continue).
+        ``kv_lost``: their KV cache too (a restarted or re-warmed worker), so the prefix
+        cache's blocks hold nothing any more and are forgotten (every block is free now)."""
         self.scheduler.reset_workers()
+        if kv_lost and not self.scheduler.kv.reset_prefix_cache():
+            raise RuntimeError("prefix cache still in use after requeueing every sequence")
 
     # ---- steps --------------------------------------------------------------------------
     def schedule(self) -> StepPlan:

@@ -76,7 +76,12 @@ class GrpcExecutor:
         self.step_timeout_s = step_timeout_s
         self._channels = [grpc.insecure_channel(a, options=[
             ("grpc.max_receive_message_length", 64 << 20),
-            ("grpc.max_send_message_length", 64 << 20)]) for a in addresses]
+            ("grpc.max_send_message_length", 64 << 20),
+            # A restarted worker must be found within a second, not after gRPC's default
+            # reconnect backoff (up to 2 minutes): recovery waits on it.
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.min_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 1000)]) for a in addresses]
         self._stubs = [worker_pb2_grpc.WorkerStub(c) for c in self._channels]
         self.driver = len(addresses) - 1   # until info() says which one samples
         self._warmup: worker_pb2.WarmupRequest | None = None
@@ -120,6 +125,14 @@ class GrpcExecutor:
         if self._cold:
             self._rewarm()
         self._call("Reset", worker_pb2.ResetRequest(), timeout)
+
+    def recover(self, timeout: float = 10.0) -> bool:
+        """After the group failed: re-warm every worker (a restarted one lost its KV cache;
+        a warm one sizes it again the same) and reset them all. True when the whole group
+        answers and is warm again; raises WorkerUnavailable while it does not answer."""
+        self._cold.update(self.addresses)
+        self.reset(timeout)
+        return not self._cold
 
     def _rewarm(self, timeout: float = 600.0) -> None:
         """Restarted workers lost their KV cache: warm them up again, as at start. A group

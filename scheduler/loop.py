@@ -9,8 +9,8 @@ All request and sequence bookkeeping is the core's (scheduler.engine_core); this
 moves things between Redis and it. Intake reads new requests only while the block manager can
 take them (back-pressure stays visible as queue depth); a request is acknowledged in the same
 pipeline as its final event; with pipeline parallelism up to ``pipeline_depth`` steps are in
-flight (`_fill_pipeline`); a worker that stops answering fails the in-flight requests with an
-error event while the loop keeps running (`_wait`).
+flight (`_fill_pipeline`). What keeps requests alive through faults (a worker group that
+stops answering, a dead scheduler's requests to take over) is scheduler.recovery's.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from scheduler.admission import check_admissible, check_plan_for_test_poison
 from scheduler.engine_core import EngineCore, EngineRequest
 from scheduler.executor import Executor, StepHandle, WorkerMismatch, WorkerUnavailable
 from scheduler.queue import RequestQueue
+from scheduler.recovery import WORKER, Recovery
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,8 @@ Events = list[tuple[EngineRequest, OutputEvent]]
 class EngineLoop:
     def __init__(self, core: EngineCore, executor: Executor, queue: RequestQueue,
                  idle_block_ms: int = 100, stats_key: str | None = None,
-                 pipeline_depth: int = 1) -> None:
+                 pipeline_depth: int = 1, claim_idle_ms: int = 3000,
+                 request_timeout_s: float = 600.0, group: str | None = None) -> None:
         self.core = core
         self.executor = executor
         self.queue = queue
@@ -53,9 +55,12 @@ class EngineLoop:
         self.steps = 0
         self.obs = core.obs   # telemetry hooks (scheduler.telemetry.EngineObserver)
         self._last_plan: StepPlan | None = None   # the plan most recently sent (_step_raised)
+        self.recovery = Recovery(self, claim_idle_ms, request_timeout_s, group)
 
     # ---- the loop -----------------------------------------------------------------------
     async def run(self) -> None:
+        claims = (asyncio.create_task(self.recovery.keep_claimed())
+                  if self.recovery.claim_idle_ms > 0 else None)
         try:
             while not self.stopped.is_set():
                 idle = not self.core.has_unfinished and not self._pending
@@ -70,6 +75,8 @@ class EngineLoop:
                 except Exception as e:   # noqa: BLE001 - a request's processing raised
                     await self._step_raised(e)
         finally:   # stopped (lease lost, shutdown): what the last step produced still goes out
+            if claims is not None:
+                claims.cancel()
             if self._out or self._acks:
                 try:
                     await self.queue.publish(self._out, acks=self._acks, stats=self._stats())
@@ -100,6 +107,8 @@ class EngineLoop:
         and waiting together, so that fair share (scheduler.fair_share) sees later tenants
         while a flood of one tenant waits for the token budget."""
         c = self.core
+        if self.recovery.down:   # read on (deadlines hold) unless a peer group serves them
+            return 0 if self.recovery.peer_up else max(c.config.max_num_seqs - len(c.requests), 0)
         if c.scheduler.waiting_for_blocks or c.kv.num_free_blocks == 0:
             return 0
         return max(c.config.max_num_seqs - c.num_running - c.num_waiting, 0)
@@ -113,32 +122,45 @@ class EngineLoop:
         self._stepped = False
         entries, cancels = await self.queue.exchange(out, acks, stats,
                                                      self._admission_room(), block_ms)
+        recovered = [(e, q) for e, q in entries if q.recovered]
         for entry_id, queued in entries:
-            self._add(entry_id, queued)
+            if not queued.recovered:
+                self.new_request(entry_id, queued)
+        if recovered:   # handed off by a scheduler whose worker group died
+            await self.recovery.resume(recovered, WORKER)
         cancelled = [e for e in (self._end(rid, "abort") for rid in cancels) if e is not None]
         if cancelled:   # at once, not after the next step: a cancel is rare, a step may be long
             await self._publish_now(cancelled)
 
-    def _add(self, entry_id: str, queued: QueuedRequest) -> None:
+    def new_request(self, entry_id: str, queued: QueuedRequest,
+                    emitted: list[list[int]] | None = None,
+                    next_index: int = 0) -> EngineRequest | None:
+        """Admit a request read from the stream (resumed: with the tokens each sequence
+        emitted and its next event index); None if it was refused (its error is staged)."""
         admitted = self.queue.admitted_at
-        waited = max(admitted - schema.entry_time(entry_id), 0.0) if admitted else 0.0
+        entered = schema.entry_time(entry_id)
+        waited = max(admitted - entered, 0.0) if admitted and not emitted else 0.0
         req = EngineRequest(queued.request_id, list(queued.prompt_token_ids), queued.params,
                             priority=queued.priority, model=queued.model,
                             cache_salt=queued.cache_salt, tenant=queued.tenant,
                             weight=queued.weight,
-                            traceparent=queued.traceparent, queue_wait_s=waited, tag=entry_id)
+                            traceparent=queued.traceparent, queue_wait_s=waited, tag=entry_id,
+                            emitted=emitted, next_index=next_index,
+                            deadline=self.recovery.deadline_of(queued, entered))
         try:
             check_admissible(queued)
             self.core.add_request(req)
+            return req
         except Exception as e:   # noqa: BLE001 - whatever it is, the request fails alone
             # e.g. a prompt or a number the gateway should not have let through
             logger.warning("request %s refused at intake: %s", queued.request_id, e,
                            extra={"request_id": queued.request_id})
             if req.request_id in self.core.requests:
                 self.core.abort(req.request_id)
-            self._stage([(req, OutputEvent(0, [], finish_reason="error", final=True,
+            self._stage([(req, OutputEvent(next_index, [], finish_reason="error", final=True,
                                            error=f"the scheduler cannot process this "
                                            f"request: {e}"))])
+            return None
 
     def _stage(self, events: Events) -> None:
         for req, ev in events:
@@ -192,19 +214,14 @@ class EngineLoop:
             logger.warning("worker out of step (%s): reset and recompute every sequence", e)
             await self._drain_pending()
             await asyncio.to_thread(self.executor.reset)
-            self.core.requeue_running()
+            # A restarted worker answers "Warmup first": re-warmed, its KV cache is new.
+            self.core.requeue_running(kv_lost=True)
         except WorkerUnavailable as e:
-            logger.error("worker group unavailable: %s", e)
+            # Keep the requests (no error to their clients): recomputed from their tokens once
+            # the group answers again, or handed to a peer group at once (scheduler.recovery).
             await self._drain_pending()
-            await self._publish_now(self.core.abort_all("error", f"worker unavailable: {e}"))
             self.core.requeue_running()
-            # The workers still answering restart their step ids with ours, so the next step
-            # reaches them (in a group whose peer died, its collective fails and they exit for a
-            # restart instead of answering "out of step" forever).
-            try:
-                await asyncio.to_thread(self.executor.reset)
-            except (WorkerUnavailable, WorkerMismatch):
-                pass
+            await self.recovery.wait_for_group(e)
         return None
 
     async def _step_raised(self, error: Exception) -> None:

@@ -58,6 +58,7 @@ class _EngineState(Collector):
 class SchedulerMetrics:
     def __init__(self, model_name: str, max_model_len: int) -> None:
         self.registry = r = m.new_registry()
+        self.model_name = model_name
         self.engine = _EngineState(model_name)
         r.register(self.engine)
         labels = m.LABELS
@@ -101,6 +102,12 @@ class SchedulerMetrics:
                                  "the autoscaling signal).")
         self.queue_pending = gauge("request_queue_pending", "Requests read from the Redis stream "
                                    "by a scheduler and not finished yet.")
+        self.requests_recovered = Counter(
+            m.name("requests_recovered"), "Requests that survived the death of their worker "
+            "group or of their scheduler, recomputed from prompt + emitted tokens.",
+            [*labels, "reason"], registry=r)
+        self.tokens_recomputed = counter(
+            "tokens_recomputed", "Tokens (prompt + already emitted) recomputed by recoveries.")
         self.ready = gauge("ready", "1 while a forward pass (a step or the idle canary) finished "
                            "within the ready timeout.")
 

@@ -11,6 +11,7 @@ Durability rules (DESIGN.md §4) this module carries out:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -27,6 +28,20 @@ logger = logging.getLogger(__name__)
 
 Entry = tuple[str, QueuedRequest]   # (stream entry id, request)
 _CANCEL_BATCH = 1000
+# KEYS[1] the stream; ARGV: group, consumer, entry ids. Claims (idle := 0, delivery count
+# unchanged) the entries the consumer owns; returns the ids it does not own.
+_TOUCH_OWNED = """
+local lost = {}
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if p[1] ~= nil and p[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+  else
+    lost[#lost + 1] = ARGV[i]
+  end
+end
+return lost
+"""
 
 
 def _check_published(results: list) -> None:
@@ -110,6 +125,11 @@ class RequestQueue:
         raw = [(eid, fields) for eid, fields in reply[1] if fields]
         return await self._admit(await self._deadletter_redelivered(raw))
 
+    @property
+    def claim_scan_done(self) -> bool:
+        """The last ``claim_stale`` reached the end of the pending list (its cursor wrapped)."""
+        return self._claim_cursor in ("0-0", "0")
+
     async def _deadletter_redelivered(self, raw: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
         """Dead-letter the claimed entries delivered more than ``max_deliveries`` times (the
         stream's own delivery count: XAUTOCLAIM just added one); returns the others.
@@ -146,12 +166,43 @@ class RequestQueue:
         self.num_deadlettered += len(dead)
         return [(eid, fields) for eid, fields, _ in kept]
 
-    async def touch(self, entry_ids: Sequence[str]) -> None:
+    async def touch(self, entry_ids: Sequence[str]) -> list[str]:
         """Reset the idle time of this scheduler's in-flight entries, so that a peer's
-        ``claim_stale`` does not take over requests that are merely long-running."""
-        if entry_ids:
-            await self.redis.xclaim(self.stream, self.group, self.consumer, 0,
-                                    list(entry_ids), justid=True)
+        ``claim_stale`` does not take over requests that are merely long-running. Only entries
+        this consumer still owns are touched (one script: a check and its claim cannot be
+        split): returns the others, which a peer took over (we stalled past the claim idle
+        time) or which are gone; the caller must stop working on them."""
+        if not entry_ids:
+            return []
+        lost = await self.redis.eval(_TOUCH_OWNED, 1, self.stream, self.group, self.consumer,
+                                     *entry_ids)
+        return [schema.text(e) for e in lost]
+
+    async def handoff(self, entry_ids: Sequence[str], reason: str) -> int:
+        """Give requests back to the stream for any scheduler to take (our worker group is
+        down and a peer's is up): each entry is re-added, marked ``recovered`` so that its new
+        owner resumes it from ``out:{id}``, and the old one acked, in one transaction per
+        entry. Returns how many were handed off (an entry already gone is skipped)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for eid in entry_ids:
+            pipe.xrange(self.stream, min=eid, max=eid, count=1)
+        found = await pipe.execute()
+        pipe = self.redis.pipeline(transaction=True)
+        moved = 0
+        for eid, entry in zip(entry_ids, found):
+            if not entry:
+                continue
+            try:
+                queued = QueuedRequest.from_fields(entry[0][1])
+            except MalformedEntry:
+                continue   # it could not have been running
+            pipe.xadd(self.stream, dataclasses.replace(queued, recovered=reason).to_fields())
+            pipe.xack(self.stream, self.group, eid)
+            pipe.xdel(self.stream, eid)
+            moved += 1
+        if moved:
+            await pipe.execute()
+        return moved
 
     async def _admit(self, raw: list[tuple[Any, Any]]) -> list[Entry]:
         """Decode entries and mark them running under this consumer; finish at once the

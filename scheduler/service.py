@@ -37,8 +37,13 @@ class Lease:
     def __init__(self, client: aioredis.Redis, key: str, owner: str, ttl_ms: int) -> None:
         self.client, self.key, self.owner, self.ttl_ms = client, key, owner, ttl_ms
 
+    async def try_acquire(self) -> bool:
+        return bool(await self.client.set(self.key, self.owner, nx=True, px=self.ttl_ms))
+
     async def acquire(self) -> None:
-        while not await self.client.set(self.key, self.owner, nx=True, px=self.ttl_ms):
+        """Wait for the lease: polled every fifth of its TTL, so a standby takes over within
+        1.2 TTL of the holder's last renewal."""
+        while not await self.try_acquire():
             await asyncio.sleep(self.ttl_ms / 5000)
 
     async def renew_forever(self, lost: asyncio.Event) -> None:
@@ -77,9 +82,13 @@ async def serve(config: SchedulerServiceConfig) -> None:
                                  config.ready_timeout_s, config.metrics_host, config.metrics_port)
     lease = Lease(client, schema.group_lease(config.model_name, config.group), consumer,
                   config.lease_ms)
-    logger.info("waiting for the lease of group %s", config.group)
     obs.readiness.standby = True
-    await lease.acquire()
+    if not await lease.try_acquire():
+        # Started (a process supervisor waits for this line) and standing by.
+        print(f"scheduler ready: standby, waiting for the lease of group {config.group} "
+              f"(model {config.model_name})", flush=True)
+        await lease.acquire()
+        logger.warning("took the lease of group %s: taking over its requests", config.group)
     obs.readiness.standby = False   # active: ready once the warm-up's forward pass is done
     lost = asyncio.Event()
     # Renew from the start: warming the workers up can take longer than the lease lives.
@@ -94,6 +103,9 @@ async def serve(config: SchedulerServiceConfig) -> None:
         num_blocks = await asyncio.to_thread(executor.warmup, config.max_num_batched_tokens,
                                              config.max_num_seqs)
         obs.readiness.mark_forward()   # the warm-up ran a worst-case forward pass
+        # A step of a previous scheduler may still be in flight on the workers, and they hold
+        # its sequences: start from a clean slate (the requests are recomputed from Redis).
+        await asyncio.to_thread(executor.reset)
         core = EngineCore(SchedulerConfig.from_settings(config, num_blocks, max_model_len),
                           model_config.eos_token_ids, obs.observer())
         queue = RequestQueue(client, config.model_name, consumer,
@@ -102,7 +114,8 @@ async def serve(config: SchedulerServiceConfig) -> None:
         await queue.ensure_group()
         loop = EngineLoop(core, executor, queue,
                           stats_key=schema.scheduler_stats(config.model_name, config.group),
-                          pipeline_depth=pp)
+                          pipeline_depth=pp, claim_idle_ms=config.claim_idle_ms,
+                          request_timeout_s=config.request_timeout_s, group=config.group)
         obs.start(client, queue)
         print(f"scheduler ready: model {config.model_name}, group {config.group}, "
               f"{num_blocks} KV blocks, {tp}x{pp} (TP x PP) workers {','.join(config.workers)}",

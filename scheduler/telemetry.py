@@ -98,6 +98,10 @@ class NullObserver:
     def request_ended(self, request: EngineRequest, reason: str) -> None:
         """A request was aborted or failed as a whole."""
 
+    def request_recovered(self, request: EngineRequest, reason: str, tokens: int) -> None:
+        """A request survived a fault (``reason``: worker or scheduler) and recomputes
+        ``tokens`` (prompt + tokens emitted before it)."""
+
     def canary(self) -> Request | None:
         """Idle: a one-token request to run now, if readiness needs one."""
         return None
@@ -175,6 +179,15 @@ class EngineObserver(NullObserver):
         req.open -= 1
         if req.open == 0:
             self._end_request(req)
+
+    def request_recovered(self, request: EngineRequest, reason: str, tokens: int) -> None:
+        self.metrics.requests_recovered.labels(self.metrics.model_name, reason).inc()
+        self.metrics.tokens_recomputed.inc(tokens)
+        req = request.telemetry
+        if req is not None and req.span is not None:
+            req.span.add_event("recovered", {"tessera.recovery.reason": reason,
+                                             "tessera.recovery.tokens_recomputed": tokens,
+                                             "tessera.recovery.next_index": request.next_index})
 
     def request_ended(self, request: EngineRequest, reason: str) -> None:
         """Aborted or failed as a whole: its open sequences end with ``reason``."""

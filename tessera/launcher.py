@@ -166,13 +166,18 @@ def start_group(stack: Stack, config: ServeConfig, redis_url: str, group: str) -
                            env=cpu_share(size * dp))
     stack.start("worker" if size * dp == 1 else f"worker group {group}",
                 [p for p, _, _ in workers])
-    label = "scheduler" if dp == 1 else f"scheduler{group}"
-    scheduler = scheduler_config(config, redis_url, group, tuple(a for _, a, _ in workers))
-    stack.start(label, [Proc(label, [*TESSERA, "scheduler",
-                                     *to_argv(scheduler, SchedulerServiceConfig)],
-                             "scheduler ready")])
-    return [f"http://127.0.0.1:{scheduler.metrics_port}/metrics ({label})",
-            *(f"http://127.0.0.1:{m}/metrics ({p.name})" for p, _, m in workers)]
+    endpoints = []
+    # One active scheduler and standbys on the group's lease: the first started takes it.
+    for replica in range(max(config.scheduler_replicas, 1)):
+        label = "scheduler" if dp == 1 else f"scheduler{group}"
+        if replica:
+            label += f"-standby{replica}"
+        scheduler = scheduler_config(config, redis_url, group, tuple(a for _, a, _ in workers))
+        stack.start(label, [Proc(label, [*TESSERA, "scheduler",
+                                         *to_argv(scheduler, SchedulerServiceConfig)],
+                                 "scheduler ready")])
+        endpoints.append(f"http://127.0.0.1:{scheduler.metrics_port}/metrics ({label})")
+    return [*endpoints, *(f"http://127.0.0.1:{m}/metrics ({p.name})" for p, _, m in workers)]
 
 
 def serve(config: ServeConfig) -> int:

@@ -16,7 +16,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client.parser import text_string_to_metric_families
 
 from common.model_config import ModelConfig
-from common.redis_schema import QueuedRequest
+from common.redis_schema import OutputEvent, QueuedRequest, output_stream
 from common.sampling_params import SamplingParams
 from gateway.queue import RequestSubmitter
 from scheduler.health import Readiness
@@ -112,3 +112,66 @@ def test_preemptions_are_span_events_and_metrics_and_idle_keeps_ready(engine):
     assert idle["tessera:generation_tokens_total"] == 90
     assert idle["tessera:step_duration_seconds_count"] == busy["tessera:step_duration_seconds_count"]
     assert idle["tessera:num_requests_running"] == 0 and idle["tessera:kv_cache_usage_perc"] == 0
+
+
+def test_a_claimed_request_resumes_identically_and_its_trace_says_recovered(engine):
+    """Scheduler A runs a seeded temperature-1.0 request and a greedy one and dies (its loop
+    stops mid-generation, nothing acked); B claims them once idle, recomputes prompt + emitted
+    tokens and continues the indices: the tokens equal an uninterrupted run, the request spans
+    carry a `recovered` event, and the recovery metrics count them."""
+    executor, exporter, tracer, redis_url = engine
+    model = f"rec-{uuid.uuid4().hex[:6]}"
+    params = [SamplingParams(temperature=1.0, seed=7, max_tokens=40, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)]
+    prompts = [list(range(3, 15)), list(range(40, 49))]
+    config = SchedulerConfig(num_blocks=NUM_BLOCKS * 4, block_size=BLOCK,
+                             max_num_batched_tokens=64, max_model_len=512)
+
+    def loop_of(client, consumer, claim_idle_ms=0, observer=None):
+        core = EngineCore(config, observer=observer)
+        return EngineLoop(core, executor, RequestQueue(client, model, consumer),
+                          claim_idle_ms=claim_idle_ms)
+
+    async def run(die_after: int | None):
+        executor.reset()   # each scheduler starts with a Reset of its workers
+        client = aioredis.from_url(redis_url)
+        sub = RequestSubmitter(client)
+        first = loop_of(client, f"a-{uuid.uuid4().hex[:4]}")
+        await first.queue.ensure_group()
+        task = asyncio.create_task(first.run())
+        ids = [await sub.submit(QueuedRequest(f"r-{uuid.uuid4().hex[:8]}", model, p, sp))
+               for p, sp in zip(prompts, params)]
+        metrics = SchedulerMetrics(model, 512)
+        if die_after is not None:
+            while min([len(await client.xrange(output_stream(r))) for r in ids]) < die_after:
+                await asyncio.sleep(0.005)
+            first.stopped.set()
+            await asyncio.wait_for(task, 10)
+            lasts = [OutputEvent.from_fields((await client.xrange(output_stream(r)))[-1][1])
+                     for r in ids]
+            assert not all(e.final for e in lasts), "the scheduler died mid-generation"
+            executor.reset()   # as a new scheduler does before its first step
+            second = loop_of(client, "b", claim_idle_ms=300,
+                             observer=EngineObserver(metrics, Readiness(), tracer=tracer))
+            task = asyncio.create_task(second.run())
+        events = [[e async for e in sub.events(r, block_ms=200)] for r in ids]
+        (second if die_after is not None else first).stopped.set()
+        await asyncio.wait_for(task, 10)
+        await client.aclose()
+        return events, metrics
+
+    reference, _ = asyncio.run(run(None))
+    events, metrics = asyncio.run(run(die_after=5))
+    for ref, got in zip(reference, events):
+        assert [e.index for e in got] == list(range(len(got))), "contiguous, none twice"
+        assert [t for e in got for t in e.token_ids] == [t for e in ref for t in e.token_ids]
+    samples = {(s.name, s.labels.get("reason")): s.value for f in text_string_to_metric_families(
+        metrics.render().decode()) for s in f.samples}
+    recovered = samples[("tessera:requests_recovered_total", "scheduler")]
+    assert recovered >= 1
+    assert samples[("tessera:tokens_recomputed_total", None)] >= 5 + len(prompts[1])
+    spans = [s for s in exporter.get_finished_spans() if s.name == "engine request"]
+    marked = [s for s in spans if any(e.name == "recovered" for e in s.events)]
+    assert len(marked) == recovered
+    assert all(e.attributes["tessera.recovery.reason"] == "scheduler"
+               for s in marked for e in s.events if e.name == "recovered")

@@ -10,16 +10,17 @@
 - Dead-lettering: a request re-delivered past ``max_deliveries`` goes to the dead-letter stream
   with its reason, and its client gets an error event; a real scheduler that dies on a request
   (the hook's exit mode) leaves it pending with its delivery count for the next one.
+- Worker and scheduler death under 32 concurrent streams (HTTP and gRPC, greedy and seeded):
+  the worker SIGKILLed and restarted, then the active scheduler SIGKILLed (its standby takes
+  over); with two worker groups, one group's worker killed for good (its requests finish on the
+  other). Every stream ends with the fault-free text, its event ids contiguous, none twice.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -34,75 +35,18 @@ from common.redis_schema import OutputEvent, QueuedRequest
 from common.sampling_params import SamplingParams
 from common.tokenizer import Tokenizer
 from gateway.queue import RequestSubmitter
-from tessera.procs import free_port
-from scheduler.admission import POISON_ENV
 from scheduler.metrics import SchedulerMetrics
 from scheduler.queue import RequestQueue
 from scheduler.scheduler import Scheduler, SchedulerConfig
 from tessera.client import TesseraClient, TesseraError
 
-MAX_TOKENS = 40
-POISON = "poison-"
+from fault_harness import (POISON, HttpStream, Services, Stack, grpc_stream, metric, reference,
+                           streams_through)
 
-
-def _start(args: list[str], ready: str, env: dict[str, str] | None = None,
-           timeout: float = 180) -> subprocess.Popen:
-    """`tessera ARGS`, once it prints `ready`; its later output is drained (never blocks it)."""
-    proc = subprocess.Popen([sys.executable, "-m", "tessera.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
-    deadline, lines = time.monotonic() + timeout, []
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None:
-            break
-        lines.append(line)
-        if ready in line:
-            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
-            return proc
-    proc.kill()
-    raise RuntimeError(f"tessera {args[0]} did not start:\n" + "".join(lines[-30:]))
-
-
-def _stop(*procs: subprocess.Popen) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    for p in procs:
-        try:
-            p.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            p.kill()
-
-
-class Stack:
-    """worker + scheduler (with the poison hook armed) + gateways, on the session's Redis."""
-
-    def __init__(self, model_dir: str, redis_url: str, poison: str = POISON) -> None:
-        self.model_dir, self.redis_url = model_dir, redis_url
-        self.name = f"faults-{uuid.uuid4().hex[:6]}"
-        port = free_port()
-        self.worker = _start(["worker", "--model", model_dir, "--port", str(port),
-                              "--kv-cache-memory-gb", "0.02", "--metrics-port", "0"],
-                             "worker ready")
-        self.scheduler = _start(["scheduler", "--model", model_dir, "--workers",
-                                 f"127.0.0.1:{port}", "--redis-url", redis_url,
-                                 "--served-model-name", self.name, "--metrics-port", "0",
-                                 "--max-num-batched-tokens", "512"], "scheduler ready",
-                                env={POISON_ENV: poison})
-        self.gateways: list[tuple[subprocess.Popen, str, str]] = []
-
-    def gateway(self) -> tuple[subprocess.Popen, str, str]:
-        http, grpc_port = free_port(), free_port()
-        proc = _start(["gateway", "--model", self.model_dir, "--served-model-name", self.name,
-                       "--redis-url", self.redis_url, "--http-port", str(http),
-                       "--grpc-port", str(grpc_port)], "gateway ready")
-        g = (proc, f"http://127.0.0.1:{http}", f"127.0.0.1:{grpc_port}")
-        self.gateways.append(g)
-        return g
-
-    def close(self) -> None:
-        _stop(*(p for p, _, _ in self.gateways), self.scheduler, self.worker)
-
+# Long enough that the streams are still generating when the fault strikes (their clients
+# pause after two events, the scheduler does not).
+RECOVER_TOKENS = 160
+RECOVERED = "tessera:requests_recovered_total"
 
 @pytest.fixture(scope="module")
 def stack(tiny_model, redis_url):
@@ -111,120 +55,6 @@ def stack(tiny_model, redis_url):
         yield s
     finally:
         s.close()
-
-
-def _prompt(i: int) -> str:
-    return f"Story {i}: once upon a time"
-
-
-def _sampling(i: int) -> dict:
-    """Greedy, except every fourth stream: seeded temperature-1.0 sampling."""
-    return {"temperature": 1.0, "seed": 1000 + i} if i % 4 == 3 else {"temperature": 0}
-
-
-def _http_body(i: int, max_tokens: int) -> tuple[str, dict]:
-    if i % 2:
-        return "/v1/chat/completions", {
-            "messages": [{"role": "user", "content": _prompt(i)}], "max_tokens": max_tokens,
-            "ignore_eos": True, "stream": True, **_sampling(i)}
-    return "/v1/completions", {"prompt": _prompt(i), "max_tokens": max_tokens,
-                               "ignore_eos": True, "stream": True, **_sampling(i)}
-
-
-def _text_of(data: dict) -> str:
-    c = data["choices"][0] if data.get("choices") else {}
-    return c.get("text") or (c.get("delta") or {}).get("content") or ""
-
-
-class HttpStream:
-    """One SSE client: reads ``pause_after`` events, waits for ``go``, then reads on until
-    the connection breaks, and resumes on ``resume_url`` after the last id it saw."""
-
-    def __init__(self, i: int, base_url: str, pause_after: int | None, go: threading.Event,
-                 max_tokens: int = MAX_TOKENS):
-        self.i, self.base_url, self.pause_after, self.go = i, base_url, pause_after, go
-        self.max_tokens = max_tokens
-        self.events: list[tuple[str | None, dict]] = []
-        self.rid: str | None = None
-        self.last_id: str | None = None
-        self.paused = threading.Event()
-        self.done = False
-
-    def _read(self, response: httpx.Response) -> None:
-        eid = None
-        for line in response.iter_lines():
-            if line.startswith("id: "):
-                eid = line[4:]
-            elif line == "data: [DONE]":
-                self.done = True
-                return
-            elif line.startswith("data: "):
-                self.events.append((eid, json.loads(line[6:])))
-                if eid is not None:
-                    self.last_id = eid
-                eid = None
-                if self.pause_after is not None and len(self.events) == self.pause_after:
-                    self.paused.set()
-                    self.go.wait(120)
-
-    def run(self) -> None:
-        path, body = _http_body(self.i, self.max_tokens)
-        try:
-            with httpx.Client(timeout=60) as c, c.stream("POST", self.base_url + path,
-                                                         json=body) as r:
-                self.rid = r.headers["x-request-id"]
-                self._read(r)
-        except httpx.HTTPError:
-            pass   # the gateway died under us
-        finally:
-            self.paused.set()
-
-    def resume(self, base_url: str) -> None:
-        with httpx.Client(timeout=60) as c, c.stream(
-                "GET", f"{base_url}/v1/streams/{self.rid}",
-                headers={"Last-Event-ID": self.last_id or ""}) as r:
-            assert r.status_code == 200, r.read()
-            self._read(r)
-
-    @property
-    def text(self) -> str:
-        return "".join(_text_of(d) for _, d in self.events)
-
-
-def _grpc_stream(address: str, rid: str, i: int, pause_after: int | None,
-                 go: threading.Event, out: list, paused: threading.Event) -> None:
-    try:
-        with TesseraClient(address, timeout=60) as client:
-            for chunk in client.stream(_prompt(i), request_id=rid, max_tokens=MAX_TOKENS,
-                                       ignore_eos=True, **_sampling(i)):
-                out.append(chunk)
-                if pause_after is not None and len(out) == pause_after:
-                    paused.set()
-                    go.wait(120)
-    except TesseraError:
-        pass   # the gateway died under us
-    finally:
-        paused.set()
-
-
-def _reference(stack: Stack, base_url: str, grpc_address: str, n_http: int, n_grpc: int,
-               max_tokens: int = MAX_TOKENS):
-    """The fault-free run, on the same stack."""
-    go = threading.Event()
-    go.set()
-    streams = [HttpStream(i, base_url, None, go, max_tokens) for i in range(n_http)]
-    grpc_out = [[] for _ in range(n_grpc)]
-    threads = [threading.Thread(target=s.run) for s in streams] + [
-        threading.Thread(target=_grpc_stream, args=(grpc_address, f"ref-{uuid.uuid4().hex}",
-                                                    i, None, go, grpc_out[i], threading.Event()))
-        for i in range(n_grpc)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
-    assert all(s.done for s in streams)
-    return [s.text for s in streams], ["".join(c.text for ch in out for c in ch.choices)
-                                       for out in grpc_out]
 
 
 def _post_result(base_url: str, key: str) -> dict:
@@ -242,7 +72,7 @@ def test_gateway_killed_mid_stream_clients_resume_on_another_replica(stack: Stac
     n_http, n_grpc = 16, 16
     a_proc, a_http, a_grpc = stack.gateway()
     _, b_http, b_grpc = stack.gateway()
-    ref_http, ref_grpc = _reference(stack, b_http, b_grpc, n_http, n_grpc)
+    ref_http, ref_grpc = reference(stack, b_http, b_grpc, n_http, n_grpc)
     assert all(len(t) > 0 for t in ref_http + ref_grpc)
     ref_post = _post_result(b_http, f"ref-{uuid.uuid4().hex}")
     key = f"k-{uuid.uuid4().hex}"
@@ -263,7 +93,7 @@ def test_gateway_killed_mid_stream_clients_resume_on_another_replica(stack: Stac
     grpc_out: list[list] = [[] for _ in range(n_grpc)]
     grpc_paused = [threading.Event() for _ in range(n_grpc)]
     threads = [threading.Thread(target=s.run) for s in streams] + [
-        threading.Thread(target=_grpc_stream, args=(a_grpc, grpc_ids[i], i, 3 + i % 4, go,
+        threading.Thread(target=grpc_stream, args=(a_grpc, grpc_ids[i], i, 3 + i % 4, go,
                                                     grpc_out[i], grpc_paused[i]))
         for i in range(n_grpc)]
     for t in threads:
@@ -313,7 +143,7 @@ def test_gateway_killed_mid_stream_clients_resume_on_another_replica(stack: Stac
 def test_a_request_that_raises_in_the_scheduler_fails_alone(stack: Stack) -> None:
     _, http, grpc_address = stack.gateway()
     # Long enough that the others still run when the poisoned request joins their step.
-    ref_http, _ = _reference(stack, http, grpc_address, 4, 0, max_tokens=300)
+    ref_http, _ = reference(stack, http, grpc_address, 4, 0, max_tokens=300)
     go = threading.Event()
     streams = [HttpStream(i, http, 2, go, max_tokens=300) for i in range(4)]
     threads = [threading.Thread(target=s.run) for s in streams]
@@ -445,3 +275,61 @@ def test_a_scheduler_that_dies_on_a_request_leaves_it_to_be_dead_lettered(
         asyncio.run(asyncio.wait_for(run(), 120))
     finally:
         s.close()
+
+
+@pytest.fixture(scope="module")
+def services(tiny_model, redis_url):
+    s = Services(str(tiny_model("llama")), redis_url, groups=1, schedulers=2)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def test_worker_killed_mid_stream_its_requests_are_recomputed(services: Services) -> None:
+    """SIGKILL of the worker under 32 streams; a supervisor restarts it a second later. The
+    scheduler keeps every request (no error to any client), re-warms and resets the group and
+    recomputes each from prompt + emitted tokens: every stream ends as in the fault-free run."""
+    active, port = services.active()
+
+    def fault() -> None:
+        services.kill_worker()
+        time.sleep(1.0)
+        services.restart_worker()
+
+    before = metric(port, RECOVERED, reason="worker")
+    streams_through(services, fault, max_tokens=RECOVER_TOKENS)
+    assert metric(port, RECOVERED, reason="worker") > before, "requests were in flight"
+    assert metric(port, "tessera:tokens_recomputed_total") > 0
+    assert active.poll() is None and services.active()[0] is active
+
+
+def test_active_scheduler_killed_mid_stream_a_standby_takes_over(services: Services) -> None:
+    """SIGKILL of the scheduler holding the lease under 32 streams: the standby takes the
+    lease, claims the dead one's requests, reads what they emitted and continues their event
+    indices; every stream ends as in the fault-free run."""
+    active, _ = services.active()
+
+    def fault() -> None:
+        active.send_signal(signal.SIGKILL)
+        active.wait(10)
+
+    streams_through(services, fault, max_tokens=RECOVER_TOKENS)
+    successor, port = services.active()
+    assert successor is not active
+    assert metric(port, RECOVERED, reason="scheduler") > 0, "it took over requests in flight"
+    services.add_scheduler(0)   # a supervisor starts a new standby
+
+
+def test_dp2_a_dead_groups_requests_finish_on_the_other_group(tiny_model, redis_url) -> None:
+    """Two worker groups share the request stream; group 0's worker dies and stays dead: its
+    scheduler hands its requests back at once and group 1 finishes them from their tokens."""
+    svc = Services(str(tiny_model("llama")), redis_url, groups=2, schedulers=1)
+    try:
+        (_, s0, _), (_, s1, port1) = svc.schedulers
+        streams_through(svc, lambda: svc.kill_worker(0), max_tokens=RECOVER_TOKENS)
+        assert metric(port1, RECOVERED, reason="worker") > 0, "group 1 took group 0's requests"
+        assert s0.poll() is None and s1.poll() is None
+    finally:
+        svc.close()
+

@@ -290,3 +290,32 @@ def test_malformed_entries_are_acked_and_reported(redis_url: str) -> None:
         assert await client.xlen(queue.stream) == 1
         await client.aclose()
     run(main())
+
+
+def test_touch_keeps_only_owned_entries_and_handoff_requeues_for_recovery(redis_url) -> None:
+    """A scheduler that stalled past the claim idle time learns from ``touch`` which entries a
+    peer took (and does not take them back); ``handoff`` gives entries back to the stream,
+    marked for recovery, for any scheduler to read as new."""
+    async def main() -> None:
+        client, model, slow, sub = await setup(redis_url, consumer="slow")
+        peer = RequestQueue(client, model, "peer", LIMITS)
+        kept, taken = make_request(model), make_request(model)
+        await sub.submit(kept)
+        await sub.submit(taken)
+        (kept_id, _), (taken_id, _) = await slow.read_new(max_count=2)
+        stream = schema.requests_stream(model)
+        await client.xclaim(stream, schema.SCHEDULERS_GROUP, "peer", 0, [taken_id], justid=True)
+        assert await slow.touch([kept_id, taken_id]) == [taken_id]
+        (entry,) = await client.xpending_range(stream, schema.SCHEDULERS_GROUP, taken_id,
+                                               taken_id, 1)
+        assert entry["consumer"] == b"peer", "touch never takes an entry back"
+        assert await slow.touch([]) == []
+
+        assert await slow.handoff([kept_id, "0-1"], "worker") == 1   # a gone entry is skipped
+        (new_id, got), = await peer.read_new(max_count=10)
+        assert new_id != kept_id and got.request_id == kept.request_id
+        assert got.recovered == "worker" and got.prompt_token_ids == kept.prompt_token_ids
+        pending = await client.xpending_range(stream, schema.SCHEDULERS_GROUP, "-", "+", 10)
+        assert {p["message_id"].decode() for p in pending} == {taken_id, new_id}
+        await client.aclose()
+    run(main())

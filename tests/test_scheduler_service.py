@@ -44,11 +44,11 @@ def stack(tiny_model, redis_url):
             p.kill()
 
 
-async def _run(redis_url, name, prompts, params, cancel_after=None):
+async def _run(redis_url, name, prompts, params, cancel_after=None, deadline=None):
     client = aioredis.from_url(redis_url)
     sub = RequestSubmitter(client)
-    ids = [await sub.submit(QueuedRequest(f"r-{uuid.uuid4().hex}", name, p, params))
-           for p in prompts]
+    ids = [await sub.submit(QueuedRequest(f"r-{uuid.uuid4().hex}", name, p, params,
+                                          deadline=deadline)) for p in prompts]
 
     async def collect(rid):
         tokens, events, cancelled = [], [], False
@@ -101,7 +101,10 @@ async def _stats(redis_url, name):
         await client.aclose()
 
 
-def test_dead_worker_fails_requests_and_scheduler_survives(stack):
+def test_dead_worker_fails_requests_past_their_deadline_and_scheduler_survives(stack):
+    """The worker dies and nobody restarts it: a request waits for the group (no error) until
+    its deadline (the per-request field; --request-timeout otherwise), then fails with a
+    message that says why; the scheduler lives on."""
     _, name, redis_url, worker, sched = stack
     r = redis.Redis.from_url(redis_url)
     heartbeat = worker_heartbeat(name, "w0")
@@ -112,6 +115,10 @@ def test_dead_worker_fails_requests_and_scheduler_survives(stack):
     while r.get(heartbeat) is not None and time.monotonic() < deadline:
         time.sleep(0.2)
     assert r.get(heartbeat) is None
-    [(tokens, events)] = asyncio.run(_run(redis_url, name, [list(range(20))], GREEDY))
-    assert events[-1].error and "worker unavailable" in events[-1].error
+    submitted = time.time()
+    [(tokens, events)] = asyncio.run(_run(redis_url, name, [list(range(20))], GREEDY,
+                                          deadline=submitted + 4))
+    assert time.time() >= submitted + 4, "no error before the deadline"
+    assert events[-1].final and events[-1].finish_reason == "error" and not tokens
+    assert "did not come back before the request's deadline" in events[-1].error
     assert sched.poll() is None, "the scheduler keeps running"

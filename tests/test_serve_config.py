@@ -22,7 +22,7 @@ from tessera.procs import TESSERA, free_port
 SERVE_FLAGS = ["--device", "--dtype", "--max-model-len", "--block-size", "--enforce-eager",
                "--gpu-memory-utilization", "--kv-cache-memory-gb", "--max-num-seqs",
                "--max-num-batched-tokens", "-tp", "-pp", "-dp", "--no-restart", "--step-timeout",
-               "--dist-timeout", "--max-body-bytes"]
+               "--dist-timeout", "--max-body-bytes", "--scheduler-replicas", "--request-timeout"]
 
 
 def _subparser(name: str):
@@ -53,7 +53,7 @@ def test_serve_hands_each_child_the_settings_it_takes(tiny_model):
             "--max-num-seqs", "7", "--max-num-batched-tokens", "96", "-tp", "2", "-pp", "1",
             "--no-prefix-caching", "--seed", "3", "--log-format", "json", "--host", "0.0.0.0",
             "--http-port", "8123", "--step-timeout", "9.5", "--dist-timeout", "33",
-            "--max-body-bytes", "1000"]
+            "--max-body-bytes", "1000", "--request-timeout", "42.5", "--scheduler-replicas", "3"]
     serve = from_args(ServeConfig, _build_parser().parse_args(["serve", *argv]))
     assert serve.max_num_batched_tokens == 96 and serve.kv_cache_memory_gb == 0.25
     assert not serve.enable_prefix_caching and serve.enforce_eager and serve.restart
@@ -74,7 +74,9 @@ def test_serve_hands_each_child_the_settings_it_takes(tiny_model):
         scheduler_config(serve, "redis://r:1/0", "g", ("a:1", "b:2")), SchedulerServiceConfig)])
     assert (sched.max_model_len, sched.max_num_seqs, sched.max_num_batched_tokens,
             sched.block_size, sched.enable_prefix_caching, sched.tensor_parallel_size,
-            sched.workers, sched.step_timeout_s) == (100, 7, 96, 8, False, 2, ("a:1", "b:2"), 9.5)
+            sched.workers, sched.step_timeout_s, sched.request_timeout_s) == \
+        (100, 7, 96, 8, False, 2, ("a:1", "b:2"), 9.5, 42.5)
+    assert serve.scheduler_replicas == 3
     gateway = _parse([*TESSERA, "gateway", *to_argv(gateway_config(serve, "redis://r:1/0"),
                                                     GatewayConfig)])
     assert (gateway.max_model_len, gateway.host, gateway.http_port, gateway.log_format,

@@ -86,7 +86,10 @@ def stack(tiny_model):
     http = free_port()
     proc, lines = start_serve(["--model", model_dir, "--http-port", str(http), "--grpc-port",
                                str(free_port()), "--kv-cache-memory-gb", "0.02",
-                               "--max-num-batched-tokens", "128"], timeout=180)
+                               "--max-num-batched-tokens", "128",
+                               # one scheduler: each child is named by its role here (the
+                               # standbys' take-over is tests/test_faults.py's)
+                               "--scheduler-replicas", "1"], timeout=180)
     metrics = dict((svc, url) for url, svc in re.findall(
         r"(http://\S+/metrics) \((\w+)\)", next(l for l in lines if "Metrics" in l)))
     yield proc, f"http://127.0.0.1:{http}", os.path.basename(model_dir), metrics, lines
