@@ -75,14 +75,21 @@ def test_greedy_batch_matches_hf(smollm2_gguf, reference):
     assert llm.tokenizer.decode(answer[:answer.index(2)]) == "The capital of France is Paris."
 
 
-def test_prompt_logits_match_hf(smollm2_gguf, reference):
+@pytest.mark.parametrize("prepacked,atol", [(False, 1e-4), (True, 3e-4)],
+                         ids=["plain-linears", "prepacked-linears"])
+def test_prompt_logits_match_hf(smollm2_gguf, reference, monkeypatch, prepacked, atol):
+    """Within 1e-4 of HF on the plain fp32 path. The CPU fast path's oneDNN-prepacked linears
+    (worker/layers/cpu_linear.py) sum in another order: over 30 layers that moves a few of
+    the 1.8M logits by up to ~1.5e-4, so that path is held to 3e-4 (greedy tokens are equal,
+    test_greedy_batch_matches_hf)."""
+    monkeypatch.setenv("TESSERA_CPU_PREPACK", "1" if prepacked else "0")
     prompts, refs = reference
     runner = ModelRunner(ModelConfig.from_dir(smollm2_gguf), "float32", num_blocks=64,
                          block_size=16)
     for ids, (_, _, hf_logits) in zip(prompts, refs):   # one at a time, as HF ran them
         out = runner.execute([SequenceInput(ids, 0, list(range(-(-len(ids) // 16))))],
                              all_logits=True)
-        torch.testing.assert_close(out.all_logits[0], hf_logits, atol=1e-4, rtol=0)
+        torch.testing.assert_close(out.all_logits[0], hf_logits, atol=atol, rtol=0)
 
 
 def test_tokenizer_ids_match_hf_on_1000_strings(ours, smollm2_hf):
