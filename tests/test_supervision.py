@@ -150,14 +150,14 @@ def test_redis_restart_is_a_pause_for_in_flight_requests(stack):
             return await asyncio.gather(*tasks)
 
     services = {k: v for k, v in children(proc.pid).items() if k != "redis"}
-    results = asyncio.run(run(4))
+    results = asyncio.run(run(32))   # 32 concurrent requests, as the other fault tests
     assert all(r["status"] == 200 for r in results), results
     wait_for(lambda: "redis restarted (restarts: 1)" in proc.output(), 60, "redis's restart")
     after = children(proc.pid)
     assert {k: after[k] for k in services} == services, "the services reconnected, none exited"
     assert all(r["usage"]["completion_tokens"] == TOKENS for r in results)
     # greedy: the same text as the same requests without a fault
-    again = asyncio.run(run(4, kill=False))
+    again = asyncio.run(run(32, kill=False))
     assert [r["choices"][0]["text"] for r in results] == [r["choices"][0]["text"] for r in again]
 
 
