@@ -34,7 +34,7 @@ import time
 import torch
 
 from common.model_config import ModelConfig
-from benchmarks.workload import flops_per_token, peak_matmul_flops, sync, workload
+from benchmarks.workload import flops_per_token, left_padded, peak_matmul_flops, sync, workload
 from tessera import LLM, SamplingParams
 
 
@@ -117,16 +117,11 @@ def run_hf_padded(hf, prompts, out_len: int, batch: int, device: str,
     t, total = time.perf_counter(), 0
     for i in range(0, len(prompts), batch):
         group = prompts[i:i + batch]
-        width = max(len(p) for p in group)
-        ids = torch.zeros(len(group), width, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, p in enumerate(group):      # left padding
-            ids[j, width - len(p):] = torch.tensor(p)
-            mask[j, width - len(p):] = 1
+        ids, mask = left_padded(group)
         out = hf.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=out_len,
                           min_new_tokens=0 if eos else out_len, do_sample=False, pad_token_id=0,
                           eos_token_id=list(eos) if eos else None)
-        total += sum(_generated(row[width:].tolist(), eos) for row in out)
+        total += sum(_generated(row[ids.shape[1]:].tolist(), eos) for row in out)
     sync(device)
     return total / (time.perf_counter() - t)
 

@@ -33,7 +33,8 @@ import time
 import torch
 
 from common.model_config import ModelConfig
-from benchmarks.workload import flops_per_token, peak_matmul_flops, sync, workload
+from benchmarks.workload import (flops_per_token, peak_matmul_flops, run_hf_one_at_a_time,
+                                 run_hf_padded, sync, workload)
 from tessera import LLM, SamplingParams
 
 
@@ -89,33 +90,6 @@ def run_tessera(model_dir: str, prompts, out_len: int, dtype: str, device: str, 
         decode["energy"] = (meter.joules / (len(prompts) * out_len), meter.mean_watts,
                             meter.source)
     return len(prompts) * out_len / elapsed, decode
-
-
-def run_hf_one_at_a_time(hf, prompts, out_len: int, device: str) -> float:
-    t = time.perf_counter()
-    for ids in prompts:
-        x = torch.tensor([ids], device=device)
-        out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=out_len,
-                          min_new_tokens=out_len, do_sample=False, pad_token_id=0)
-        assert out.shape[1] == len(ids) + out_len
-    sync(device)
-    return len(prompts) * out_len / (time.perf_counter() - t)
-
-
-def run_hf_padded(hf, prompts, out_len: int, batch: int, device: str) -> float:
-    t = time.perf_counter()
-    for i in range(0, len(prompts), batch):
-        group = prompts[i:i + batch]
-        width = max(len(p) for p in group)
-        ids = torch.zeros(len(group), width, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, p in enumerate(group):      # left padding
-            ids[j, width - len(p):] = torch.tensor(p)
-            mask[j, width - len(p):] = 1
-        hf.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=out_len,
-                    min_new_tokens=out_len, do_sample=False, pad_token_id=0)
-    sync(device)
-    return len(prompts) * out_len / (time.perf_counter() - t)
 
 
 def main() -> None:

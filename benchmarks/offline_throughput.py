@@ -31,7 +31,7 @@ import torch
 
 from common.model_config import ModelConfig
 from benchmarks.phase_timer import PHASES
-from benchmarks.workload import peak_matmul_flops, sync, workload
+from benchmarks.workload import peak_matmul_flops, run_hf_one_at_a_time, run_hf_padded, workload
 from tessera import LLM, SamplingParams
 
 
@@ -66,33 +66,6 @@ def run_tessera(llm, prompts, out_len: int, fast: bool) -> tuple[float, float, d
         set_kernel_backend("auto")
     assert all(len(o.outputs[0].token_ids) == out_len for o in outs)
     return len(prompts) * out_len / timer.wall, cpu, timer.seconds
-
-
-def run_hf_one_at_a_time(hf, prompts, out_len: int, device: str) -> float:
-    t = time.perf_counter()
-    for ids in prompts:
-        x = torch.tensor([ids], device=device)
-        out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=out_len,
-                          min_new_tokens=out_len, do_sample=False, pad_token_id=0)
-        assert out.shape[1] == len(ids) + out_len
-    sync(device)
-    return len(prompts) * out_len / (time.perf_counter() - t)
-
-
-def run_hf_padded(hf, prompts, out_len: int, batch: int, device: str) -> float:
-    t = time.perf_counter()
-    for i in range(0, len(prompts), batch):
-        group = prompts[i:i + batch]
-        width = max(len(p) for p in group)
-        ids = torch.zeros(len(group), width, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, p in enumerate(group):      # left padding
-            ids[j, width - len(p):] = torch.tensor(p)
-            mask[j, width - len(p):] = 1
-        hf.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=out_len,
-                    min_new_tokens=out_len, do_sample=False, pad_token_id=0)
-    sync(device)
-    return len(prompts) * out_len / (time.perf_counter() - t)
 
 
 def main() -> None:

@@ -51,9 +51,9 @@ class PhaseTimer:
         self._patch(linear_mod, "linear", self._timed(lin, None))
         self._patch(embed_mod, "linear", self._timed(lin, None))
         self._patch(Attention, "forward", self._timed(Attention.forward, "attention"))
-        sched = self.engine.scheduler
-        self._patch(sched, "schedule", self._timed(sched.schedule, "scheduling"))
-        self._patch(sched, "update", self._timed(sched.update, "scheduling"))
+        core = self.engine.core   # schedule() and update(): the engine core's (scheduler.engine_core)
+        self._patch(core, "schedule", self._timed(core.schedule, "scheduling"))
+        self._patch(core, "update", self._timed(core.update, "scheduling"))
         sampler = self.worker.sampler
         timed_sampler = self._timed(sampler.__call__, "sampling")
         self._patch(self.worker, "sampler", type("TimedSampler", (), {

@@ -1,5 +1,5 @@
-"""What the offline benchmarks share: the bench workload, the measured matmul peak, and the
-useful FLOPs of a token (CPU_PERF_NOTES.md's accounting)."""
+"""What the offline benchmarks share: the bench workload, the measured matmul peak, the
+useful FLOPs of a token (CPU_PERF_NOTES.md's accounting) and the HF `generate` baselines."""
 
 from __future__ import annotations
 
@@ -44,3 +44,35 @@ def flops_per_token(cfg: ModelConfig, context: float) -> float:
     weights = cfg.num_layers * per_layer + h * cfg.vocab_size
     attention = cfg.num_layers * 2 * q * context
     return 2 * weights + 2 * attention
+
+
+def left_padded(group: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of prompts left-padded to the longest, as HF batches them."""
+    width = max(len(p) for p in group)
+    ids = torch.zeros(len(group), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for j, p in enumerate(group):
+        ids[j, width - len(p):] = torch.tensor(p)
+        mask[j, width - len(p):] = 1
+    return ids, mask
+
+
+def run_hf_one_at_a_time(hf, prompts, out_len: int, device: str) -> float:
+    t = time.perf_counter()
+    for ids in prompts:
+        x = torch.tensor([ids], device=device)
+        out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=out_len,
+                          min_new_tokens=out_len, do_sample=False, pad_token_id=0)
+        assert out.shape[1] == len(ids) + out_len
+    sync(device)
+    return len(prompts) * out_len / (time.perf_counter() - t)
+
+
+def run_hf_padded(hf, prompts, out_len: int, batch: int, device: str) -> float:
+    t = time.perf_counter()
+    for i in range(0, len(prompts), batch):
+        ids, mask = left_padded(prompts[i:i + batch])
+        hf.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=out_len,
+                    min_new_tokens=out_len, do_sample=False, pad_token_id=0)
+    sync(device)
+    return len(prompts) * out_len / (time.perf_counter() - t)
