@@ -28,13 +28,13 @@ if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
-import tempfile
 import time
 
 import torch
 
 from common.model_config import ModelConfig
-from benchmarks.workload import flops_per_token, left_padded, peak_matmul_flops, sync, workload
+from benchmarks.workload import left_padded, peak_matmul_flops, sync, workload
+from benchmarks.engine_meter import meter_decode, model_or_bench, warm_up
 from tessera import LLM, SamplingParams
 
 
@@ -69,31 +69,12 @@ def run_tessera(model_dir: str, prompts, out_len: int, dtype: str, device: str, 
                 real_eos: bool = False):
     llm = LLM(model_dir, dtype=dtype, device=device, max_num_seqs=256, max_num_batched_tokens=4096)
     params = SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=not real_eos)
-    llm.generate([{"prompt_token_ids": p} for p in prompts[:4]],
-                 SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
-    # time steady-decode steps (every sequence computing one token) for the MFU figure
-    executor = llm.engine.executor
-    inner = executor.execute
-    decode = {"time": 0.0, "flops": 0.0, "tokens": 0}
-
-    def timed(plan):
-        t = time.perf_counter()
-        out = inner(plan)
-        sync(device)
-        dt = time.perf_counter() - t
-        if not plan.new and all(s.num_scheduled_tokens == 1 for s in plan.running):
-            ctx = sum(s.num_computed_tokens for s in plan.running) / len(plan.running)
-            decode["time"] += dt
-            decode["tokens"] += len(plan.running)
-            decode["flops"] += len(plan.running) * flops_per_token(cfg, ctx)
-        return out
-
-    executor.execute = timed
+    warm_up(llm, prompts[:4])
+    decode = meter_decode(llm, cfg, device)
     t = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     elapsed = time.perf_counter() - t
     assert real_eos or all(len(o.outputs[0].token_ids) == out_len for o in outs)
-    decode["compute_dtype"] = executor.worker.runner.dtype
     decode["mean_output_len"] = sum(len(o.outputs[0].token_ids) for o in outs) / len(outs)
     return sum(len(o.outputs[0].token_ids) for o in outs) / elapsed, decode
 
@@ -142,10 +123,7 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     args = ap.parse_args()
     torch.manual_seed(0)
-    model_dir = args.model
-    if model_dir is None:
-        from tessera.make_model import make_model
-        model_dir = str(make_model(tempfile.mkdtemp() + "/bench", "llama", preset="bench"))
+    model_dir = model_or_bench(args.model)
     cfg = ModelConfig.from_dir(model_dir)
     prompts = (chat_workload(model_dir, args.num_requests) if args.chat
                else workload(args.num_requests, cfg.vocab_size))

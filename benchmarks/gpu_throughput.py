@@ -27,14 +27,14 @@ if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 
 import argparse
 import gc
-import tempfile
 import time
 
 import torch
 
 from common.model_config import ModelConfig
-from benchmarks.workload import (flops_per_token, peak_matmul_flops, run_hf_one_at_a_time,
+from benchmarks.workload import (peak_matmul_flops, run_hf_one_at_a_time,
                                  run_hf_padded, sync, workload)
+from benchmarks.engine_meter import meter_decode, model_or_bench, warm_up
 from tessera import LLM, SamplingParams
 
 
@@ -51,26 +51,8 @@ def run_tessera(model_dir: str, prompts, out_len: int, dtype: str, device: str, 
     llm = LLM(model_dir, dtype=dtype, device=device, max_num_seqs=256, max_num_batched_tokens=4096,
               enforce_eager=enforce_eager, gpu_memory_utilization=gpu_memory_utilization)
     params = SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True)
-    llm.generate([{"prompt_token_ids": p} for p in prompts[:4]],
-                 SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
-    # time steady-decode steps (every sequence computing one token) for the MFU figure
-    executor = llm.engine.executor
-    inner = executor.execute
-    decode = {"time": 0.0, "flops": 0.0, "tokens": 0}
-
-    def timed(plan):
-        t = time.perf_counter()
-        out = inner(plan)
-        sync(device)
-        dt = time.perf_counter() - t
-        if not plan.new and all(s.num_scheduled_tokens == 1 for s in plan.running):
-            ctx = sum(s.num_computed_tokens for s in plan.running) / len(plan.running)
-            decode["time"] += dt
-            decode["tokens"] += len(plan.running)
-            decode["flops"] += len(plan.running) * flops_per_token(cfg, ctx)
-        return out
-
-    executor.execute = timed
+    warm_up(llm, prompts[:4])
+    decode = meter_decode(llm, cfg, device)
     meter = None
     if energy and device.startswith("cuda"):
         from benchmarks.power import GpuEnergy
@@ -85,7 +67,6 @@ def run_tessera(model_dir: str, prompts, out_len: int, dtype: str, device: str, 
         if meter is not None:
             meter.__exit__(None, None, None)
     assert all(len(o.outputs[0].token_ids) == out_len for o in outs)
-    decode["compute_dtype"] = executor.worker.runner.dtype
     if meter is not None:
         decode["energy"] = (meter.joules / (len(prompts) * out_len), meter.mean_watts,
                             meter.source)
@@ -110,10 +91,7 @@ def main() -> None:
                     help="CUDA: the engine's share (the rest is for the HF baselines)")
     args = ap.parse_args()
     torch.manual_seed(0)
-    model_dir = args.model
-    if model_dir is None:
-        from tessera.make_model import make_model
-        model_dir = str(make_model(tempfile.mkdtemp() + "/bench", "llama", preset="bench"))
+    model_dir = model_or_bench(args.model)
     cfg = ModelConfig.from_dir(model_dir)
     prompts = workload(args.num_requests, cfg.vocab_size)
     rows = []

@@ -1,0 +1,48 @@
+"""What the offline engine benchmarks share: the model they run and the decode-step meter."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+
+from benchmarks.workload import flops_per_token, sync
+from common.model_config import ModelConfig
+from tessera import SamplingParams
+
+
+def model_or_bench(model: str | None) -> str:
+    """``model``, or the bench model made in a temp dir when none is given."""
+    if model is not None:
+        return model
+    from tessera.make_model import make_model
+    return str(make_model(tempfile.mkdtemp() + "/bench", "llama", preset="bench"))
+
+
+def warm_up(llm, prompts: list[list[int]]) -> None:
+    """Short requests first, so one-time costs (allocation, kernels) stay out of the timing."""
+    llm.generate([{"prompt_token_ids": p} for p in prompts],
+                 SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+
+
+def meter_decode(llm, cfg: ModelConfig, device: str) -> dict:
+    """Times the engine's steady-decode steps (every sequence computing one token) for the MFU
+    figure: wraps its executor, and returns the dict it fills (time, flops, tokens)."""
+    executor = llm.engine.executor
+    inner = executor.execute
+    decode = {"time": 0.0, "flops": 0.0, "tokens": 0}
+
+    def timed(plan):
+        t = time.perf_counter()
+        out = inner(plan)
+        sync(device)
+        dt = time.perf_counter() - t
+        if not plan.new and all(s.num_scheduled_tokens == 1 for s in plan.running):
+            ctx = sum(s.num_computed_tokens for s in plan.running) / len(plan.running)
+            decode["time"] += dt
+            decode["tokens"] += len(plan.running)
+            decode["flops"] += len(plan.running) * flops_per_token(cfg, ctx)
+        return out
+
+    executor.execute = timed
+    decode["compute_dtype"] = executor.worker.runner.dtype
+    return decode
