@@ -3,14 +3,15 @@
 The build is cached under `TESSERA_EXT_DIR` (default ~/.cache/tessera/ext) in a directory
 named by a hash of the sources, the compile flags, the torch version and the CPU's vector
 extensions: it is compiled with -march=native, so a build made on an AVX-512 machine is never
-loaded on an AVX2 one. Concurrent first uses share one build (cpp_extension locks the
-directory). When the compiler is missing or the build fails, `cpu_ops()` returns None once,
-with a warning, and the callers run the torch references instead. `TESSERA_CPU_EXT=0` turns
-the extension off.
+loaded on an AVX2 one. Concurrent first uses share one build (an flock, which a killed build
+does not leave behind). When the compiler is missing or the build fails, `cpu_ops()` returns
+None once, with a warning, and the callers run the torch references instead.
+`TESSERA_CPU_EXT=0` turns the extension off.
 """
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import logging
@@ -64,9 +65,16 @@ def cpu_ops():
         root = Path(os.environ.get("TESSERA_EXT_DIR", Path.home() / ".cache" / "tessera" / "ext"))
         build_dir = root / name
         build_dir.mkdir(parents=True, exist_ok=True)
-        cpp_extension.load(name=name, sources=[str(s) for s in _SOURCES], extra_cflags=_CFLAGS,
-                           extra_ldflags=["-lm", "-fopenmp"], build_directory=str(build_dir),
-                           is_python_module=False, verbose=False)
+        # cpp_extension's own lock is a file that a build killed midway leaves behind, and
+        # every later load then waits on it forever. An flock dies with its holder: whoever
+        # holds it is the only builder, so a leftover lock file is stale and goes.
+        with open(root / f"{name}.flock", "w") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            (build_dir / "lock").unlink(missing_ok=True)
+            cpp_extension.load(name=name, sources=[str(s) for s in _SOURCES],
+                               extra_cflags=_CFLAGS, extra_ldflags=["-lm", "-fopenmp"],
+                               build_directory=str(build_dir), is_python_module=False,
+                               verbose=False)
         return torch.ops.tessera_cpu
     except Exception as e:  # noqa: BLE001 - any build failure means: use the torch path
         logger.warning("the C++ CPU kernels could not be built (%s): using the torch references",
