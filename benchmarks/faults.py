@@ -88,7 +88,7 @@ class Stack:
             for _ in range(300):
                 holder = r.get(schema.group_lease(self.name, "0"))
                 for p, _ in self.schedulers:
-                    if holder and p.popen.pid == int(holder.decode().rsplit("-", 1)[1]) \
+                    if holder and p.popen.pid == int(holder.decode().split()[0].rsplit("-", 1)[1]) \
                             and p.poll() is None:
                         return p
                 time.sleep(0.2)

@@ -13,6 +13,10 @@ from dataclasses import dataclass, field
 
 from common.sampling_params import SamplingParams
 
+# A worker's answer (gRPC ABORTED) to a call carrying an older lease epoch than the newest it
+# has seen: the caller is a scheduler that lost its lease (scheduler.fence).
+FENCED_DETAIL = "fenced: a newer scheduler drives this group"
+
 
 @dataclass(slots=True)
 class NewSequence:

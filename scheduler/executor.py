@@ -15,8 +15,9 @@ import grpc
 
 from common.convert import step_output_from_proto, step_plan_to_proto
 from common.proto.tessera.v1 import worker_pb2, worker_pb2_grpc
-from common.step import StepOutput, StepPlan
+from common.step import FENCED_DETAIL, StepOutput, StepPlan
 from common.telemetry import step_metadata
+from scheduler.fence import Fenced
 
 logger = logging.getLogger(__name__)
 
@@ -69,11 +70,13 @@ class GrpcExecutor:
     stuck on a dead peer would otherwise hold the step until its timeout), and the sampled
     tokens come from the driver: the last pipeline stage's tensor-parallel rank 0."""
 
-    def __init__(self, addresses: list[str], step_timeout_s: float = 30.0) -> None:
+    def __init__(self, addresses: list[str], step_timeout_s: float = 30.0,
+                 epoch: int = 0) -> None:
         if not addresses:
             raise ValueError("a worker group needs at least one worker address")
         self.addresses = addresses
         self.step_timeout_s = step_timeout_s
+        self.epoch = epoch   # our lease's (scheduler.fence): workers refuse an older one
         self._channels = [grpc.insecure_channel(a, options=[
             ("grpc.max_receive_message_length", 64 << 20),
             ("grpc.max_send_message_length", 64 << 20),
@@ -116,7 +119,7 @@ class GrpcExecutor:
                timeout: float = 600.0) -> int:
         """Warm every worker; the group's KV capacity is the minimum over its workers."""
         request = worker_pb2.WarmupRequest(max_num_batched_tokens=max_num_batched_tokens,
-                                           max_num_seqs=max_num_seqs)
+                                           max_num_seqs=max_num_seqs, lease_epoch=self.epoch)
         self._warmup = request
         self.num_blocks = min(r.num_blocks for r in self._call("Warmup", request, timeout))
         return self.num_blocks
@@ -124,7 +127,7 @@ class GrpcExecutor:
     def reset(self, timeout: float = 10.0) -> None:
         if self._cold:
             self._rewarm()
-        self._call("Reset", worker_pb2.ResetRequest(), timeout)
+        self._call("Reset", worker_pb2.ResetRequest(lease_epoch=self.epoch), timeout)
 
     def recover(self, timeout: float = 10.0) -> bool:
         """After the group failed: re-warm every worker (a restarted one lost its KV cache;
@@ -167,7 +170,9 @@ class GrpcExecutor:
         """Send a step to the group now; `.result()` waits for it and gives the driver's
         StepOutput (pipelining keeps several in flight: the workers run them in step-id order)."""
         driver = self.driver
-        return self.submit("Execute", step_plan_to_proto(plan), self.step_timeout_s,
+        step = step_plan_to_proto(plan)
+        step.lease_epoch = self.epoch
+        return self.submit("Execute", step, self.step_timeout_s,
                            metadata=step_metadata(plan.trace_context) or None,
                            answer=lambda replies: step_output_from_proto(replies[driver]))
 
@@ -205,6 +210,9 @@ class GroupCall:
                   if f.done() and f.exception() is not None]
         if failed:
             self.cancel()
+            if any(e.code() == grpc.StatusCode.ABORTED and e.details() == FENCED_DETAIL
+                   for _, e in failed):
+                raise Fenced(f"a worker refused our lease epoch: {FENCED_DETAIL}")
             # A mismatch only counts when nobody is gone: a dead peer makes others fail too.
             for a, e in failed:
                 if e.code() == grpc.StatusCode.FAILED_PRECONDITION and e.details() == WARMUP_FIRST:

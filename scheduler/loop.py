@@ -27,6 +27,7 @@ from common.step import StepOutput, StepPlan
 from scheduler.admission import check_admissible, check_plan_for_test_poison
 from scheduler.engine_core import EngineCore, EngineRequest
 from scheduler.executor import Executor, StepHandle, WorkerMismatch, WorkerUnavailable
+from scheduler.fence import Fenced
 from scheduler.queue import RequestQueue
 from scheduler.recovery import WORKER, Recovery
 
@@ -61,6 +62,7 @@ class EngineLoop:
     async def run(self) -> None:
         claims = (asyncio.create_task(self.recovery.keep_claimed())
                   if self.recovery.claim_idle_ms > 0 else None)
+        fenced = False
         try:
             while not self.stopped.is_set():
                 idle = not self.core.has_unfinished and not self._pending
@@ -70,17 +72,22 @@ class EngineLoop:
                     continue
                 try:
                     await self.step()
-                except (WorkerMismatch, WorkerUnavailable, RedisError, OSError):
+                except (WorkerMismatch, WorkerUnavailable, Fenced, RedisError, OSError):
                     raise   # not a request's fault: worker and Redis failures have their paths
                 except Exception as e:   # noqa: BLE001 - a request's processing raised
                     await self._step_raised(e)
+        except Fenced as e:
+            # Paused past our lease: the successor owns our requests and drives the group.
+            logger.error("%s: stopping without writing another event", e)
+            fenced = True
+            self.stopped.set()
         finally:   # stopped (lease lost, shutdown): what the last step produced still goes out
             if claims is not None:
                 claims.cancel()
-            if self._out or self._acks:
+            if (self._out or self._acks) and not fenced:
                 try:
                     await self.queue.publish(self._out, acks=self._acks, stats=self._stats())
-                except (RedisError, OSError) as e:
+                except (Fenced, RedisError, OSError) as e:
                     logger.error("could not publish the last step's events: %s", e)
 
     async def step(self) -> None:

@@ -23,6 +23,7 @@ from redis.exceptions import ResponseError
 
 from common import redis_schema as schema
 from common.redis_schema import MalformedEntry, OutputEvent, QueuedRequest, RedisLimits
+from scheduler.fence import PUBLISH_SCRIPT, Lease, check_published, publish_args
 
 logger = logging.getLogger(__name__)
 
@@ -44,18 +45,6 @@ return lost
 """
 
 
-def _check_published(results: list) -> None:
-    """Raise a publish pipeline's errors, except an event Redis already has (by id)."""
-    for r in results:
-        if isinstance(r, ResponseError):
-            if "equal or smaller" in str(r):
-                logger.debug("event already published, skipped: %s", r)
-                continue
-            raise r
-        if isinstance(r, Exception):
-            raise r
-
-
 @dataclass(frozen=True)
 class GroupStats:
     waiting: int   # in the stream, not yet delivered to any scheduler (queue depth)
@@ -67,8 +56,10 @@ class RequestQueue:
     """One scheduler's view of its model's request stream, output streams and cancels."""
 
     def __init__(self, client: aioredis.Redis, model: str, consumer: str,
-                 limits: RedisLimits = RedisLimits(), max_deliveries: int = 3) -> None:
+                 limits: RedisLimits = RedisLimits(), max_deliveries: int = 3,
+                 lease: Lease | None = None) -> None:
         self.redis = client
+        self.lease = lease   # publishes are fenced on it (None: unfenced, as in tests)
         self.model = model
         self.consumer = consumer                  # unique per scheduler process
         self.limits = limits
@@ -269,7 +260,7 @@ class RequestQueue:
     # ---- output -----------------------------------------------------------------------------
     async def publish(self, events: Sequence[tuple[str, OutputEvent]],
                       acks: Sequence[str] = (), stats: tuple[str, dict] | None = None) -> None:
-        """Write one step's events (and ack the entries of finished requests) in ONE pipeline.
+        """Write one step's events (and ack the entries of finished requests) in ONE script.
 
         A final event expires the out stream and the record after ``finished_ttl_s`` (the
         resume window) and records the outcome. ``acks`` (XACK + XDEL: the stream keeps only
@@ -281,7 +272,7 @@ class RequestQueue:
             return
         pipe = self.redis.pipeline(transaction=False)
         self._add_publish(pipe, events, acks, stats)
-        _check_published(await pipe.execute(raise_on_error=False))
+        check_published((await pipe.execute(raise_on_error=False))[0])
 
     async def exchange(self, events: Sequence[tuple[str, OutputEvent]], acks: Sequence[str],
                        stats: tuple[str, dict] | None, read_count: int,
@@ -300,7 +291,8 @@ class RequestQueue:
             pipe.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=read_count,
                             block=block)
         results = await pipe.execute(raise_on_error=False)
-        _check_published(results[:n])
+        if n:
+            check_published(results[0])
         for r in results[n:]:
             if isinstance(r, Exception):
                 raise r
@@ -313,29 +305,15 @@ class RequestQueue:
 
     def _add_publish(self, pipe, events: Sequence[tuple[str, OutputEvent]], acks: Sequence[str],
                      stats: tuple[str, dict] | None) -> int:
-        """Queue ``publish``'s commands on ``pipe``; returns how many replies they make."""
-        limits = self.limits
-        start = len(pipe.command_stack)
-        now = time.time()
-        for request_id, ev in events:
-            out = schema.output_stream(request_id)
-            pipe.xadd(out, ev.to_fields(), id=ev.stream_id, maxlen=limits.output_maxlen,
-                      approximate=True)
-            if ev.index == 0:   # an abandoned stream must not live forever
-                pipe.pexpire(out, limits.record_ttl_ms)
-            if ev.final:
-                rec = schema.request_record(request_id)
-                state = schema.STATE_FAILED if ev.error is not None else schema.STATE_FINISHED
-                pipe.hset(rec, mapping={"state": state, "finished_at": now,
-                                        "finish_reason": ev.finish_reason or ""})
-                pipe.pexpire(rec, limits.finished_ttl_ms)
-                pipe.pexpire(out, limits.finished_ttl_ms)
-        if acks:
-            pipe.xack(self.stream, self.group, *acks)
-            pipe.xdel(self.stream, *acks)
-        if stats is not None:   # (key, mapping): the scheduler's gauges ride the same round trip
-            pipe.hset(stats[0], mapping=stats[1])
-        return len(pipe.command_stack) - start
+        """Queue ``publish``'s one script on ``pipe`` (scheduler.fence: it writes nothing once
+        another scheduler holds our lease); returns how many replies it makes."""
+        if not events and not acks and stats is None:
+            return 0
+        lease = self.lease
+        pipe.eval(PUBLISH_SCRIPT, 2, lease.key if lease else "", self.stream,
+                  *publish_args(lease.value if lease else "", self.group, self.limits,
+                                time.time(), events, acks, stats))
+        return 1
 
     async def read_emitted(self, request_id: str) -> list[OutputEvent]:
         """The events already published for a request, in index order (recovery)."""

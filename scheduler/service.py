@@ -23,53 +23,13 @@ from common.redis_client import connect
 from common.model_config import ModelConfig
 from scheduler.engine_core import EngineCore
 from scheduler.executor import GrpcExecutor
+from scheduler.fence import Lease
 from scheduler.loop import EngineLoop
 from scheduler.observability import SchedulerObservability
 from scheduler.queue import RequestQueue
 from scheduler.scheduler import SchedulerConfig
 
 logger = logging.getLogger(__name__)
-
-
-class Lease:
-    """SET NX PX on the group's lease key, renewed while we hold it."""
-
-    def __init__(self, client: aioredis.Redis, key: str, owner: str, ttl_ms: int) -> None:
-        self.client, self.key, self.owner, self.ttl_ms = client, key, owner, ttl_ms
-
-    async def try_acquire(self) -> bool:
-        return bool(await self.client.set(self.key, self.owner, nx=True, px=self.ttl_ms))
-
-    async def acquire(self) -> None:
-        """Wait for the lease: polled every fifth of its TTL, so a standby takes over within
-        1.2 TTL of the holder's last renewal."""
-        while not await self.try_acquire():
-            await asyncio.sleep(self.ttl_ms / 5000)
-
-    async def renew_forever(self, lost: asyncio.Event) -> None:
-        while True:
-            await asyncio.sleep(self.ttl_ms / 3000)
-            try:
-                holder = await self.client.get(self.key)
-                if holder is None:
-                    # Expired while Redis was away (restarted): ours again unless taken.
-                    if await self.client.set(self.key, self.owner, nx=True, px=self.ttl_ms):
-                        logger.warning("re-took the lease %s after it expired", self.key)
-                        continue
-                    holder = await self.client.get(self.key)
-                if holder is None or schema.text(holder) != self.owner:
-                    logger.error("lost the lease %s (now held by %r): stopping", self.key,
-                                 holder)
-                    lost.set()
-                    return
-                await self.client.pexpire(self.key, self.ttl_ms)
-            except (aioredis.RedisError, OSError) as e:   # past the client's retries
-                logger.warning("lease %s: Redis does not answer (%s)", self.key, e)
-
-    async def release(self) -> None:
-        holder = await self.client.get(self.key)
-        if holder is not None and schema.text(holder) == self.owner:
-            await self.client.delete(self.key)
 
 
 async def serve(config: SchedulerServiceConfig) -> None:
@@ -93,7 +53,8 @@ async def serve(config: SchedulerServiceConfig) -> None:
     lost = asyncio.Event()
     # Renew from the start: warming the workers up can take longer than the lease lives.
     renew = asyncio.create_task(lease.renew_forever(lost))
-    executor = GrpcExecutor(list(config.workers), step_timeout_s=config.step_timeout_s)
+    executor = GrpcExecutor(list(config.workers), step_timeout_s=config.step_timeout_s,
+                            epoch=lease.epoch)
     try:
         infos = await asyncio.to_thread(executor.info, 600.0)
         tp, pp = infos[0].tp_size, infos[0].pp_size
@@ -109,7 +70,7 @@ async def serve(config: SchedulerServiceConfig) -> None:
         core = EngineCore(SchedulerConfig.from_settings(config, num_blocks, max_model_len),
                           model_config.eos_token_ids, obs.observer())
         queue = RequestQueue(client, config.model_name, consumer,
-                             max_deliveries=config.max_deliveries)
+                             max_deliveries=config.max_deliveries, lease=lease)
         obs.watch(core.scheduler, queue)
         await queue.ensure_group()
         loop = EngineLoop(core, executor, queue,

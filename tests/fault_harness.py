@@ -245,7 +245,7 @@ class Services:
         return proc
 
     def active(self, group: int = 0) -> tuple[subprocess.Popen, int]:
-        """The scheduler holding the group's lease (its value is "host-pid"), and its
+        """The scheduler holding the group's lease (its value is "host-pid epoch"), and its
         metrics port; waits for one to hold it."""
         import redis
 
@@ -255,7 +255,7 @@ class Services:
         with redis.Redis.from_url(self.redis_url) as r:
             while time.monotonic() < deadline:
                 holder = r.get(schema.group_lease(self.name, str(group)))
-                pid = int(holder.decode().rsplit("-", 1)[1]) if holder else None
+                pid = int(holder.decode().split()[0].rsplit("-", 1)[1]) if holder else None
                 for g, proc, port in self.schedulers:
                     if g == group and proc.pid == pid and proc.poll() is None:
                         return proc, port

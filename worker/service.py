@@ -28,6 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.config import SchedulingConfig, WorkerConfig
 from common.convert import step_output_to_proto, step_plan_from_proto
+from common.step import FENCED_DETAIL
 from common.http_probe import start_probe
 from common.model_config import ModelConfig
 from common.proto.tessera.v1 import worker_pb2, worker_pb2_grpc
@@ -58,6 +59,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             initargs=(device,) if device.type == "cuda" else ())
         self._order = asyncio.Condition()
         self.warmed_up = False
+        self.epoch = 0   # the newest scheduler lease epoch seen (scheduler.fence)
         self.telemetry = WorkerTelemetry(config.model_name, config.ready_timeout_s)
 
     async def _run(self, fn, *args):
@@ -92,7 +94,17 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         asyncio.get_running_loop().call_later(0.5, os._exit, 3)
         await context.abort(grpc.StatusCode.UNAVAILABLE, f"worker group broken: {e}")
 
+    async def _fence(self, epoch: int, context) -> None:
+        """Refuse a scheduler whose lease is older than the newest one seen: it was paused
+        past its lease and its successor drives this group now (scheduler.fence)."""
+        if epoch < self.epoch:
+            logger.warning("refused a call of an older scheduler (lease epoch %d < %d)",
+                           epoch, self.epoch)
+            await context.abort(grpc.StatusCode.ABORTED, FENCED_DETAIL)
+        self.epoch = epoch
+
     async def Warmup(self, request, context) -> worker_pb2.WarmupResponse:
+        await self._fence(request.lease_epoch, context)
         defaults = SchedulingConfig   # a request without sizes: the settings' defaults
         try:
             num_blocks, per_block = await self._run(
@@ -111,11 +123,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         return worker_pb2.WarmupResponse(num_blocks=num_blocks, block_bytes=per_block)
 
     async def Execute(self, request, context) -> worker_pb2.StepOutput:
+        await self._fence(request.lease_epoch, context)
         if not self.warmed_up:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "Warmup first")
         try:
             plan = step_plan_from_proto(request)
-            out = await self._execute_in_order(plan, context)
+            out = await self._execute_in_order(plan, request.lease_epoch, context)
         except StepMismatchError as e:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         except ValueError as e:
@@ -126,7 +139,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             await self._group_failed(context, e)
         return step_output_to_proto(out)
 
-    async def _execute_in_order(self, plan, context):
+    async def _execute_in_order(self, plan, epoch: int, context):
         """Run steps strictly in step-id order: a pipelining scheduler has several in flight,
         and every rank must run them (and their collectives) in the same order. A step whose
         predecessor never arrives runs after a while anyway and fails the worker's checks."""
@@ -139,6 +152,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     await asyncio.wait_for(self._order.wait_for(its_turn), timeout=5.0)
                 except asyncio.TimeoutError:
                     pass
+            await self._fence(epoch, context)   # a newer scheduler may have reset meanwhile
             try:
                 with self.telemetry.step(plan, context):   # the order wait is not step time
                     return await self._run(self.worker.execute, plan)
@@ -146,6 +160,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 self._order.notify_all()
 
     async def Reset(self, request, context) -> worker_pb2.ResetResponse:
+        await self._fence(request.lease_epoch, context)
         async with self._order:
             await self._run(self.worker.reset)
             self._order.notify_all()
