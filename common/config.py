@@ -18,6 +18,7 @@ read flat: `config.block_size`):
     LogConfig        log_format, log_prompts                           services
     RecoveryConfig   request_timeout_s                                 scheduler, serve
     AccessConfig     api_key, tenants_file, limits, TLS                gateway (serve)
+    InternalTLSConfig internal_tls_*: mTLS of the worker gRPC port     scheduler, worker (serve)
 
 `EngineConfig` is the offline `LLM`'s, `ServeConfig` (`tessera serve`) is an EngineConfig plus
 every other group and the stack's own settings, from which each child's flags are generated (`settings.to_argv`).
@@ -177,13 +178,47 @@ class RecoveryConfig:
 
 
 @dataclass(**GROUPS)
+class InternalTLSConfig:
+    """Mutual TLS on the internal gRPC (a scheduler's channels to its workers, the workers'
+    port with its health service): each side presents a certificate signed by the CA and
+    refuses a peer without one. The certificate must name the host the scheduler dials (an IP
+    or DNS subjectAltName: 127.0.0.1 for `tessera serve`)."""
+    internal_tls_certfile: str | None = setting(
+        None, "mutual TLS between scheduler and workers: this process's PEM certificate")
+    internal_tls_keyfile: str | None = setting(None, "its PEM private key")
+    internal_tls_ca: str | None = setting(
+        None, "PEM CA bundle a peer's certificate must be signed by")
+
+    @property
+    def internal_tls(self) -> tuple[str, str, str] | None:
+        """(certfile, keyfile, ca), or None when internal TLS is off."""
+        if self.internal_tls_certfile is None:
+            return None
+        return self.internal_tls_certfile, self.internal_tls_keyfile, self.internal_tls_ca
+
+    def __post_init__(self) -> None:
+        given = (self.internal_tls_certfile, self.internal_tls_keyfile, self.internal_tls_ca)
+        if any(given) and not all(given):
+            raise ValueError("internal mTLS needs --internal-tls-certfile, --internal-tls-keyfile "
+                             "and --internal-tls-ca together")
+        _next_post_init(self, InternalTLSConfig)
+
+
+def _next_post_init(config: object, cls: type) -> None:
+    """Chain to the next group's __post_init__ (Settings' bounds checks) after ``cls``'s."""
+    post = getattr(super(cls, config), "__post_init__", None)
+    if post is not None:
+        post()
+
+
+@dataclass(**GROUPS)
 class EngineConfig(ParallelConfig, DeviceConfig, CacheConfig, SchedulingConfig, ModelSource):
     """The offline engine's settings: `LLM(model, tensor_parallel_size=2)` builds one."""
     num_kv_blocks: int | None = setting(None, cli=False, min=1)   # fixed pool (tests); default: sized
 
 
 @dataclass(**GROUPS)
-class WorkerConfig(LogConfig, DistConfig, ParallelConfig, DeviceConfig, CacheConfig, ModelSource):
+class WorkerConfig(InternalTLSConfig, LogConfig, DistConfig, ParallelConfig, DeviceConfig, CacheConfig, ModelSource):
     """`tessera worker`: one model shard and its KV cache behind gRPC."""
     host: str = setting("127.0.0.1", "bind address of the gRPC and metrics ports")
     port: int = setting(50061, "gRPC port", min=0, max=65535)
@@ -205,7 +240,7 @@ class WorkerConfig(LogConfig, DistConfig, ParallelConfig, DeviceConfig, CacheCon
 
 
 @dataclass(**GROUPS)
-class SchedulerServiceConfig(RecoveryConfig, LogConfig, StepTimeoutConfig, ParallelConfig,
+class SchedulerServiceConfig(InternalTLSConfig, RecoveryConfig, LogConfig, StepTimeoutConfig, ParallelConfig,
                              BlockConfig, SchedulingConfig, ModelSource):
     """`tessera scheduler`: continuous batching over one worker group, leased in Redis."""
     workers: tuple[str, ...] = setting(
@@ -248,6 +283,7 @@ class AccessConfig:
     def __post_init__(self) -> None:
         if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
             raise ValueError("TLS needs both --ssl-certfile and --ssl-keyfile")
+        _next_post_init(self, AccessConfig)
 
 
 @dataclass(**GROUPS)
@@ -267,7 +303,7 @@ class GatewayConfig(AccessConfig, LogConfig, BodyLimitConfig, ContextConfig, Mod
 
 
 @dataclass(**GROUPS)
-class ServeConfig(RecoveryConfig, AccessConfig, LogConfig, BodyLimitConfig, StepTimeoutConfig,
+class ServeConfig(InternalTLSConfig, RecoveryConfig, AccessConfig, LogConfig, BodyLimitConfig, StepTimeoutConfig,
                   DistConfig, EngineConfig):
     """`tessera serve`: the whole stack on one machine; every child's settings, plus these."""
     host: str = setting("127.0.0.1", "bind address of the gateway")

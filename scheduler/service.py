@@ -21,6 +21,7 @@ from common import redis_schema as schema
 from common.config import SchedulerServiceConfig, resolve_max_model_len
 from common.redis_client import connect
 from common.model_config import ModelConfig
+from common.tls import channel_credentials
 from scheduler.engine_core import EngineCore
 from scheduler.executor import GrpcExecutor
 from scheduler.loop import EngineLoop
@@ -93,7 +94,9 @@ async def serve(config: SchedulerServiceConfig) -> None:
     lost = asyncio.Event()
     # Renew from the start: warming the workers up can take longer than the lease lives.
     renew = asyncio.create_task(lease.renew_forever(lost))
-    executor = GrpcExecutor(list(config.workers), step_timeout_s=config.step_timeout_s)
+    tls = config.internal_tls
+    executor = GrpcExecutor(list(config.workers), step_timeout_s=config.step_timeout_s,
+                            credentials=channel_credentials(tls) if tls else None)
     try:
         infos = await asyncio.to_thread(executor.info, 600.0)
         tp, pp = infos[0].tp_size, infos[0].pp_size
