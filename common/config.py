@@ -256,6 +256,11 @@ class SchedulerServiceConfig(InternalTLSConfig, RecoveryConfig, LogConfig, StepT
     lease_ms: int = setting(5000, cli=False)
     max_deliveries: int = setting(
         3, "dead-letter a request delivered this many times without finishing")
+    max_waiting_requests: int = setting(
+        1024, "while its group is the model's only one, read requests into the waiting queue "
+        "until this many wait, even while short of KV blocks, so fair share orders them all "
+        "(0: read only max_num_seqs running and waiting; with other groups they stay in Redis "
+        "for whichever group has room)", min=0, max=1 << 20)
     claim_idle_ms: int = setting(
         3000, "a request in flight that its scheduler has not touched for this long is taken "
         "over by another (the active scheduler touches its own every third of it; 0: never "
