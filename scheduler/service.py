@@ -119,7 +119,9 @@ async def serve(config: SchedulerServiceConfig) -> None:
                           stats_key=schema.scheduler_stats(config.model_name, config.group),
                           pipeline_depth=pp, claim_idle_ms=config.claim_idle_ms,
                           request_timeout_s=config.request_timeout_s, group=config.group,
-                          max_waiting_requests=config.max_waiting_requests)
+                          # Told of other groups: what it cannot start stays in Redis for them.
+                          max_waiting_requests=(config.max_waiting_requests
+                                                if config.data_parallel_size == 1 else 0))
         obs.start(client, queue, held=lambda: loop.held)
         print(f"scheduler ready: model {config.model_name}, group {config.group}, "
               f"{num_blocks} KV blocks, {tp}x{pp} (TP x PP) workers {','.join(config.workers)}",
