@@ -353,7 +353,7 @@ class Generation:
                 deltas = self._apply(ev)
                 if self.reservation is not None and not self._started:
                     self._started = True
-                    self.state.started_soon(self.reservation[0], self.request_id)
+                    self.state.started_soon(*self.reservation[:2])   # (tenant, its entry's id)
                 if ev.token_ids and ev.index > self._last_index:
                     self._relay.tokens(ev.seq_index)
                 if all(c.finish_reason is not None for c in self._choices):

@@ -223,6 +223,28 @@ def test_a_continue_request_holds_its_concurrency_slot_until_it_finishes(replica
         sched.long_reply, sched.step_s = False, 0.005
 
 
+def test_running_requests_do_not_count_as_queued(replicas) -> None:
+    gateways, sched = replicas
+    sched.long_reply, sched.step_s = True, 0.05   # 200 tokens: 10 s
+    try:
+        with httpx.Client(timeout=30, headers=_auth("queue2")) as http:
+            body = {"prompt": "hi", "max_tokens": 200, "stream": True}
+            with http.stream("POST", f"{gateways[0].base_url}/v1/completions", json=body) as s1, \
+                    http.stream("POST", f"{gateways[1].base_url}/v1/completions", json=body) as s2:
+                lines = [s.iter_lines() for s in (s1, s2)]
+                for s, it in zip((s1, s2), lines):
+                    assert s.status_code == 200
+                    next(it)   # both produce output: running, no longer queued
+                # Their first events left the queued set (in the background): a third fits,
+                # long before either finishes (their relays would release them only then).
+                assert wait_until(lambda: http.post(f"{gateways[1].base_url}/v1/completions",
+                                                    json={"prompt": "hi", "max_tokens": 2}
+                                                    ).status_code == 200, 3)
+                assert "[DONE]" not in next(lines[0])
+    finally:
+        sched.long_reply, sched.step_s = False, 0.005
+
+
 def test_queued_requests_are_capped_per_tenant_across_replicas(redis_url, tiny_model,
                                                                 tenants_file) -> None:
     model_dir = tiny_model("llama")
