@@ -185,10 +185,11 @@ class InternalTLSConfig:
     refuses a peer without one. The certificate must name the host the scheduler dials (an IP
     or DNS subjectAltName: 127.0.0.1 for `tessera serve`)."""
     internal_tls_certfile: str | None = setting(
-        None, "mutual TLS between scheduler and workers: this process's PEM certificate")
-    internal_tls_keyfile: str | None = setting(None, "its PEM private key")
+        None, "mutual TLS between scheduler and workers: this process's PEM certificate",
+        metavar="FILE")
+    internal_tls_keyfile: str | None = setting(None, "its PEM private key", metavar="FILE")
     internal_tls_ca: str | None = setting(
-        None, "PEM CA bundle a peer's certificate must be signed by")
+        None, "PEM CA bundle a peer's certificate must be signed by", metavar="FILE")
 
     @property
     def internal_tls(self) -> tuple[str, str, str] | None:
