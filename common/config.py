@@ -17,7 +17,9 @@ read flat: `config.block_size`):
     BodyLimitConfig  max_body_bytes                                    gateway
     LogConfig        log_format, log_prompts                           services
     RecoveryConfig   request_timeout_s                                 scheduler, serve
+    DataParallelConfig data_parallel_size                              scheduler, serve
     AccessConfig     api_key, tenants_file, limits, TLS                gateway (serve)
+    InternalTLSConfig internal_tls_*: mTLS of the worker gRPC port     scheduler, worker (serve)
 
 `EngineConfig` is the offline `LLM`'s, `ServeConfig` (`tessera serve`) is an EngineConfig plus
 every other group and the stack's own settings, from which each child's flags are generated (`settings.to_argv`).
@@ -177,13 +179,57 @@ class RecoveryConfig:
 
 
 @dataclass(**GROUPS)
+class InternalTLSConfig:
+    """Mutual TLS on the internal gRPC (a scheduler's channels to its workers, the workers'
+    port with its health service): each side presents a certificate signed by the CA and
+    refuses a peer without one. The certificate must name the host the scheduler dials (an IP
+    or DNS subjectAltName: 127.0.0.1 for `tessera serve`)."""
+    internal_tls_certfile: str | None = setting(
+        None, "mutual TLS between scheduler and workers: this process's PEM certificate",
+        metavar="FILE")
+    internal_tls_keyfile: str | None = setting(None, "its PEM private key", metavar="FILE")
+    internal_tls_ca: str | None = setting(
+        None, "PEM CA bundle a peer's certificate must be signed by", metavar="FILE")
+
+    @property
+    def internal_tls(self) -> tuple[str, str, str] | None:
+        """(certfile, keyfile, ca), or None when internal TLS is off."""
+        if self.internal_tls_certfile is None:
+            return None
+        return self.internal_tls_certfile, self.internal_tls_keyfile, self.internal_tls_ca
+
+    def __post_init__(self) -> None:
+        given = (self.internal_tls_certfile, self.internal_tls_keyfile, self.internal_tls_ca)
+        if any(given) and not all(given):
+            raise ValueError("internal mTLS needs --internal-tls-certfile, --internal-tls-keyfile "
+                             "and --internal-tls-ca together")
+        _next_post_init(self, InternalTLSConfig)
+
+
+def _next_post_init(config: object, cls: type) -> None:
+    """Chain to the next group's __post_init__ (Settings' bounds checks) after ``cls``'s."""
+    post = getattr(super(cls, config), "__post_init__", None)
+    if post is not None:
+        post()
+
+
+@dataclass(**GROUPS)
+class DataParallelConfig(Settings):
+    data_parallel_size: int = setting(
+        1, "worker groups, each with its own scheduler, sharing the request stream (a "
+        "scheduler of several leaves the requests it cannot start in Redis for the others)",
+        short="-dp", min=1, max=1024)
+
+
+@dataclass(**GROUPS)
 class EngineConfig(ParallelConfig, DeviceConfig, CacheConfig, SchedulingConfig, ModelSource):
     """The offline engine's settings: `LLM(model, tensor_parallel_size=2)` builds one."""
     num_kv_blocks: int | None = setting(None, cli=False, min=1)   # fixed pool (tests); default: sized
 
 
 @dataclass(**GROUPS)
-class WorkerConfig(LogConfig, DistConfig, ParallelConfig, DeviceConfig, CacheConfig, ModelSource):
+class WorkerConfig(InternalTLSConfig, LogConfig, DistConfig, ParallelConfig, DeviceConfig,
+                   CacheConfig, ModelSource):
     """`tessera worker`: one model shard and its KV cache behind gRPC."""
     host: str = setting("127.0.0.1", "bind address of the gRPC and metrics ports")
     port: int = setting(50061, "gRPC port", min=0, max=65535)
@@ -205,8 +251,9 @@ class WorkerConfig(LogConfig, DistConfig, ParallelConfig, DeviceConfig, CacheCon
 
 
 @dataclass(**GROUPS)
-class SchedulerServiceConfig(RecoveryConfig, LogConfig, StepTimeoutConfig, ParallelConfig,
-                             BlockConfig, SchedulingConfig, ModelSource):
+class SchedulerServiceConfig(InternalTLSConfig, DataParallelConfig, RecoveryConfig, LogConfig,
+                             StepTimeoutConfig, ParallelConfig, BlockConfig, SchedulingConfig,
+                             ModelSource):
     """`tessera scheduler`: continuous batching over one worker group, leased in Redis."""
     workers: tuple[str, ...] = setting(
         help="comma-separated gRPC addresses of every worker of the group (any order)")
@@ -221,6 +268,12 @@ class SchedulerServiceConfig(RecoveryConfig, LogConfig, StepTimeoutConfig, Paral
     lease_ms: int = setting(5000, cli=False)
     max_deliveries: int = setting(
         3, "dead-letter a request delivered this many times without finishing")
+    max_waiting_requests: int = setting(
+        1024, "while its group is the model's only one, read requests into the waiting queue "
+        "until this many wait, even while short of KV blocks, so fair share orders them all "
+        "(0: read only max_num_seqs running and waiting; with other groups, by "
+        "--data-parallel-size or seen in Redis, they stay in Redis for whichever has room)",
+        min=0, max=1 << 20)
     claim_idle_ms: int = setting(
         3000, "a request in flight that its scheduler has not touched for this long is taken "
         "over by another (the active scheduler touches its own every third of it; 0: never "
@@ -248,6 +301,7 @@ class AccessConfig:
     def __post_init__(self) -> None:
         if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
             raise ValueError("TLS needs both --ssl-certfile and --ssl-keyfile")
+        _next_post_init(self, AccessConfig)
 
 
 @dataclass(**GROUPS)
@@ -267,16 +321,13 @@ class GatewayConfig(AccessConfig, LogConfig, BodyLimitConfig, ContextConfig, Mod
 
 
 @dataclass(**GROUPS)
-class ServeConfig(RecoveryConfig, AccessConfig, LogConfig, BodyLimitConfig, StepTimeoutConfig,
-                  DistConfig, EngineConfig):
+class ServeConfig(InternalTLSConfig, DataParallelConfig, RecoveryConfig, AccessConfig, LogConfig,
+                  BodyLimitConfig, StepTimeoutConfig, DistConfig, EngineConfig):
     """`tessera serve`: the whole stack on one machine; every child's settings, plus these."""
     host: str = setting("127.0.0.1", "bind address of the gateway")
     http_port: int = setting(8000, "OpenAI-compatible HTTP port", min=1, max=65535)
     grpc_port: int = setting(50051, "tessera.v1 gRPC port", min=1, max=65535)
     redis_url: str | None = setting(None, "use this Redis instead of a private redis-server")
-    data_parallel_size: int = setting(
-        1, "worker groups, each with its own scheduler, sharing the request stream", short="-dp",
-        min=1, max=1024)
     scheduler_replicas: int = setting(
         2, "schedulers per worker group: one active, the others standbys on the group's lease "
         "that take over its requests when it dies", min=1, max=16)

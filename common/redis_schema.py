@@ -126,6 +126,11 @@ def tenant_inflight(tenant: str) -> str:
     return f"{PREFIX}limit:{tenant}:inflight"
 
 
+def tenant_queued(tenant: str) -> str:
+    """Sorted set: the tenant's admitted requests with no output yet, scored by expiry."""
+    return f"{PREFIX}limit:{tenant}:queued"
+
+
 @dataclass(frozen=True)
 class RedisLimits:
     """Lifetimes and caps of what Tessera keeps in Redis."""

@@ -53,18 +53,13 @@ class Tenant:
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
     max_concurrent_requests: int | None = None
+    max_queued_requests: int | None = None   # admitted, no output yet (gateway.limits)
     weight: float = 1.0        # fair share in the scheduler (tokens served / weight)
     priority: int = 0          # lower first, within the tenant (vLLM's convention)
 
     @classmethod
     def from_json(cls, d: Mapping[str, object], where: str) -> Tenant:
-        if d.get("max_queued_requests") is not None:
-            # NOTE: a per-tenant queue cap needs the scheduler's view of who waits; today a
-            # tenant is bounded by max_concurrent_requests (queued + running) and the model by
-            # the gateway's --max-queued-requests.
-            raise ValueError(f"{where}.max_queued_requests: not supported yet; use "
-                             "max_concurrent_requests (it counts queued and running requests)")
-        known = {f.name for f in fields(cls)} | {"max_queued_requests"}
+        known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"{where}: unknown field(s) {', '.join(unknown)}")
@@ -74,7 +69,8 @@ class Tenant:
         if not _HEX64.match(digest):
             raise ValueError(f"{where}.api_key_sha256: 64 hex digits (tessera hash-key KEY)")
         limits: dict[str, int | None] = {}
-        for field_name in ("requests_per_minute", "tokens_per_minute", "max_concurrent_requests"):
+        for field_name in ("requests_per_minute", "tokens_per_minute", "max_concurrent_requests",
+                           "max_queued_requests"):
             v = d.get(field_name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int)
                                   or not 1 <= v <= 2**40):

@@ -217,7 +217,26 @@ class GatewayState:
 
     def release_soon(self, tenant: str, request_id: str, refund: int) -> None:
         """Give back a finished request's concurrency slot and its unused tokens."""
-        self._spawn(self.policy.release(tenant, request_id, refund))
+        self._spawn(self._quietly(self.policy.release(tenant, request_id, refund), request_id))
+
+    def started_soon(self, tenant: str, request_id: str) -> None:
+        """The request's first event arrived: it no longer counts as its tenant's queued."""
+        self._spawn(self._quietly(self.policy.started(tenant, request_id), request_id))
+
+    def release_when_finished(self, tenant: str, request_id: str, reserved: int,
+                              num_prompt_tokens: int) -> None:
+        """A ``continue`` request whose client left keeps its tenant's slots until it
+        finishes (on whatever scheduler): follow its record, then release what it reserved
+        less the tokens it used (the prompt, and the outputs counted from its stream)."""
+        self._spawn(self.policy.release_when_finished(tenant, request_id, reserved,
+                                                      num_prompt_tokens))
+
+    @staticmethod
+    async def _quietly(coro: Any, request_id: str) -> None:
+        try:
+            await coro
+        except (RedisError, OSError) as e:   # the entries expire after their lease
+            logger.warning("limits of %s: Redis does not answer: %s", request_id, e)
 
     async def is_ready(self) -> bool:
         """Some scheduler of this model is ready: its worker group finished a real forward
@@ -308,6 +327,7 @@ class Generation:
         self._error: str | None = None
         self.reservation: tuple[str, str, int] | None = None   # (tenant, id, tokens) to release
         self.rate_headers: dict[str, str] = {}
+        self._started = False   # the first event was seen (the tenant's queued count dropped)
 
     @property
     def usage(self) -> tuple[int, int]:
@@ -331,6 +351,9 @@ class Generation:
                     self._error = ev.error
                     raise GatewayError(500, f"generation failed: {ev.error}")
                 deltas = self._apply(ev)
+                if self.reservation is not None and not self._started:
+                    self._started = True
+                    self.state.started_soon(*self.reservation[:2])   # (tenant, its entry's id)
                 if ev.token_ids and ev.index > self._last_index:
                     self._relay.tokens(ev.seq_index)
                 if all(c.finish_reason is not None for c in self._choices):
@@ -400,8 +423,11 @@ class Generation:
         if self.reservation is not None:
             tenant, rid, reserved = self.reservation
             self.reservation = None
-            used = sum(self.usage)
-            self.state.release_soon(tenant, rid, reserved - used)
+            if self.done or self.disconnect != schema.DISCONNECT_CONTINUE:
+                # Finished, or about to be cancelled (which frees the scheduler at its next step).
+                self.state.release_soon(tenant, rid, reserved - sum(self.usage))
+            else:   # it goes on without its client: its slots stay taken until it finishes
+                self.state.release_when_finished(tenant, rid, reserved, self.num_prompt_tokens)
         if not self.done:
             self.done = True
             if self.disconnect == schema.DISCONNECT_CONTINUE:

@@ -1,16 +1,20 @@
 """Per-tenant limits kept in Redis, so every gateway replica enforces the same ones exactly.
 
 Each tenant has two token buckets, requests and tokens per minute (capacity = the per-minute
-limit, refilled continuously), and a set of its unfinished requests for
-``max_concurrent_requests``. One Lua script checks all three and takes from all three, or from
-none, in one atomic step on Redis's clock: two replicas admitting at the same moment can never
-both take the last unit. A request reserves ``prompt + n * max_tokens`` tokens at admission;
-what it did not generate goes back to the bucket when its relay ends.
+limit, refilled continuously), a set of its unfinished requests for
+``max_concurrent_requests`` and a set of its queued ones (admitted, no output event yet) for
+``max_queued_requests``. One Lua script checks all four and takes from all, or from none, in
+one atomic step on Redis's clock: two replicas admitting at the same moment can never both
+take the last unit. A request reserves ``prompt + n * max_tokens`` tokens at admission; what
+it did not generate goes back to the bucket when it finishes.
 
-NOTE: an in-flight entry expires after ``lease_s`` (a gateway that died never releases its
-requests); a request relayed longer than that stops counting towards its tenant's
-concurrency. With disconnect policy ``continue`` the entry is released when the client's
-relay ends, not when the generation does.
+A request leaves the queued set at its first output event (the relay sees it; a relay that
+ended early, disconnect policy ``continue``, is followed by ``Generation.close``'s watcher)
+and both sets when it finishes, which is when its relay ends or, for a client that left a
+``continue`` request behind, when the request's record turns terminal.
+
+NOTE: an entry expires after ``lease_s`` (a gateway that died never releases its requests);
+a request running longer than that stops counting towards its tenant's limits.
 """
 
 from __future__ import annotations
@@ -23,9 +27,9 @@ import redis.asyncio as aioredis
 from common import redis_schema as schema
 from gateway.auth import Tenant
 
-# KEYS: request bucket, token bucket, in-flight zset.
-# ARGV: rpm, tpm, cost, max concurrent (0 = unlimited each), request id, lease ms.
-# Returns {ok, retry_after_ms, requests left, tokens left, in flight}; ok: 1 admitted,
+# KEYS: request bucket, token bucket, in-flight zset, queued zset.
+# ARGV: rpm, tpm, cost, max concurrent, max queued (0 = unlimited each), request id, lease ms.
+# Returns {ok, retry_after_ms, requests left, tokens left, in flight, queued}; ok: 1 admitted,
 # 0 over a limit (retry later), -1 never fits (cost above the per-minute token limit).
 _ADMIT = """
 local t = redis.call('TIME')
@@ -37,13 +41,14 @@ local function level(key, cap)
   return math.min(cap, lvl + (now - ts) * cap / 60000)
 end
 local rpm, tpm, cost, maxc = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local rl, tl, wait, running = -1, -1, 0, 0
+local maxq, rid, lease = tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])
+local rl, tl, wait, running, queued = -1, -1, 0, 0, 0
 if rpm > 0 then
   rl = level(KEYS[1], rpm)
   if rl < 1 then wait = math.max(wait, (1 - rl) * 60000 / rpm) end
 end
 if tpm > 0 then
-  if cost > tpm then return {-1, 0, math.floor(rl), 0, 0} end
+  if cost > tpm then return {-1, 0, math.floor(rl), 0, 0, 0} end
   tl = level(KEYS[2], tpm)
   if tl < cost then wait = math.max(wait, (cost - tl) * 60000 / tpm) end
 end
@@ -52,7 +57,12 @@ if maxc > 0 then
   running = redis.call('ZCARD', KEYS[3])
   if running >= maxc then wait = math.max(wait, 1000) end
 end
-if wait > 0 then return {0, math.ceil(wait), math.floor(rl), math.floor(tl), running} end
+if maxq > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
+  queued = redis.call('ZCARD', KEYS[4])
+  if queued >= maxq then wait = math.max(wait, 1000) end
+end
+if wait > 0 then return {0, math.ceil(wait), math.floor(rl), math.floor(tl), running, queued} end
 if rpm > 0 then
   rl = rl - 1
   redis.call('HSET', KEYS[1], 'level', rl, 'ts', now)
@@ -64,16 +74,22 @@ if tpm > 0 then
   redis.call('PEXPIRE', KEYS[2], 120000)
 end
 if maxc > 0 then
-  redis.call('ZADD', KEYS[3], now + tonumber(ARGV[6]), ARGV[5])
-  redis.call('PEXPIRE', KEYS[3], ARGV[6])
+  redis.call('ZADD', KEYS[3], now + lease, rid)
+  redis.call('PEXPIRE', KEYS[3], lease)
   running = running + 1
 end
-return {1, 0, math.floor(rl), math.floor(tl), running}
+if maxq > 0 then
+  redis.call('ZADD', KEYS[4], now + lease, rid)
+  redis.call('PEXPIRE', KEYS[4], lease)
+  queued = queued + 1
+end
+return {1, 0, math.floor(rl), math.floor(tl), running, queued}
 """
 
-# KEYS: token bucket, in-flight zset. ARGV: tpm (0 = none), refund, request id.
+# KEYS: token bucket, in-flight zset, queued zset. ARGV: tpm (0 = none), refund, request id.
 _RELEASE = """
 redis.call('ZREM', KEYS[2], ARGV[3])
+redis.call('ZREM', KEYS[3], ARGV[3])
 local tpm, refund = tonumber(ARGV[1]), tonumber(ARGV[2])
 if tpm > 0 and refund > 0 then
   local t = redis.call('TIME')
@@ -96,7 +112,7 @@ class Admission:
     admitted: bool
     retry_after_s: int
     headers: dict[str, str]
-    reason: str = ""          # "requests", "tokens" or "concurrency" when refused
+    reason: str = ""          # "requests", "tokens", "concurrency" or "queued" when refused
     never_fits: bool = False  # the request alone is above the tenant's per-minute tokens
 
 
@@ -104,6 +120,7 @@ class Limiter:
     """The gateway's client of the per-tenant buckets (one per replica, shared state in Redis)."""
 
     def __init__(self, client: aioredis.Redis, lease_s: float = 600.0) -> None:
+        self._redis = client
         self._admit = client.register_script(_ADMIT)
         self._release = client.register_script(_RELEASE)
         self.lease_ms = int(lease_s * 1000)
@@ -112,17 +129,18 @@ class Limiter:
     def limited(tenant: Tenant | None) -> bool:
         return tenant is not None and any(
             v is not None for v in (tenant.requests_per_minute, tenant.tokens_per_minute,
-                                    tenant.max_concurrent_requests))
+                                    tenant.max_concurrent_requests, tenant.max_queued_requests))
 
     async def admit(self, tenant: Tenant, request_id: str, cost: int) -> Admission:
         rpm = tenant.requests_per_minute or 0
         tpm = tenant.tokens_per_minute or 0
         maxc = tenant.max_concurrent_requests or 0
-        ok, retry_ms, req_left, tok_left, running = await self._admit(
+        maxq = tenant.max_queued_requests or 0
+        ok, retry_ms, req_left, tok_left, running, queued = await self._admit(
             keys=[schema.tenant_bucket(tenant.name, "requests"),
                   schema.tenant_bucket(tenant.name, "tokens"),
-                  schema.tenant_inflight(tenant.name)],
-            args=[rpm, tpm, cost, maxc, request_id, self.lease_ms])
+                  schema.tenant_inflight(tenant.name), schema.tenant_queued(tenant.name)],
+            args=[rpm, tpm, cost, maxc, maxq, request_id, self.lease_ms])
         headers: dict[str, str] = {}
         if rpm:
             headers |= {"x-ratelimit-limit-requests": str(rpm),
@@ -142,13 +160,20 @@ class Limiter:
             reason = "requests"
         elif tpm and tok_left < cost:
             reason = "tokens"
-        else:
+        elif maxc and running >= maxc:
             reason = "concurrency"
+        else:
+            reason = "queued"
         return Admission(False, retry_s, headers, reason)
+
+    async def started(self, tenant: Tenant, request_id: str) -> None:
+        """The request's first output event is out: it no longer counts as queued."""
+        await self._redis.zrem(schema.tenant_queued(tenant.name), request_id)
 
     async def release(self, tenant: Tenant, request_id: str, refund: int) -> None:
         await self._release(keys=[schema.tenant_bucket(tenant.name, "tokens"),
-                                  schema.tenant_inflight(tenant.name)],
+                                  schema.tenant_inflight(tenant.name),
+                                  schema.tenant_queued(tenant.name)],
                             args=[tenant.tokens_per_minute or 0, max(refund, 0), request_id])
 
 

@@ -170,18 +170,33 @@ class RequestSubmitter:
         return None if tenant is None else schema.text(tenant)
 
     async def queue_depth(self, model: str) -> int:
-        """Requests of ``model`` waiting for a scheduler to read them (the consumer group's
-        lag; the same count the schedulers export as tessera:request_queue_depth)."""
+        """Requests of ``model`` waiting for a scheduler to start them: the consumer group's
+        lag, plus those a lone group's scheduler read past its window (``held`` in each
+        ready group's stats; the same count the schedulers export as
+        tessera:request_queue_depth)."""
         stream = schema.requests_stream(model)
         pipe = self.redis.pipeline(transaction=False)
         pipe.xinfo_groups(stream)
         pipe.xlen(stream)
+        pipe.smembers(schema.ready_groups(model))
         try:
-            groups, length = await pipe.execute()
+            groups, length, members = await pipe.execute()
         except aioredis.ResponseError:   # no stream yet: nothing waits
             return 0
+        lag = length
         for g in groups:
             if schema.text(g["name"]) == schema.SCHEDULERS_GROUP:
-                lag = g.get("lag")
-                return int(lag) if lag is not None else max(length - int(g["pending"]), 0)
-        return length
+                value = g.get("lag")
+                lag = int(value) if value is not None else max(length - int(g["pending"]), 0)
+        return lag + await self._held(model, [schema.text(m) for m in members])
+
+    async def _held(self, model: str, groups: list[str]) -> int:
+        if not groups:
+            return 0
+        pipe = self.redis.pipeline(transaction=False)
+        for g in groups:
+            pipe.exists(schema.scheduler_ready(model, g))
+            pipe.hget(schema.scheduler_stats(model, g), "held")
+        replies = await pipe.execute()
+        # A group that is not ready now (its scheduler gone) holds nothing that counts.
+        return sum(int(held or 0) for ready, held in zip(replies[::2], replies[1::2]) if ready)

@@ -71,13 +71,14 @@ class GrpcExecutor:
     tokens come from the driver: the last pipeline stage's tensor-parallel rank 0."""
 
     def __init__(self, addresses: list[str], step_timeout_s: float = 30.0,
-                 epoch: int = 0) -> None:
+                 credentials: grpc.ChannelCredentials | None = None, epoch: int = 0) -> None:
+        """``credentials``: mutual TLS to the workers (common.tls); None: plaintext."""
         if not addresses:
             raise ValueError("a worker group needs at least one worker address")
         self.addresses = addresses
         self.step_timeout_s = step_timeout_s
         self.epoch = epoch   # our lease's (scheduler.fence): workers refuse an older one
-        self._channels = [grpc.insecure_channel(a, options=[
+        self._channels = [_channel(a, credentials, [
             ("grpc.max_receive_message_length", 64 << 20),
             ("grpc.max_send_message_length", 64 << 20),
             # A restarted worker must be found within a second, not after gRPC's default
@@ -179,6 +180,13 @@ class GrpcExecutor:
     def close(self) -> None:
         for c in self._channels:
             c.close()
+
+
+def _channel(address: str, credentials: grpc.ChannelCredentials | None,
+             options: list) -> grpc.Channel:
+    if credentials is None:
+        return grpc.insecure_channel(address, options=options)
+    return grpc.secure_channel(address, credentials, options=options)
 
 
 class GroupCall:

@@ -9,8 +9,10 @@ later starts at the current virtual time and is served next, at its weight's rat
 tenant the tags grow with arrival and the order is the plain (priority, arrival) FCFS.
 
 NOTE: the order applies to what this scheduler has read from Redis (the request stream is
-FIFO); a scheduler reads as many requests as it has sequence slots, so fairness holds among
-up to max_num_seqs requests at a time.
+FIFO). A scheduler whose group is the model's only one reads up to --max-waiting-requests
+into its waiting queue, so fairness holds among that many; with several groups each reads
+only as many as it has sequence slots (the others may have room for the rest), so fairness
+holds among up to max_num_seqs requests at a time per group.
 """
 
 from __future__ import annotations

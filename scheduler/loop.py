@@ -6,8 +6,11 @@
     events = core.update(plan, handle.result())
 
 All request and sequence bookkeeping is the core's (scheduler.engine_core); this module only
-moves things between Redis and it. Intake reads new requests only while the block manager can
-take them (back-pressure stays visible as queue depth); a request is acknowledged in the same
+moves things between Redis and it. Intake reads new requests while the block manager can take
+them, up to max_num_seqs running and waiting (back-pressure stays visible as queue depth);
+a scheduler whose group is the model's only one reads on into its waiting queue, up to
+``max_waiting_requests``, even while short of KV blocks, so that fair share orders every
+request queued (see `_admission_room`); a request is acknowledged in the same
 pipeline as its final event; with pipeline parallelism up to ``pipeline_depth`` steps are in
 flight (`_fill_pipeline`). What keeps requests alive through faults (a worker group that
 stops answering, a dead scheduler's requests to take over) is scheduler.recovery's.
@@ -40,7 +43,8 @@ class EngineLoop:
     def __init__(self, core: EngineCore, executor: Executor, queue: RequestQueue,
                  idle_block_ms: int = 100, stats_key: str | None = None,
                  pipeline_depth: int = 1, claim_idle_ms: int = 3000,
-                 request_timeout_s: float = 600.0, group: str | None = None) -> None:
+                 request_timeout_s: float = 600.0, group: str | None = None,
+                 max_waiting_requests: int = 0) -> None:
         self.core = core
         self.executor = executor
         self.queue = queue
@@ -57,12 +61,20 @@ class EngineLoop:
         self.obs = core.obs   # telemetry hooks (scheduler.telemetry.EngineObserver)
         self._last_plan: StepPlan | None = None   # the plan most recently sent (_step_raised)
         self.recovery = Recovery(self, claim_idle_ms, request_timeout_s, group)
+        # Read past the max_num_seqs window into the waiting queue, up to this many waiting
+        # (0: never), while ``alone``: no other worker group of the model ever registered
+        # (`_watch_peers`; a loop of no group has none), so none could take them from Redis.
+        self.max_waiting_requests = max_waiting_requests
+        self.alone = group is None
+        self.group = group
 
     # ---- the loop -----------------------------------------------------------------------
     async def run(self) -> None:
         claims = (asyncio.create_task(self.recovery.keep_claimed())
                   if self.recovery.claim_idle_ms > 0 else None)
         fenced = False
+        peers = (asyncio.create_task(self._watch_peers())
+                 if self.max_waiting_requests and self.group is not None else None)
         try:
             while not self.stopped.is_set():
                 idle = not self.core.has_unfinished and not self._pending
@@ -84,6 +96,8 @@ class EngineLoop:
         finally:   # stopped (lease lost, shutdown): what the last step produced still goes out
             if claims is not None:
                 claims.cancel()
+            if peers is not None:
+                peers.cancel()
             if (self._out or self._acks) and not fenced:
                 try:
                     await self.queue.publish(self._out, acks=self._acks, stats=self._stats())
@@ -109,16 +123,46 @@ class EngineLoop:
 
     # ---- Redis --------------------------------------------------------------------------
     def _admission_room(self) -> int:
-        """How many new requests to read: none while earlier ones wait for KV blocks (they
-        stay in Redis, where another group can take them); else up to max_num_seqs running
-        and waiting together, so that fair share (scheduler.fair_share) sees later tenants
-        while a flood of one tenant waits for the token budget."""
+        """How many new requests to read. Within the window of max_num_seqs running and
+        waiting together, so that fair share (scheduler.fair_share) sees later tenants while
+        a flood of one tenant waits for the token budget; none of it while earlier ones wait
+        for KV blocks (they stay in Redis, where another group can take them). A scheduler
+        ``alone`` (no other group) reads on, even short of blocks, until
+        ``max_waiting_requests`` wait: left in the FIFO stream, a later tenant's requests
+        would wait behind a whole flood that exceeds the KV cache; read, they are ordered
+        by fair share. They stay durable: read and not acked, they sit in this consumer's
+        pending list, touched with the rest and claimed by a standby if this one dies
+        (scheduler.recovery)."""
         c = self.core
         if self.recovery.down:   # read on (deadlines hold) unless a peer group serves them
             return 0 if self.recovery.peer_up else max(c.config.max_num_seqs - len(c.requests), 0)
+        deep = (max(self.max_waiting_requests - c.num_waiting, 0)
+                if self.alone and self.max_waiting_requests else 0)
         if c.scheduler.waiting_for_blocks or c.kv.num_free_blocks == 0:
-            return 0
-        return max(c.config.max_num_seqs - c.num_running - c.num_waiting, 0)
+            return deep
+        return max(c.config.max_num_seqs - c.num_running - c.num_waiting, deep)
+
+    @property
+    def held(self) -> int:
+        """Requests read past the max_num_seqs window (a lone group's deep read): those the
+        stream's lag no longer counts, added to the queue depth the gateway and the
+        autoscaling gauge see."""
+        return max(len(self.core.requests) - self.core.config.max_num_seqs, 0)
+
+    async def check_peers(self) -> bool:
+        """Set ``alone``: no other group of the model ever published readiness."""
+        key = schema.ready_groups(self.queue.model)
+        groups = {schema.text(g) for g in await self.queue.redis.smembers(key)}
+        self.alone = not (groups - {self.group})
+        return self.alone
+
+    async def _watch_peers(self, period_s: float = 2.0) -> None:
+        while True:
+            try:
+                await self.check_peers()
+            except (RedisError, OSError) as e:   # keep the last answer
+                logger.warning("cannot read the model's worker groups: %s", e)
+            await asyncio.sleep(period_s)
 
     async def _exchange(self, block_ms: int | None) -> None:
         """One round trip: publish what the last step produced, read new requests (as many as
@@ -193,6 +237,7 @@ class EngineLoop:
             return None
         c = self.core
         return self.stats_key, {"running": c.num_running, "waiting": c.num_waiting,
+                                "held": self.held,
                                 "kv_blocks_in_use": c.kv.num_blocks_in_use,
                                 "kv_blocks": c.config.num_blocks, "steps": self.steps}
 

@@ -99,7 +99,8 @@ class SchedulerMetrics:
                               "sees it: the workers' Execute round trip.", m.STEP_BUCKETS)
         self.queue_depth = gauge("request_queue_depth", "Requests waiting in the Redis request "
                                  "stream, not yet read by any scheduler (the consumer group's lag; "
-                                 "the autoscaling signal).")
+                                 "the autoscaling signal), plus those a lone group's scheduler "
+                                 "read past its max_num_seqs window.")
         self.queue_pending = gauge("request_queue_pending", "Requests read from the Redis stream "
                                    "by a scheduler and not finished yet.")
         self.requests_recovered = Counter(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 import redis.asyncio as aioredis
 
@@ -43,19 +44,22 @@ class SchedulerObservability:
         self.metrics.watch(scheduler, queue)
 
     def start(self, client: aioredis.Redis, queue: RequestQueue,
-              queue_poll_s: float = 1.0) -> None:
+              queue_poll_s: float = 1.0, held: Callable[[], int] = lambda: 0) -> None:
+        """``held``: requests this scheduler read past its window (EngineLoop.held), which
+        the queue depth counts with the stream's lag."""
         self._tasks = [
             asyncio.create_task(publish_readiness(client, self.model_name, self.group,
                                                   self.readiness)),
-            asyncio.create_task(self._poll_queue(queue, queue_poll_s)),
+            asyncio.create_task(self._poll_queue(queue, queue_poll_s, held)),
         ]
 
-    async def _poll_queue(self, queue: RequestQueue, period_s: float) -> None:
+    async def _poll_queue(self, queue: RequestQueue, period_s: float,
+                          held: Callable[[], int]) -> None:
         """The request stream's depth, for autoscaling (one XINFO GROUPS + XLEN a period)."""
         while True:
             try:
                 stats = await queue.consumer_lag()
-                self.metrics.queue_depth.set(stats.waiting)
+                self.metrics.queue_depth.set(stats.waiting + held())
                 self.metrics.queue_pending.set(stats.pending)
             except (aioredis.RedisError, OSError) as e:
                 logger.warning("cannot read the request stream's depth: %s", e)

@@ -21,6 +21,7 @@ from common import redis_schema as schema
 from common.config import SchedulerServiceConfig, resolve_max_model_len
 from common.redis_client import connect
 from common.model_config import ModelConfig
+from common.tls import channel_credentials
 from scheduler.engine_core import EngineCore
 from scheduler.executor import GrpcExecutor
 from scheduler.fence import Lease
@@ -53,7 +54,9 @@ async def serve(config: SchedulerServiceConfig) -> None:
     lost = asyncio.Event()
     # Renew from the start: warming the workers up can take longer than the lease lives.
     renew = asyncio.create_task(lease.renew_forever(lost))
+    tls = config.internal_tls
     executor = GrpcExecutor(list(config.workers), step_timeout_s=config.step_timeout_s,
+                            credentials=channel_credentials(tls) if tls else None,
                             epoch=lease.epoch)
     try:
         infos = await asyncio.to_thread(executor.info, 600.0)
@@ -76,8 +79,11 @@ async def serve(config: SchedulerServiceConfig) -> None:
         loop = EngineLoop(core, executor, queue,
                           stats_key=schema.scheduler_stats(config.model_name, config.group),
                           pipeline_depth=pp, claim_idle_ms=config.claim_idle_ms,
-                          request_timeout_s=config.request_timeout_s, group=config.group)
-        obs.start(client, queue)
+                          request_timeout_s=config.request_timeout_s, group=config.group,
+                          # Told of other groups: what it cannot start stays in Redis for them.
+                          max_waiting_requests=(config.max_waiting_requests
+                                                if config.data_parallel_size == 1 else 0))
+        obs.start(client, queue, held=lambda: loop.held)
         print(f"scheduler ready: model {config.model_name}, group {config.group}, "
               f"{num_blocks} KV blocks, {tp}x{pp} (TP x PP) workers {','.join(config.workers)}",
               flush=True)

@@ -194,7 +194,9 @@ def serve(config: ServeConfig) -> int:
             redis = RedisProc(stack.tmp)
             stack.start("redis", [redis])
             redis_url = redis.url
-        metrics = [f"http://{config.host}:{config.http_port}/metrics (gateway)"]
+        # The gateway's ready line (its readiness here) comes once both faces listen, TLS or not.
+        scheme = "https" if config.ssl_certfile else "http"
+        metrics = [f"{scheme}://{config.host}:{config.http_port}/metrics (gateway)"]
         for group in range(config.data_parallel_size):
             metrics += start_group(stack, config, redis_url, str(group))
         gateway = gateway_config(config, redis_url)
@@ -202,8 +204,11 @@ def serve(config: ServeConfig) -> int:
                                                  *to_argv(gateway, GatewayConfig)],
                                      "gateway ready")])
         print(f"tessera serving {name}\n"
-              f"  OpenAI HTTP  http://{config.host}:{config.http_port}/v1\n"
-              f"  gRPC         {config.host}:{config.grpc_port}\n"
+              f"  OpenAI HTTP  {scheme}://{config.host}:{config.http_port}/v1\n"
+              f"  gRPC         {config.host}:{config.grpc_port}"
+              f"{' (TLS)' if config.ssl_certfile else ''}\n"
+              f"  Internal     {'mutual TLS' if config.internal_tls else 'plaintext'} gRPC "
+              f"between schedulers and workers\n"
               f"  Redis        {redis_url}\n"
               f"  Metrics      {', '.join(metrics)}\n"
               f"Ctrl-C stops everything.", flush=True)

@@ -24,10 +24,12 @@ from gateway.service import GatewayConfig
 from tessera.client import TesseraClient, TesseraError
 
 KEYS = {"alpha": "sk-alpha-0123456789", "beta": "sk-beta-9876543210",
-        "limited": "sk-limited-1", "tokens": "sk-tokens-1", "single": "sk-single-1"}
+        "limited": "sk-limited-1", "tokens": "sk-tokens-1", "single": "sk-single-1",
+        "queue2": "sk-queue2-1"}
 LIMITS = {"limited": {"requests_per_minute": 5},
           "tokens": {"tokens_per_minute": 150},
-          "single": {"max_concurrent_requests": 1}}
+          "single": {"max_concurrent_requests": 1},
+          "queue2": {"max_queued_requests": 2}}
 
 
 @pytest.fixture(scope="module")
@@ -194,6 +196,100 @@ def test_concurrent_requests_are_capped_per_tenant(replicas) -> None:
                 "prompt": "hi", "max_tokens": 2}).status_code == 200, 10)
     finally:
         sched.long_reply, sched.step_s = False, 0.005
+
+
+def test_a_continue_request_holds_its_concurrency_slot_until_it_finishes(replicas) -> None:
+    gateways, sched = replicas
+    sched.long_reply, sched.step_s = True, 0.02
+    try:
+        with httpx.Client(timeout=30, headers=_auth("single")) as http:
+            body = {"prompt": "hi", "max_tokens": 120, "stream": True, "disconnect": "continue"}
+            with http.stream("POST", f"{gateways[0].base_url}/v1/completions", json=body) as s1:
+                assert s1.status_code == 200
+                rid = s1.headers["x-request-id"]
+                next(s1.iter_lines())   # running; then the client leaves
+            # The generation goes on without its client: the tenant's one slot stays taken,
+            # on both replicas, until it finishes.
+            second = http.post(f"{gateways[1].base_url}/v1/completions",
+                               json={"prompt": "hi", "max_tokens": 2})
+            assert second.status_code == 429 and "concurrent" in second.json()["error"]["message"]
+            assert rid not in sched.cancelled
+            assert wait_until(lambda: http.post(f"{gateways[0].base_url}/v1/completions", json={
+                "prompt": "hi", "max_tokens": 2}).status_code == 200, 30)
+            # It ran to its end (all 120 tokens, no cancel), and only then was the slot free.
+            done = http.get(f"{gateways[1].base_url}/v1/requests/{rid}").json()
+            assert done["usage"]["completion_tokens"] == 120 and rid not in sched.cancelled
+    finally:
+        sched.long_reply, sched.step_s = False, 0.005
+
+
+def test_running_requests_do_not_count_as_queued(replicas) -> None:
+    gateways, sched = replicas
+    sched.long_reply, sched.step_s = True, 0.05   # 200 tokens: 10 s
+    try:
+        with httpx.Client(timeout=30, headers=_auth("queue2")) as http:
+            body = {"prompt": "hi", "max_tokens": 200, "stream": True}
+            with http.stream("POST", f"{gateways[0].base_url}/v1/completions", json=body) as s1, \
+                    http.stream("POST", f"{gateways[1].base_url}/v1/completions", json=body) as s2:
+                lines = [s.iter_lines() for s in (s1, s2)]
+                for s, it in zip((s1, s2), lines):
+                    assert s.status_code == 200
+                    next(it)   # both produce output: running, no longer queued
+                # Their first events left the queued set (in the background): a third fits,
+                # long before either finishes (their relays would release them only then).
+                assert wait_until(lambda: http.post(f"{gateways[1].base_url}/v1/completions",
+                                                    json={"prompt": "hi", "max_tokens": 2}
+                                                    ).status_code == 200, 3)
+                assert "[DONE]" not in next(lines[0])
+    finally:
+        sched.long_reply, sched.step_s = False, 0.005
+
+
+def test_queued_requests_are_capped_per_tenant_across_replicas(redis_url, tiny_model,
+                                                                tenants_file) -> None:
+    model_dir = tiny_model("llama")
+    name = f"tq-{uuid.uuid4().hex[:6]}"   # no scheduler reads this model's stream yet
+    gateways = [GatewayThread(GatewayConfig(model=str(model_dir), served_model_name=name,
+                                            redis_url=redis_url, http_port=free_port(),
+                                            grpc_port=free_port(), tenants_file=tenants_file))
+                for _ in range(2)]
+    for g in gateways:
+        g.start()
+    sched = None
+    try:
+        # Two requests wait, one through each replica ("continue": they stay queued when the
+        # client gives up after 1 s).
+        for g in gateways:
+            with TesseraClient(g.grpc_address, timeout=1, api_key=KEYS["queue2"]) as c:
+                with pytest.raises(TesseraError) as e:
+                    list(c.stream("wait", max_tokens=2, disconnect="continue"))
+                assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        for g in gateways:   # the third is refused by either replica
+            r = httpx.post(f"{g.base_url}/v1/completions", json={"prompt": "hi", "max_tokens": 2},
+                           headers=_auth("queue2"), timeout=20)
+            assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+            assert "queued requests (2" in r.json()["error"]["message"]
+        with TesseraClient(gateways[1].grpc_address, timeout=20, api_key=KEYS["queue2"]) as c:
+            with pytest.raises(TesseraError) as e:
+                c.generate("hi", max_tokens=1)
+            assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # Another tenant is admitted (it only waits: nothing reads the queue yet).
+        with TesseraClient(gateways[0].grpc_address, timeout=1, api_key=KEYS["alpha"]) as c:
+            with pytest.raises(TesseraError) as e:
+                list(c.stream("wait", max_tokens=2))
+            assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        # A scheduler starts them: they leave the queued count, and the tenant is admitted.
+        sched = ScriptedScheduler(redis_url=redis_url, model=name,
+                                  tokenizer=Tokenizer.from_dir(model_dir))
+        sched.start()
+        assert wait_until(lambda: httpx.post(
+            f"{gateways[0].base_url}/v1/completions", json={"prompt": "hi", "max_tokens": 2},
+            headers=_auth("queue2"), timeout=20).status_code == 200, 30)
+    finally:
+        if sched is not None:
+            sched.stop()
+        for g in gateways:
+            g.stop()
 
 
 def test_a_tenant_reads_and_resumes_only_its_own_requests(replicas) -> None:

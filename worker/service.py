@@ -32,6 +32,7 @@ from common.step import FENCED_DETAIL
 from common.http_probe import start_probe
 from common.model_config import ModelConfig
 from common.proto.tessera.v1 import worker_pb2, worker_pb2_grpc
+from common.tls import server_credentials
 from worker.group import group_device, join_group
 from worker.parallel import get_pp_stage, get_tp_group
 from worker.runner import ModelRunner
@@ -221,10 +222,14 @@ async def serve(config: WorkerConfig, ready: asyncio.Event | None = None) -> Non
     probe = start_probe(config.host, config.metrics_port, servicer.telemetry.render,
                         servicer.telemetry.status)
     address = f"{config.host}:{config.port}"
-    if server.add_insecure_port(address) == 0:
+    tls = config.internal_tls
+    bound = (server.add_secure_port(address, server_credentials(tls)) if tls
+             else server.add_insecure_port(address))
+    if bound == 0:
         raise OSError(f"cannot listen on {address}")
     await server.start()
-    logger.info("worker serving %s on %s", config.model, address)
+    logger.info("worker serving %s on %s%s", config.model, address,
+                " (mutual TLS)" if tls else "")
     shard = (f" (group {config.group}, rank {config.rank}: tp {servicer.tp.rank}/{servicer.tp.size}"
              f", pp {servicer.pp.rank}/{servicer.pp.size})" if config.world_size > 1 else "")
     print(f"worker ready on {address}{shard}", flush=True)
