@@ -21,6 +21,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
+from common.ebnf_check import root_can_end
 from common.structured_outputs import StructuredOutputs
 from common.tokenizer import Tokenizer
 
@@ -161,7 +162,11 @@ class GrammarCompiler:
                 return compiler.compile_regex(value)
             if kind == "choice":
                 return compiler.compile_grammar(_choice_ebnf(value))
-            return compiler.compile_grammar(value)
+            grammar = import_xgrammar().Grammar.from_ebnf(value)
+            if not root_can_end(str(grammar)):
+                raise GrammarError(field, "the grammar accepts no finite output (its root "
+                                   "rule can never end)")
+            return compiler.compile_grammar(grammar)
         except GrammarError:
             raise
         except RecursionError:
@@ -202,6 +207,13 @@ def tokenizer_info(xgr: Any, tokenizer: Tokenizer, vocab_size: int,
     for token, idx in vocab.items():
         if 0 <= idx < vocab_size:
             encoded[idx] = token
+    # NOTE: special tokens (bos, chat markers) must never match grammar text: the detokenizer
+    # drops them, so a "<|begin_of_text|>" counted as 17 characters of a string would leave
+    # it short of its minLength. xgrammar never allows a token whose text is empty (the stop
+    # tokens are allowed by id, where the grammar may end).
+    for idx, added in backend.get_added_tokens_decoder().items():
+        if added.special and 0 <= idx < vocab_size:
+            encoded[idx] = ""
     meta = xgr.TokenizerInfo._detect_metadata_from_hf(backend.to_str())
     from_vocab = xgr.TokenizerInfo._detect_vocab_type_from_vocab(vocab)
     vocab_type = from_vocab if from_vocab is not None else meta["vocab_type"]
