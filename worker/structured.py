@@ -98,9 +98,13 @@ class SequenceGrammar:
         self.rollback(k)
         return k
 
-    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
-        """Row `row` of an int32 [R, ceil(V / 32)] CPU bitmask: the tokens allowed next."""
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> bool:
+        """Row `row` of an int32 [R, ceil(V / 32)] CPU bitmask: the tokens allowed next.
+        False (row untouched) when the grammar cannot constrain (`broken`)."""
+        if not self._ready():
+            return False
         self._matcher.fill_next_token_bitmask(bitmask, row)
+        return True
 
     def is_terminated(self) -> bool:
         """The grammar accepted its stop token (EOS): nothing may follow."""
@@ -148,8 +152,8 @@ def apply_grammar_bitmask(logits: torch.Tensor, rows: Sequence[Any]) -> None:
     ended: list[int] = []
     for i in idx:
         g: SequenceGrammar = rows[i].grammar
-        if g.sync(rows[i].output_token_ids) and not g.is_terminated():
-            g.fill_bitmask(bitmask, i)
+        if (g.sync(rows[i].output_token_ids) and not g.is_terminated()
+                and g.fill_bitmask(bitmask, i)):
             xgr = xgr or import_xgrammar()
         else:
             if g.broken is None:
