@@ -105,3 +105,19 @@ def test_gateway_checks_name_the_problem(model) -> None:
     gc.compile(StructuredOutputs(grammar='root ::= item+\nitem ::= [a-z] | "[" item* "]"'))
     with pytest.raises(ValueError, match="min_tokens"):
         SamplingParams(min_tokens=2, structured_outputs={"regex": "a+"})
+
+
+def test_offline_llm_takes_structured_outputs(model) -> None:
+    import re
+
+    from tessera.llm import LLM
+
+    path, _, _ = model
+    with LLM(path) as llm:
+        outs = llm.generate([f"Id {i}:" for i in range(4)], [
+            SamplingParams(temperature=1.0, seed=i, max_tokens=30, ignore_eos=True,
+                           structured_outputs=StructuredOutputs(regex=r"[A-Z]{2}[0-9]{1,3}"))
+            for i in range(4)], use_tqdm=False)
+    for o in outs:
+        c = o.outputs[0]
+        assert re.fullmatch(r"[A-Z]{2}[0-9]{1,3}", c.text) and c.finish_reason == "stop", c
