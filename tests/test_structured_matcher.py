@@ -121,3 +121,20 @@ def test_offline_llm_takes_structured_outputs(model) -> None:
     for o in outs:
         c = o.outputs[0]
         assert re.fullmatch(r"[A-Z]{2}[0-9]{1,3}", c.text) and c.finish_reason == "stop", c
+
+
+def test_json_strings_admit_no_control_characters_or_special_tokens(model) -> None:
+    """Two xgrammar pitfalls a random model found: a string with maxLength admitted raw
+    control characters (invalid JSON), and special tokens (which the detokenizer drops)
+    counted as string text."""
+    path, config, tok = model
+    backend = GrammarBackend(path, config.vocab_size, config.eos_token_ids)
+    g = backend.matcher(StructuredOutputs(json={"type": "string", "maxLength": 5}))
+    assert g.accept(tok.token_to_id('"'))
+    allowed = _allowed(g, config.vocab_size)
+    control = tok.token_to_id("đ")      # byte 0x11 in the byte-level alphabet
+    letter = tok.token_to_id("a")
+    specials = {i for i in range(config.vocab_size)
+                if tok.convert_ids_to_tokens(i) in tok.special_tokens_map.values()}
+    assert letter in allowed and control is not None and control not in allowed
+    assert specials and not specials & allowed
