@@ -23,6 +23,7 @@ from dataclasses import dataclass, fields
 
 from common.proto.tessera.v1 import generate_pb2, worker_pb2
 from common.sampling_params import SamplingParams
+from common.structured_outputs import StructuredOutputs
 from common.step import NewSequence, RunningSequence, SampledToken, StepOutput, StepPlan
 
 __all__ = [
@@ -51,7 +52,8 @@ def sampling_params_to_proto(params: SamplingParams) -> generate_pb2.SamplingPar
     for name in _PARAM_FIELDS:
         value = getattr(params, name)
         if value is not None:
-            kwargs[name] = value
+            kwargs[name] = (structured_outputs_to_proto(value) if name == "structured_outputs"
+                            else value)
     try:
         return generate_pb2.SamplingParams(**kwargs)
     except (ValueError, TypeError):
@@ -76,8 +78,28 @@ def sampling_params_from_proto(msg: generate_pb2.SamplingParams) -> SamplingPara
             value = tuple(value)
         elif name == "logit_bias":
             value = dict(value)
+        elif name == "structured_outputs":
+            value = structured_outputs_from_proto(value)
         kwargs[name] = value
     return SamplingParams(**kwargs)
+
+
+def structured_outputs_to_proto(spec: StructuredOutputs) -> generate_pb2.StructuredOutputs:
+    kind, value = spec.key
+    if kind == "choice":
+        return generate_pb2.StructuredOutputs(choice=generate_pb2.StringList(values=value))
+    return generate_pb2.StructuredOutputs(**{kind: value})
+
+
+def structured_outputs_from_proto(msg: generate_pb2.StructuredOutputs) -> StructuredOutputs:
+    """Raises ValueError for an empty (kind-less) message or an invalid spec."""
+    kind = msg.WhichOneof("kind")
+    if kind is None:
+        raise ValueError("structured_outputs must set exactly one of json, json_object, "
+                         "regex, choice, grammar")
+    if kind == "choice":
+        return StructuredOutputs(choice=tuple(msg.choice.values))
+    return StructuredOutputs(**{kind: getattr(msg, kind)})
 
 
 # --- StepPlan <-> StepInput -----------------------------------------------------------------

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from common.structured_outputs import StructuredOutputs
+
 INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_N = 128                 # choices per request: each is a sequence with its own KV blocks
@@ -41,8 +43,17 @@ class SamplingParams:
     logprobs: int | None = None         # number of top logprobs besides the sampled token's
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    # The output must match this (common/structured_outputs.py); None: free text.
+    structured_outputs: StructuredOutputs | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.structured_outputs, dict):
+            object.__setattr__(self, "structured_outputs",
+                               StructuredOutputs(**self.structured_outputs))
+        _check(self.structured_outputs is None
+               or isinstance(self.structured_outputs, StructuredOutputs),
+               "structured_outputs", _short(self.structured_outputs),
+               "None or a StructuredOutputs (or a dict of its fields)")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop or ()))
@@ -85,6 +96,10 @@ class SamplingParams:
                    "logit_bias", _short(self.logit_bias), f"at most {MAX_LOGIT_BIAS_ENTRIES} "
                    f"entries of token id to a bias in [-{MAX_LOGIT_BIAS:g}, "
                    f"{MAX_LOGIT_BIAS:g}] (or -inf: never sample it)")
+        # The grammar decides where a structured output ends (it allows EOS only there): a
+        # min_tokens ban on EOS could leave a row with no token to sample.
+        _check(self.structured_outputs is None or self.min_tokens == 0, "min_tokens",
+               self.min_tokens, "0 with structured_outputs (the grammar decides the length)")
 
     @property
     def greedy(self) -> bool:

@@ -28,6 +28,7 @@ from common import redis_schema as schema
 from common.convert import Choice, GenerateResult, ModelInfo, StreamChunk
 from common.config import resolve_max_model_len
 from common.detokenize import IncrementalDetokenizer
+from common.grammar import GrammarCompiler, GrammarError, StructuredOutputUnavailable
 from common.limits import PromptError, check_prompt
 from common.logging_setup import prompts_allowed
 from common.model_config import ModelConfig
@@ -43,6 +44,15 @@ from gateway.telemetry import GatewayTelemetry, current_call
 from gateway.tenancy import TenantPolicy
 
 logger = logging.getLogger(__name__)
+
+
+def _named(message: str, param: str, names: Mapping[str, str] | None) -> GatewayError:
+    """A 400 whose message and param say the request field the client used (guided_regex,
+    response_format.json_schema.schema, ...) rather than SamplingParams' name for it."""
+    if names and param in names:
+        message = names[param] + message[len(param):] if message.startswith(param) else message
+        param = names[param]
+    return invalid(message, param)
 
 
 @dataclass
@@ -61,6 +71,7 @@ class GatewayState:
     tenants: Tenants = field(default_factory=Tenants)
     shared_prefix_cache: bool = False       # True: tenants may hit each other's cached prompts
     max_queued_requests: int | None = None  # the model's queue depth past which we answer 429
+    eos_token_ids: tuple[int, ...] = ()     # the grammars' stop tokens (structured output)
     created: int = field(default_factory=lambda: int(time.time()))
     _background: set[asyncio.Task] = field(default_factory=set, repr=False)
 
@@ -70,6 +81,8 @@ class GatewayState:
         self.policy = TenantPolicy(self.tenants, Limiter(self.redis), self.submitter,
                                    self.model_name, self.shared_prefix_cache,
                                    self.max_queued_requests)
+        # Structured output specs compile here, with the model's tokenizer, before enqueue.
+        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
 
     @classmethod
     def load(cls, model_dir: str | pathlib.Path, model_name: str, redis: aioredis.Redis,
@@ -83,7 +96,8 @@ class GatewayState:
         limit = resolve_max_model_len(max_model_len, config.max_position_embeddings)
         # Ids past the model's embedding rows would crash a worker: the model's size rules.
         return cls(tokenizer, model_name, limit, config.vocab_size, redis, max_body_bytes,
-                   resume_ttl_s, **policy)  # type: ignore[arg-type]
+                   resume_ttl_s, eos_token_ids=tuple(config.eos_token_ids),
+                   **policy)  # type: ignore[arg-type]
 
     @property
     def model_info(self) -> ModelInfo:
@@ -96,12 +110,31 @@ class GatewayState:
                                "model_not_found")
 
     @staticmethod
-    def make_params(**kwargs: object) -> SamplingParams:
-        """SamplingParams, with its ValueError (which starts with the field name) as a 400."""
+    def make_params(structured_names: Mapping[str, str] | None = None,
+                    **kwargs: object) -> SamplingParams:
+        """SamplingParams, with its ValueError (which starts with the field name) as a 400.
+        structured_names: the request field each `structured_outputs.KIND` came from."""
         try:
             return SamplingParams(**kwargs)
         except (ValueError, TypeError) as e:
-            raise invalid(str(e), str(e).split(" ", 1)[0]) from None
+            raise _named(str(e), str(e).split(" ", 1)[0].rstrip(":"),
+                         structured_names) from None
+
+    async def check_structured(self, params: SamplingParams,
+                               names: Mapping[str, str] | None = None) -> None:
+        """Compile the request's structured output spec (cached): a bad spec is a 400
+        naming its field, before anything is enqueued."""
+        spec = params.structured_outputs
+        if spec is None:
+            return
+        try:
+            # Off the event loop: a first compile (and the xgrammar import) takes a while.
+            await asyncio.to_thread(self.grammars.compile, spec)
+        except GrammarError as e:
+            raise _named(str(e), e.field, names) from None
+        except StructuredOutputUnavailable as e:
+            field = f"structured_outputs.{spec.kind}"
+            raise invalid(str(e), (names or {}).get(field, field)) from None
 
     def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)

@@ -80,6 +80,7 @@ class GenerateServicer(generate_pb2_grpc.GenerateServicer):
             return await state.reattach(call.request_id, call.last_event_index,
                                         fallback=(ids, call.params, call.disconnect))
         kind = KIND_CHAT if request.WhichOneof("prompt") == "chat" else KIND_COMPLETION
+        await state.check_structured(call.params)
         return await state.start(self._prompt_ids(call.prompt), call.params,
                                  request_id=call.request_id, kind=kind,
                                  idempotency_key=call.idempotency_key or None,

@@ -103,6 +103,7 @@ async def _start_all(state: GatewayState, prompts: list[list[int]], params: Any,
                      echo_texts: list[str | None] | None = None) -> list[Generation]:
     """Enqueue one request per prompt. Request ids are ``cmpl-...`` / ``chatcmpl-...``, so the
     id of every chunk (the first request's, for a batch) is a request id clients can resume."""
+    await state.check_structured(params, req.structured_spec()[1])
     key = request.headers.get("idempotency-key")
     prefix = "chatcmpl" if kind == KIND_CHAT else "cmpl"
     gens = []
@@ -223,7 +224,8 @@ def create_app(state: GatewayState) -> FastAPI:
         echo_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
         params = state.make_params(max_tokens=req.max_tokens if req.max_tokens is not None
                                    else 16, logprobs=req.logprobs,
-                                   prompt_logprobs=echo_logprobs, **kwargs)
+                                   prompt_logprobs=echo_logprobs,
+                                   structured_names=req.structured_spec()[1], **kwargs)
         for ids in prompts:
             state.check_length(len(ids), params.max_tokens)
         gens = await _start_all(state, prompts, params, req, request, KIND_COMPLETION,

@@ -124,7 +124,7 @@ def chat_params(state: GatewayState, req: s.ChatCompletionRequest,
     try:
         params = state.make_params(max_tokens=max_tokens,
                                    logprobs=(req.top_logprobs or 0) if req.logprobs else None,
-                                   **kwargs)
+                                   structured_names=req.structured_spec()[1], **kwargs)
     except GatewayError as e:
         e.param = {"logprobs": "top_logprobs", "max_tokens": param}.get(e.param, e.param)
         raise

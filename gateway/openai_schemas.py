@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from common.sampling_params import (INT32_MAX, INT64_MAX, INT64_MIN, MAX_LOGIT_BIAS_ENTRIES,
                                     MAX_N, MAX_STOP, MAX_STOP_TOKEN_IDS)
+from common.structured_outputs import MAX_CHOICES, MAX_SPEC_CHARS
+from gateway.errors import invalid
 
 
 def _doc(default: Any = None, **bounds: Any) -> Any:
@@ -34,6 +36,36 @@ class _Request(BaseModel):
 
 class StreamOptions(_Request):
     include_usage: bool = False
+
+
+class JsonSchemaSpec(_Request):
+    """OpenAI's `response_format.json_schema`. The schema is always enforced (`strict` or
+    not): the output matches it or the request ends by length."""
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str = Field(max_length=256)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+
+class StructuredOutputsIn(_Request):
+    """vLLM's `structured_outputs` extra: exactly one of the fields."""
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = _doc(maxLength=MAX_SPEC_CHARS)
+    choice: list[str] | None = _doc(minItems=1, maxItems=MAX_CHOICES)
+    grammar: str | None = _doc(maxLength=MAX_SPEC_CHARS)
+    json_object: bool | None = None
+
+
+# The older vLLM names: guided_X is structured_outputs.X.
+_GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+           "guided_grammar": "grammar"}
 
 
 class _SamplingRequest(_Request):
@@ -59,14 +91,60 @@ class _SamplingRequest(_Request):
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
     stop_token_ids: list[int] | None = _doc(maxItems=MAX_STOP_TOKEN_IDS)
+    # Structured output: OpenAI's response_format, vLLM's structured_outputs (and the older
+    # guided_* names); at most one of them. Compiled before enqueue: a bad spec is a 400.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsIn | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = _doc(maxLength=MAX_SPEC_CHARS)
+    guided_choice: list[str] | None = _doc(minItems=1, maxItems=MAX_CHOICES)
+    guided_grammar: str | None = _doc(maxLength=MAX_SPEC_CHARS)
     # Tessera extension (DESIGN.md §4): keep generating when the client goes away.
     disconnect: Literal["cancel", "continue"] = "cancel"
+
+    def structured_spec(self) -> tuple[dict[str, Any] | None, dict[str, str]]:
+        """(StructuredOutputs fields, or None; for each `structured_outputs.KIND` the request
+        field it came from, so errors name what the client sent). Two sources: a 400."""
+        sources: list[tuple[str, dict[str, Any], dict[str, str]]] = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            sources.append(("response_format", {"json_object": True},
+                            {"json_object": "response_format"}))
+        elif rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None or rf.json_schema.schema_ is None:
+                raise invalid("response_format of type json_schema needs json_schema.schema",
+                              "response_format.json_schema.schema")
+            sources.append(("response_format", {"json": rf.json_schema.schema_},
+                            {"json": "response_format.json_schema.schema"}))
+        so = self.structured_outputs
+        if so is not None:
+            fields = {k: v for k, v in (("json", so.json_), ("regex", so.regex),
+                                        ("choice", so.choice), ("grammar", so.grammar),
+                                        ("json_object", so.json_object))
+                      if v is not None and v is not False}
+            sources.append(("structured_outputs", fields,
+                            {k: f"structured_outputs.{k}" for k in fields}))
+        for name, kind in _GUIDED.items():
+            value = getattr(self, name)
+            if value is not None:
+                sources.append((name, {kind: value}, {kind: name}))
+        if not sources:
+            return None, {}
+        if len(sources) > 1:
+            raise invalid("set at most one of response_format, structured_outputs, "
+                          f"guided_json, guided_regex, guided_choice, guided_grammar; got "
+                          f"{', '.join(n for n, _, _ in sources)}", sources[1][0])
+        _, fields, names = sources[0]
+        return fields, {f"structured_outputs.{k}": v for k, v in names.items()}
 
     def sampling_kwargs(self) -> dict[str, Any]:
         """The SamplingParams keyword arguments this request sets (max_tokens and logprobs
         are the endpoints' own business). Raises ValueError("logit_bias ...")."""
         kw: dict[str, Any] = {k: getattr(self, k) for k in _PASSED
                               if getattr(self, k) is not None}
+        spec, _ = self.structured_spec()
+        if spec is not None:
+            kw["structured_outputs"] = spec
         if self.stop is not None:
             kw["stop"] = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         if self.logit_bias:

@@ -59,7 +59,9 @@ class Request:
         self.num_prompt_tokens = len(self.prompt_token_ids)
         self.all_token_ids = list(self.prompt_token_ids)
         stops = set(self.params.stop_token_ids)
-        if not self.params.ignore_eos:
+        # NOTE: a structured output stops at EOS even with ignore_eos: its grammar allows
+        # EOS only where the output is complete, and only EOS once it is.
+        if not self.params.ignore_eos or self.params.structured_outputs is not None:
             stops.update(self.eos_token_ids)
         self._stop_ids = frozenset(stops)
 

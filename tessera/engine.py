@@ -105,7 +105,7 @@ class LLMEngine:
         else:
             runner = ModelRunner(self.model_config, config.dtype, 0, config.block_size,
                                  config.device, config.kv_cache_dtype)
-            self.executor = LocalExecutor(Worker(runner, seed=config.seed),
+            self.executor = LocalExecutor(Worker(runner, seed=config.seed, model_dir=config.model),
                                           config.kv_cache_memory_bytes,
                                           config.gpu_memory_utilization, config.enforce_eager,
                                           config.num_kv_blocks)

@@ -28,10 +28,12 @@ from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import chain
+from typing import Any
 
 import torch
 
 from common.sampling_params import SamplingParams
+from worker.structured import apply_grammar_bitmask
 
 _MASK64 = (1 << 64) - 1
 _ARGMAX_CHUNK = 128   # amax is vectorised, argmax is not: reduce chunks first
@@ -48,6 +50,7 @@ class SamplingRow:
     output_token_ids: Sequence[int]      # generated so far: penalties, min_tokens, token index
     seed_offset: int = 0                 # child index: the n sequences of one seeded request differ
     eos_token_ids: tuple[int, ...] = ()  # from the model config; banned below min_tokens
+    grammar: Any = None                  # structured output: worker.structured.SequenceGrammar
 
 
 @dataclass
@@ -217,10 +220,18 @@ class Sampler:
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
-        """logits: [S, V], one row per entry of rows. The caller's tensor is left as it was."""
+        """logits: [S, V], one row per entry of rows. The caller's tensor is left as it was,
+        except that rows with a grammar are masked in place (their distribution is the
+        masked one, logprobs included)."""
         S, V = logits.shape
         if len(rows) != S:
             raise ValueError(f"{S} rows of logits for {len(rows)} sampling rows")
+        # ---- structured output hook (worker/structured.py): the grammar's bitmask comes
+        # before any other logits processing; rows of one sequence may repeat (each is
+        # synced to its own output tokens). Nothing below this block knows about grammars.
+        if any(r.grammar is not None for r in rows):
+            apply_grammar_bitmask(logits, rows)
+        # ---- end of the structured output hook
         if logits.device.type != "cpu" and all(
                 r.params.temperature == 0 and r.params.logprobs is None
                 and not _needs_penalties(r) for r in rows):

@@ -51,7 +51,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                              kv_cache_dtype=config.kv_cache_dtype)
         self.tp, self.pp = get_tp_group(), get_pp_stage()
         self.worker = Worker(runner, seed=config.seed,
-                             is_driver=self.pp.is_last and self.tp.rank == 0)
+                             is_driver=self.pp.is_last and self.tp.rank == 0,
+                             model_dir=config.model)
         device = runner.device
         # A new thread's current CUDA device is GPU 0 (the runner also sets it per call).
         self._thread = ThreadPoolExecutor(

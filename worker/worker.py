@@ -17,6 +17,7 @@ from common.step import NewSequence, SampledToken, StepOutput, StepPlan
 from worker.kv_cache import kv_cache_bytes_per_block
 from worker.runner import ModelRunner, SequenceInput
 from worker.sampler import Sampler, SamplingRow, compute_prompt_logprobs
+from worker.structured import GrammarBackend
 from worker.warmup import cuda_kv_budget, warm_up
 
 
@@ -53,11 +54,14 @@ class Worker:
     stage, tensor-parallel rank 0) samples and returns tokens. A sampled token reaches the
     other ranks, and the driver's own state, in the next plan's delta."""
 
-    def __init__(self, runner: ModelRunner, seed: int = 0, is_driver: bool = True) -> None:
+    def __init__(self, runner: ModelRunner, seed: int = 0, is_driver: bool = True,
+                 model_dir: str | None = None) -> None:
         self.runner = runner
         self.is_driver = is_driver
         self.sampler = Sampler(seed=seed)
         self.eos_token_ids = tuple(runner.config.eos_token_ids)
+        # Structured output: grammars compile for the model's tokenizer (from model_dir).
+        self.grammars = GrammarBackend(model_dir, runner.config.vocab_size, self.eos_token_ids)
         self.states: dict[str, SequenceState] = {}
         self.last_step_id = 0
 
@@ -102,6 +106,10 @@ class Worker:
         scheduled = []
         for seq in plan.new:
             state = self.states[seq.seq_id] = SequenceState.from_new(seq, self.eos_token_ids)
+            if self.is_driver and seq.params.structured_outputs is not None:
+                # A fresh matcher: it replays the sequence's output tokens on first use
+                # (worker/structured.py), whatever this worker saw of the sequence before.
+                state.row.grammar = self.grammars.matcher(seq.params.structured_outputs)
             scheduled.append((seq.seq_id, state, seq.num_scheduled_tokens))
         for seq in plan.running:
             state = self.states.get(seq.seq_id)
