@@ -15,6 +15,7 @@ import functools
 import hashlib
 import logging
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -64,6 +65,17 @@ def cpu_ops():
         root = Path(os.environ.get("TESSERA_EXT_DIR", Path.home() / ".cache" / "tessera" / "ext"))
         build_dir = root / name
         build_dir.mkdir(parents=True, exist_ok=True)
+        built = build_dir / f"{name}.so"
+        # A finished build (its library last written over a minute ago: not mid-link) loads
+        # directly. cpp_extension.load would first take the directory's lock file, and a
+        # process killed while holding it leaves it behind: every later process then waited
+        # on it forever (seen on the shared machine), though the library was complete.
+        if built.exists() and time.time() - built.stat().st_mtime > 60:
+            try:
+                torch.ops.load_library(str(built))
+                return torch.ops.tessera_cpu
+            except (OSError, RuntimeError) as e:   # unloadable: rebuild it below
+                logger.warning("rebuilding the C++ CPU kernels: %s", e)
         cpp_extension.load(name=name, sources=[str(s) for s in _SOURCES], extra_cflags=_CFLAGS,
                            extra_ldflags=["-lm", "-fopenmp"], build_directory=str(build_dir),
                            is_python_module=False, verbose=False)
