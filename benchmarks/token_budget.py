@@ -17,11 +17,11 @@ if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
-import inspect
 import tempfile
 import time
 
-from benchmarks.offline_throughput import workload
+from benchmarks.workload import workload
+from common.config import EngineConfig
 from common.model_config import ModelConfig
 from tessera import LLM, SamplingParams
 
@@ -40,10 +40,11 @@ def main() -> None:
         model_dir = str(make_model(tempfile.mkdtemp() + "/bench", "llama", preset="bench"))
     prompts = workload(args.num_requests, ModelConfig.from_dir(model_dir).vocab_size)
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
-    default = inspect.signature(LLM).parameters["max_num_batched_tokens"].default
+    default = EngineConfig(model=model_dir).max_num_batched_tokens   # the engine's default here
     budgets = sorted(set(args.budgets) | {default})
+    # no prefix caching: a second round would find its prompts cached and skip their prefill
     engines = {b: LLM(model_dir, max_num_seqs=256, max_num_batched_tokens=b,
-                      kv_cache_memory_gb=1.0) for b in budgets}
+                      kv_cache_memory_gb=0.5, enable_prefix_caching=False) for b in budgets}
     best = dict.fromkeys(budgets, 0.0)
     for _ in range(args.rounds):
         for b, llm in engines.items():

@@ -65,12 +65,21 @@ def cpu_ops():
         root = Path(os.environ.get("TESSERA_EXT_DIR", Path.home() / ".cache" / "tessera" / "ext"))
         build_dir = root / name
         build_dir.mkdir(parents=True, exist_ok=True)
+        built = build_dir / f"{name}.so"
         # cpp_extension's own lock is a file that a build killed midway leaves behind, and
-        # every later load then waits on it forever. An flock dies with its holder: whoever
-        # holds it is the only builder, so a leftover lock file is stale and goes.
+        # every later load then waited on it forever. An flock dies with its holder: whoever
+        # holds it is the only builder, so a leftover lock file is stale and goes, and a
+        # library found under it is finished (the name hashes sources and flags) and loads
+        # directly, unless a killed link left it unloadable: then it is rebuilt.
         with open(root / f"{name}.flock", "w") as held:
             fcntl.flock(held, fcntl.LOCK_EX)
             (build_dir / "lock").unlink(missing_ok=True)
+            if built.exists():
+                try:
+                    torch.ops.load_library(str(built))
+                    return torch.ops.tessera_cpu
+                except (OSError, RuntimeError) as e:
+                    logger.warning("rebuilding the C++ CPU kernels: %s", e)
             cpp_extension.load(name=name, sources=[str(s) for s in _SOURCES],
                                extra_cflags=_CFLAGS, extra_ldflags=["-lm", "-fopenmp"],
                                build_directory=str(build_dir), is_python_module=False,

@@ -80,7 +80,8 @@ class SequenceInput:
 
 @dataclass
 class RunnerOutput:
-    logits: torch.Tensor | None               # [S, vocab] float32 (None before the last stage)
+    logits: torch.Tensor | None               # [S or len(logits_for), vocab] float32 (None
+                                              # before the last stage)
     all_logits: list[torch.Tensor] | None     # per sequence [n_tokens, vocab] when asked
 
 
@@ -172,7 +173,11 @@ class ModelRunner:
 
     @_on_device
     @torch.inference_mode()
-    def execute(self, seqs: list[SequenceInput], all_logits: bool = False) -> RunnerOutput:
+    def execute(self, seqs: list[SequenceInput], all_logits: bool = False,
+                logits_for: list[int] | None = None) -> RunnerOutput:
+        """logits_for: the indices (into seqs, ascending) of the sequences whose next-token
+        logits are wanted (the sampled ones); None: all. A prompt chunk that does not end
+        its prompt is never sampled: its LM head row (2 x hidden x vocab FLOPs) is skipped."""
         if not seqs:
             raise ValueError("execute() needs at least one sequence")
         # Decodes first: attention then handles them with one vectorised call.
@@ -203,13 +208,18 @@ class ModelRunner:
         if not self.pp.is_last:
             self.pp.send_next(torch.stack(hidden))
             return RunnerOutput(logits=None, all_logits=None)
-        last = meta.last_token_indices.to(self.device)
-        logits = self.model.compute_logits(hidden.index_select(0, last)).float()
         inverse = torch.empty(len(order), dtype=torch.int64)
         inverse[torch.tensor(order)] = torch.arange(len(order))
+        wanted = inverse if logits_for is None else inverse[torch.tensor(logits_for, dtype=torch.int64)]
+        # the wanted sequences' last tokens, in the caller's order: one gather, one LM head
+        if len(wanted):
+            last = meta.last_token_indices[wanted].to(self.device)
+            logits = self.model.compute_logits(hidden.index_select(0, last)).float()
+        else:   # nothing sampled this step (all prompt chunks mid-prompt)
+            logits = torch.empty(0, self.config.vocab_size, device=self.device)
         per_seq = None
         if all_logits:
             full = self.model.compute_logits(hidden).float()
             chunks = full.split([len(s.token_ids) for s in batch])
             per_seq = [chunks[j] for j in inverse.tolist()]
-        return RunnerOutput(logits=logits[inverse.to(self.device)], all_logits=per_seq)
+        return RunnerOutput(logits=logits, all_logits=per_seq)

@@ -140,24 +140,26 @@ class Worker:
         want_prompt_lp = any(st.params.prompt_logprobs is not None and
                              st.num_computed_tokens < st.num_prompt_tokens
                              for _, st, _ in scheduled)
-        result = self.runner.execute(inputs, all_logits=want_prompt_lp)
+        # Only the sequences that finish their known tokens are sampled: the runner skips the
+        # LM head of the rest (prompt chunks mid-prompt).
+        sample_at = [i for i, (_, st, n) in enumerate(scheduled)
+                     if st.num_computed_tokens + n == len(st.token_ids)]
+        # (every rank passes the same list: the LM head's tensor-parallel gather needs it)
+        result = self.runner.execute(inputs, all_logits=want_prompt_lp, logits_for=sample_at)
         if not self.is_driver:
             for _, st, n in scheduled:
                 st.num_computed_tokens += n
             return out
-        rows, row_index, row_ids = [], [], []
+        rows, row_ids = [], []   # the sample_at sequences, in order: result.logits' rows
         for i, (seq_id, st, n) in enumerate(scheduled):
             if want_prompt_lp and st.params.prompt_logprobs is not None:
                 self._prompt_logprobs(out, seq_id, st, n, result.all_logits[i])
             st.num_computed_tokens += n
             if st.num_computed_tokens == len(st.token_ids):
                 rows.append(st.row)
-                row_index.append(i)
                 row_ids.append((seq_id, st))
         if rows:
-            logits = result.logits if len(row_index) == len(scheduled) else \
-                result.logits[torch.tensor(row_index, device=result.logits.device)]
-            sampled = self.sampler(logits, rows)
+            sampled = self.sampler(result.logits, rows)
             for j, (seq_id, st) in enumerate(row_ids):
                 tok = sampled.token_ids[j]
                 out.sampled[seq_id] = SampledToken(

@@ -3,9 +3,14 @@
 `F.linear` hands MKL the weight as stored and MKL repacks it on every call; at the small row
 counts of decode steps that repacking is a large share of the matmul (CPU_PERF_NOTES.md:
 prepacked weights run 1.2-2.3x faster at 32-64 rows, and no slower at thousands). The packed
-copy is made after the weights are loaded (`prepack_linears`, called by the model runner) and
-the layer keeps its plain `weight` too, for the tests, the tied embedding and other devices.
-`TESSERA_CPU_PREPACK=0` or the `torch` kernel backend turn it off.
+copy is made after the weights are loaded (`prepack_linears`, called by the model runner).
+
+NOTE on memory: keeping both copies doubled a CPU fp32 model's weight memory. Once packed, a
+layer's plain `weight` is freed (`free_plain`: an empty tensor; the tied LM head keeps it, the
+embedding reads it). The fast path never reads it; the torch paths that do (`F.linear`: the
+`torch` kernel backend, another dtype or device) first restore it from the packed copy, once
+and exactly (x = I through the packed weight gives W^T: one product per output), and it stays.
+`TESSERA_CPU_PREPACK=0` or the `torch` kernel backend turn the packing off.
 """
 
 from __future__ import annotations
@@ -35,11 +40,25 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
         return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), _PACK_ROWS_HINT)
 
 
+def free_plain(weight: torch.Tensor) -> None:
+    """Drop the plain copy of a packed weight (in place: the parameter object stays)."""
+    weight.data = torch.empty(0, dtype=weight.dtype)
+
+
+def unpack_weight(packed: torch.Tensor) -> torch.Tensor:
+    """The plain [out, in] weight of a packed one, exactly: the identity through it is W^T."""
+    eye = torch.eye(packed.shape[1], dtype=torch.float32)
+    return torch.ops.mkldnn._linear_pointwise(eye, packed, None, "none", [], "").t().contiguous()
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
            packed: torch.Tensor | None) -> torch.Tensor:
-    """x W^T + b, through the packed weight when there is one and x is float32 on the CPU."""
+    """x W^T + b, through the packed weight when there is one and x is float32 on the CPU.
+    `weight` is the layer's parameter: a freed one is restored here when the plain path runs."""
     if packed is None or x.dtype != torch.float32 or x.device.type != "cpu" \
             or kernel_backend() == "torch":
+        if packed is not None and weight.numel() == 0:
+            weight.data = unpack_weight(packed)   # once: the parameter keeps it from now on
         return F.linear(x, weight, bias)
     if x.dim() != 2:
         return linear(x.reshape(-1, x.shape[-1]), weight, bias, packed).view(*x.shape[:-1], -1)
@@ -47,5 +66,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 
 
 def prepack_linears(model: nn.Module) -> int:
-    """Pack every layer that has a `prepack()` method; returns how many were packed."""
+    """Pack every layer that has a `prepack()` method (each frees its plain copy where
+    nothing else reads it); returns how many were packed."""
     return sum(bool(m.prepack()) for m in model.modules() if hasattr(m, "prepack"))

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from worker.layers.cpu_linear import linear, pack_weight
+from worker.layers.cpu_linear import free_plain, linear, pack_weight
 from worker.layers.linear import check_shape
 from worker.lazy_tensor import as_tensor
 from worker.parallel import get_tp_group
@@ -50,14 +50,22 @@ class ParallelLMHead(VocabParallelEmbedding):
         super().__init__(vocab_size, hidden_size, dtype)
         assert not bias, "LM heads with bias are not supported"
         self.packed_weight: torch.Tensor | None = None   # see worker/layers/cpu_linear.py
+        self.tied = False
 
     def prepack(self) -> bool:
-        """Make the oneDNN-packed copy of the loaded weight (CPU float32); True if made."""
+        """Make the oneDNN-packed copy of the loaded weight (CPU float32); True if made. An
+        untied head frees its plain copy; a tied one shares it with the embedding, which
+        reads it."""
+        if self.packed_weight is not None:
+            return True
         self.packed_weight = pack_weight(self.weight)
+        if self.packed_weight is not None and not self.tied:
+            free_plain(self.weight)
         return self.packed_weight is not None
 
     def tie_to(self, embedding: VocabParallelEmbedding) -> None:
         self.weight = embedding.weight
+        self.tied = True
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = linear(hidden, self.weight, None, self.packed_weight)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from worker.layers.cpu_linear import linear, pack_weight
+from worker.layers.cpu_linear import free_plain, linear, pack_weight
 from worker.lazy_tensor import as_tensor
 from worker.parallel import get_tp_group
 
@@ -58,8 +58,13 @@ class _Linear(nn.Module):
         self.packed_weight: torch.Tensor | None = None   # see worker/layers/cpu_linear.py
 
     def prepack(self) -> bool:
-        """Make the oneDNN-packed copy of the loaded weight (CPU float32); True if made."""
+        """Make the oneDNN-packed copy of the loaded weight (CPU float32) and free the plain
+        one (restored on demand, worker/layers/cpu_linear.py); True if packed."""
+        if self.packed_weight is not None:
+            return True   # already packed (the plain copy may be gone)
         self.packed_weight = pack_weight(self.weight)
+        if self.packed_weight is not None:
+            free_plain(self.weight)
         return self.packed_weight is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
