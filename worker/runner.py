@@ -76,11 +76,14 @@ class SequenceInput:
     token_ids: list[int]     # the tokens to compute this step
     start_pos: int           # tokens of this sequence already in the KV cache
     block_table: list[int]   # cache blocks holding the sequence, in order
+    num_logits: int = 1      # logits for this many last positions (speculative verification)
 
 
 @dataclass
 class RunnerOutput:
-    logits: torch.Tensor | None               # [S, vocab] float32 (None before the last stage)
+    # [S, vocab] float32 (None before the last stage); with num_logits > 1 somewhere, the
+    # sequences' num_logits rows each, in order ([sum num_logits, vocab]).
+    logits: torch.Tensor | None
     all_logits: list[torch.Tensor] | None     # per sequence [n_tokens, vocab] when asked
 
 
@@ -203,13 +206,24 @@ class ModelRunner:
         if not self.pp.is_last:
             self.pp.send_next(torch.stack(hidden))
             return RunnerOutput(logits=None, all_logits=None)
-        last = meta.last_token_indices.to(self.device)
-        logits = self.model.compute_logits(hidden.index_select(0, last)).float()
         inverse = torch.empty(len(order), dtype=torch.int64)
         inverse[torch.tensor(order)] = torch.arange(len(order))
-        per_seq = None
-        if all_logits:
-            full = self.model.compute_logits(hidden).float()
-            chunks = full.split([len(s.token_ids) for s in batch])
-            per_seq = [chunks[j] for j in inverse.tolist()]
+        if any(s.num_logits != 1 for s in seqs):
+            # Speculative verification: logits at each of a row's last num_logits positions,
+            # gathered straight in the caller's order.
+            ends, inv = meta.query_start_loc[1:], inverse.tolist()
+            rows = [p for s, j in zip(seqs, inv) for p in range(ends[j] - s.num_logits, ends[j])]
+            index = torch.tensor(rows, dtype=torch.int64, device=self.device)
+            logits = self.model.compute_logits(hidden.index_select(0, index)).float()
+            return RunnerOutput(logits=logits, all_logits=self._all_logits(
+                hidden, batch, inverse) if all_logits else None)
+        last = meta.last_token_indices.to(self.device)
+        logits = self.model.compute_logits(hidden.index_select(0, last)).float()
+        per_seq = self._all_logits(hidden, batch, inverse) if all_logits else None
         return RunnerOutput(logits=logits[inverse.to(self.device)], all_logits=per_seq)
+
+    def _all_logits(self, hidden: torch.Tensor, batch: list[SequenceInput],
+                    inverse: torch.Tensor) -> list[torch.Tensor]:
+        full = self.model.compute_logits(hidden).float()
+        chunks = full.split([len(s.token_ids) for s in batch])
+        return [chunks[j] for j in inverse.tolist()]

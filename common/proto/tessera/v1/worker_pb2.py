@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from common.proto.tessera.v1 import generate_pb2 as tessera_dot_v1_dot_generate__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tessera/v1/worker.proto\x12\ntessera.v1\x1a\x19tessera/v1/generate.proto\"\r\n\x0bInfoRequest\"\xd7\x01\n\x0cInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\x05\x12\x0f\n\x07tp_rank\x18\x04 \x01(\x05\x12\x0f\n\x07tp_size\x18\x05 \x01(\x05\x12\x0f\n\x07pp_rank\x18\x06 \x01(\x05\x12\x0f\n\x07pp_size\x18\x07 \x01(\x05\x12\x13\n\x0blayer_start\x18\x08 \x01(\x05\x12\x11\n\tlayer_end\x18\t \x01(\x05\x12\x15\n\rmax_model_len\x18\n \x01(\x05\x12\x12\n\nvocab_size\x18\x0b \x01(\x05\"E\n\rWarmupRequest\x12\x1e\n\x16max_num_batched_tokens\x18\x01 \x01(\x05\x12\x14\n\x0cmax_num_seqs\x18\x02 \x01(\x05\"9\n\x0eWarmupResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\x05\x12\x13\n\x0b\x62lock_bytes\x18\x02 \x01(\x03\"\xda\x01\n\x0bNewSequence\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x19\n\x11num_prompt_tokens\x18\x03 \x01(\x05\x12\x1b\n\x13num_computed_tokens\x18\x04 \x01(\x05\x12\x1c\n\x14num_scheduled_tokens\x18\x05 \x01(\x05\x12\x11\n\tblock_ids\x18\x06 \x03(\x05\x12*\n\x06params\x18\x07 \x01(\x0b\x32\x1a.tessera.v1.SamplingParams\x12\x13\n\x0bseed_offset\x18\x08 \x01(\x05\"\xbc\x01\n\x10RunningSequences\x12\x0f\n\x07seq_ids\x18\x01 \x03(\t\x12\x1b\n\x13num_computed_tokens\x18\x02 \x03(\x05\x12\x1c\n\x14num_scheduled_tokens\x18\x03 \x03(\x05\x12\x16\n\x0enum_new_blocks\x18\x04 \x03(\x05\x12\x15\n\rnew_block_ids\x18\x05 \x03(\x05\x12\x16\n\x0enum_new_tokens\x18\x06 \x03(\x05\x12\x15\n\rnew_token_ids\x18\x07 \x03(\x05\"\x9e\x01\n\tStepInput\x12\x0f\n\x07step_id\x18\x01 \x01(\x03\x12$\n\x03new\x18\x02 \x03(\x0b\x32\x17.tessera.v1.NewSequence\x12-\n\x07running\x18\x03 \x01(\x0b\x32\x1c.tessera.v1.RunningSequences\x12\x14\n\x0c\x66inished_ids\x18\x04 \x03(\t\x12\x15\n\rpreempted_ids\x18\x05 \x03(\t\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"b\n\x0fSampledLogprobs\x12\x14\n\x07logprob\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12-\n\x0ctop_logprobs\x18\x02 \x01(\x0b\x32\x17.tessera.v1.TopLogprobsB\n\n\x08_logprob\"c\n\x0ePromptLogprobs\x12\x10\n\x08logprobs\x18\x01 \x03(\x02\x12\x12\n\ntop_counts\x18\x02 \x03(\x05\x12\x15\n\rtop_token_ids\x18\x03 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\"\xdf\x02\n\nStepOutput\x12\x0f\n\x07step_id\x18\x01 \x01(\x03\x12\x0f\n\x07seq_ids\x18\x02 \x03(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x36\n\x08logprobs\x18\x04 \x03(\x0b\x32$.tessera.v1.StepOutput.LogprobsEntry\x12\x43\n\x0fprompt_logprobs\x18\x05 \x03(\x0b\x32*.tessera.v1.StepOutput.PromptLogprobsEntry\x1aL\n\rLogprobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12*\n\x05value\x18\x02 \x01(\x0b\x32\x1b.tessera.v1.SampledLogprobs:\x02\x38\x01\x1aQ\n\x13PromptLogprobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.tessera.v1.PromptLogprobs:\x02\x38\x01\"\x0e\n\x0cResetRequest\"\x0f\n\rResetResponse2\xfc\x01\n\x06Worker\x12\x39\n\x04Info\x12\x17.tessera.v1.InfoRequest\x1a\x18.tessera.v1.InfoResponse\x12?\n\x06Warmup\x12\x19.tessera.v1.WarmupRequest\x1a\x1a.tessera.v1.WarmupResponse\x12\x38\n\x07\x45xecute\x12\x15.tessera.v1.StepInput\x1a\x16.tessera.v1.StepOutput\x12<\n\x05Reset\x12\x18.tessera.v1.ResetRequest\x1a\x19.tessera.v1.ResetResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tessera/v1/worker.proto\x12\ntessera.v1\x1a\x19tessera/v1/generate.proto\"\r\n\x0bInfoRequest\"\xd7\x01\n\x0cInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\x05\x12\x0f\n\x07tp_rank\x18\x04 \x01(\x05\x12\x0f\n\x07tp_size\x18\x05 \x01(\x05\x12\x0f\n\x07pp_rank\x18\x06 \x01(\x05\x12\x0f\n\x07pp_size\x18\x07 \x01(\x05\x12\x13\n\x0blayer_start\x18\x08 \x01(\x05\x12\x11\n\tlayer_end\x18\t \x01(\x05\x12\x15\n\rmax_model_len\x18\n \x01(\x05\x12\x12\n\nvocab_size\x18\x0b \x01(\x05\"E\n\rWarmupRequest\x12\x1e\n\x16max_num_batched_tokens\x18\x01 \x01(\x05\x12\x14\n\x0cmax_num_seqs\x18\x02 \x01(\x05\"9\n\x0eWarmupResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\x05\x12\x13\n\x0b\x62lock_bytes\x18\x02 \x01(\x03\"\xda\x01\n\x0bNewSequence\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x19\n\x11num_prompt_tokens\x18\x03 \x01(\x05\x12\x1b\n\x13num_computed_tokens\x18\x04 \x01(\x05\x12\x1c\n\x14num_scheduled_tokens\x18\x05 \x01(\x05\x12\x11\n\tblock_ids\x18\x06 \x03(\x05\x12*\n\x06params\x18\x07 \x01(\x0b\x32\x1a.tessera.v1.SamplingParams\x12\x13\n\x0bseed_offset\x18\x08 \x01(\x05\"\xef\x01\n\x10RunningSequences\x12\x0f\n\x07seq_ids\x18\x01 \x03(\t\x12\x1b\n\x13num_computed_tokens\x18\x02 \x03(\x05\x12\x1c\n\x14num_scheduled_tokens\x18\x03 \x03(\x05\x12\x16\n\x0enum_new_blocks\x18\x04 \x03(\x05\x12\x15\n\rnew_block_ids\x18\x05 \x03(\x05\x12\x16\n\x0enum_new_tokens\x18\x06 \x03(\x05\x12\x15\n\rnew_token_ids\x18\x07 \x03(\x05\x12\x18\n\x10num_draft_tokens\x18\x08 \x03(\x05\x12\x17\n\x0f\x64raft_token_ids\x18\t \x03(\x05\"\x9e\x01\n\tStepInput\x12\x0f\n\x07step_id\x18\x01 \x01(\x03\x12$\n\x03new\x18\x02 \x03(\x0b\x32\x17.tessera.v1.NewSequence\x12-\n\x07running\x18\x03 \x01(\x0b\x32\x1c.tessera.v1.RunningSequences\x12\x14\n\x0c\x66inished_ids\x18\x04 \x03(\t\x12\x15\n\rpreempted_ids\x18\x05 \x03(\t\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"b\n\x0fSampledLogprobs\x12\x14\n\x07logprob\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12-\n\x0ctop_logprobs\x18\x02 \x01(\x0b\x32\x17.tessera.v1.TopLogprobsB\n\n\x08_logprob\"c\n\x0ePromptLogprobs\x12\x10\n\x08logprobs\x18\x01 \x03(\x02\x12\x12\n\ntop_counts\x18\x02 \x03(\x05\x12\x15\n\rtop_token_ids\x18\x03 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\"\xdf\x02\n\nStepOutput\x12\x0f\n\x07step_id\x18\x01 \x01(\x03\x12\x0f\n\x07seq_ids\x18\x02 \x03(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x36\n\x08logprobs\x18\x04 \x03(\x0b\x32$.tessera.v1.StepOutput.LogprobsEntry\x12\x43\n\x0fprompt_logprobs\x18\x05 \x03(\x0b\x32*.tessera.v1.StepOutput.PromptLogprobsEntry\x1aL\n\rLogprobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12*\n\x05value\x18\x02 \x01(\x0b\x32\x1b.tessera.v1.SampledLogprobs:\x02\x38\x01\x1aQ\n\x13PromptLogprobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.tessera.v1.PromptLogprobs:\x02\x38\x01\"\x0e\n\x0cResetRequest\"\x0f\n\rResetResponse2\xfc\x01\n\x06Worker\x12\x39\n\x04Info\x12\x17.tessera.v1.InfoRequest\x1a\x18.tessera.v1.InfoResponse\x12?\n\x06Warmup\x12\x19.tessera.v1.WarmupRequest\x1a\x1a.tessera.v1.WarmupResponse\x12\x38\n\x07\x45xecute\x12\x15.tessera.v1.StepInput\x1a\x16.tessera.v1.StepOutput\x12<\n\x05Reset\x12\x18.tessera.v1.ResetRequest\x1a\x19.tessera.v1.ResetResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,25 +47,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NEWSEQUENCE']._serialized_start=430
   _globals['_NEWSEQUENCE']._serialized_end=648
   _globals['_RUNNINGSEQUENCES']._serialized_start=651
-  _globals['_RUNNINGSEQUENCES']._serialized_end=839
-  _globals['_STEPINPUT']._serialized_start=842
-  _globals['_STEPINPUT']._serialized_end=1000
-  _globals['_TOPLOGPROBS']._serialized_start=1002
-  _globals['_TOPLOGPROBS']._serialized_end=1052
-  _globals['_SAMPLEDLOGPROBS']._serialized_start=1054
-  _globals['_SAMPLEDLOGPROBS']._serialized_end=1152
-  _globals['_PROMPTLOGPROBS']._serialized_start=1154
-  _globals['_PROMPTLOGPROBS']._serialized_end=1253
-  _globals['_STEPOUTPUT']._serialized_start=1256
-  _globals['_STEPOUTPUT']._serialized_end=1607
-  _globals['_STEPOUTPUT_LOGPROBSENTRY']._serialized_start=1448
-  _globals['_STEPOUTPUT_LOGPROBSENTRY']._serialized_end=1524
-  _globals['_STEPOUTPUT_PROMPTLOGPROBSENTRY']._serialized_start=1526
-  _globals['_STEPOUTPUT_PROMPTLOGPROBSENTRY']._serialized_end=1607
-  _globals['_RESETREQUEST']._serialized_start=1609
-  _globals['_RESETREQUEST']._serialized_end=1623
-  _globals['_RESETRESPONSE']._serialized_start=1625
-  _globals['_RESETRESPONSE']._serialized_end=1640
-  _globals['_WORKER']._serialized_start=1643
-  _globals['_WORKER']._serialized_end=1895
+  _globals['_RUNNINGSEQUENCES']._serialized_end=890
+  _globals['_STEPINPUT']._serialized_start=893
+  _globals['_STEPINPUT']._serialized_end=1051
+  _globals['_TOPLOGPROBS']._serialized_start=1053
+  _globals['_TOPLOGPROBS']._serialized_end=1103
+  _globals['_SAMPLEDLOGPROBS']._serialized_start=1105
+  _globals['_SAMPLEDLOGPROBS']._serialized_end=1203
+  _globals['_PROMPTLOGPROBS']._serialized_start=1205
+  _globals['_PROMPTLOGPROBS']._serialized_end=1304
+  _globals['_STEPOUTPUT']._serialized_start=1307
+  _globals['_STEPOUTPUT']._serialized_end=1658
+  _globals['_STEPOUTPUT_LOGPROBSENTRY']._serialized_start=1499
+  _globals['_STEPOUTPUT_LOGPROBSENTRY']._serialized_end=1575
+  _globals['_STEPOUTPUT_PROMPTLOGPROBSENTRY']._serialized_start=1577
+  _globals['_STEPOUTPUT_PROMPTLOGPROBSENTRY']._serialized_end=1658
+  _globals['_RESETREQUEST']._serialized_start=1660
+  _globals['_RESETREQUEST']._serialized_end=1674
+  _globals['_RESETRESPONSE']._serialized_start=1676
+  _globals['_RESETRESPONSE']._serialized_end=1691
+  _globals['_WORKER']._serialized_start=1694
+  _globals['_WORKER']._serialized_end=1946
 # @@protoc_insertion_point(module_scope)
