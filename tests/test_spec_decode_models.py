@@ -173,8 +173,8 @@ def test_through_tessera_serve_outputs_equal_the_offline_engine_and_metrics_coun
         for params, extra in ((SamplingParams(max_tokens=30, temperature=0), {}),
                               (SamplingParams(max_tokens=24, temperature=0.9, seed=5, n=2,
                                               logprobs=2), {"logprobs": 2})):
-            expected = _gen(plain, PROMPTS, params)
-            for prompt, want in zip(PROMPTS, expected):
+            expected = _gen(plain, PROMPTS[:2], params)
+            for prompt, want in zip(PROMPTS[:2], expected):
                 got = client.completions.create(
                     model=name, prompt=prompt, max_tokens=params.max_tokens,
                     temperature=params.temperature, seed=params.seed, n=params.n, **extra)
@@ -202,13 +202,13 @@ def test_through_tessera_serve_outputs_equal_the_offline_engine_and_metrics_coun
 
 def test_smollm2_greedy_outputs_are_identical_with_speculation(smollm2_gguf):
     """The real model, on a copy-heavy chat (repeat a text): long accepted runs."""
-    plain = LLM(str(smollm2_gguf), kv_cache_memory_gb=64 / 1024)
+    llm = LLM(str(smollm2_gguf), kv_cache_memory_gb=64 / 1024, speculative_config=SPEC)
     text = "The quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat."
     conv = [[{"role": "user", "content": f"Repeat this sentence exactly: {text}"}],
             [{"role": "user", "content": "What is the capital of France?"}]]
     params = SamplingParams(max_tokens=32, temperature=0)
-    base = plain.chat(conv, params, use_tqdm=False)
-    del plain
-    spec = LLM(str(smollm2_gguf), kv_cache_memory_gb=64 / 1024, speculative_config=SPEC)
-    _same(base, spec.chat(conv, params, use_tqdm=False))
-    assert spec.engine.scheduler.proposer.stats.num_accepted_tokens >= 10
+    with_spec = llm.chat(conv, params, use_tqdm=False)
+    assert llm.engine.scheduler.proposer.stats.num_accepted_tokens >= 10
+    # The same engine with its proposer switched off (one model load, not two): plain decoding.
+    llm.engine.scheduler.proposer = None
+    _same(llm.chat(conv, params, use_tqdm=False), with_spec)
