@@ -139,6 +139,7 @@ class Scheduler:
         running_plan = plan.running
         in_flight = self.in_flight
         proposer = self.proposer
+        spec_rows: list[tuple[Request, RunningSequence]] = []   # decodes that may get drafts
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             if in_flight and req.request_id in in_flight:
@@ -146,19 +147,8 @@ class Scheduler:
                 continue
             tokens = req.all_token_ids
             num_new = min(len(tokens) - req.num_computed_tokens, budget)
-            drafts: list[int] = []
-            if proposer is not None and num_new == 1 and budget > 1 and req.known_to_workers:
-                drafts = proposer.propose(req, budget - 1, self.config.max_model_len)
-                num_new += len(drafts)
             # Fast path (most decodes): the request's blocks already hold the new tokens.
             new_blocks = [] if req.num_computed_tokens + num_new <= req.num_slots else None
-            if new_blocks is None and drafts:
-                new_blocks = self.kv.allocate_slots(req.request_id, num_new,
-                                                    req.num_computed_tokens)
-                if new_blocks is None:   # no room for guesses: decode plainly (never preempt)
-                    num_new -= len(drafts)
-                    drafts = []
-                    new_blocks = [] if req.num_computed_tokens + 1 <= req.num_slots else None
             while new_blocks is None:
                 new_blocks = self.kv.allocate_slots(req.request_id, num_new,
                                                     req.num_computed_tokens)
@@ -180,7 +170,9 @@ class Scheduler:
                 new_tokens = tokens[known:] if len(tokens) > known else []
                 req.num_worker_tokens = len(tokens)
                 running_plan.append(RunningSequence(req.request_id, req.num_computed_tokens,
-                                                    num_new, new_blocks, new_tokens, drafts))
+                                                    num_new, new_blocks, new_tokens))
+                if proposer is not None and num_new == 1:
+                    spec_rows.append((req, running_plan[-1]))
             else:
                 self._send_in_full(plan, req, num_new)
             budget -= num_new
@@ -215,12 +207,36 @@ class Scheduler:
             bisect.insort(self.running, req, key=lambda r: r.sort_key)
             self._send_in_full(plan, req, num_new)
             budget -= num_new
+        if spec_rows and budget > 0:
+            self._add_drafts(spec_rows, budget)
         if not plan.new and not plan.running:
             # Nothing to run: no step. Its id and its finished ids go to the next real plan
             # (workers see step ids without gaps and learn every finished sequence).
             self._step_id -= 1
             self._finished_since_last_step = plan.finished_ids + self._finished_since_last_step
         return plan
+
+    def _add_drafts(self, rows: list[tuple[Request, RunningSequence]], budget: int) -> None:
+        """Speculative decoding: draft tokens for this step's decodes, from the budget and
+        the free blocks that the decodes and prefills left (guesses never displace sure work,
+        and never preempt anything); each row then computes its token plus its drafts."""
+        proposer, kv, block_size = self.proposer, self.kv, self.config.block_size
+        for req, row in rows:
+            drafts = proposer.propose(req, budget, self.config.max_model_len)
+            if not drafts:
+                continue
+            num_new = 1 + len(drafts)
+            if req.num_computed_tokens + num_new > req.num_slots:
+                new_blocks = kv.allocate_slots(req.request_id, num_new, req.num_computed_tokens)
+                if new_blocks is None:
+                    continue
+                req.num_slots += len(new_blocks) * block_size
+                row.new_block_ids = row.new_block_ids + new_blocks
+            row.num_scheduled_tokens = num_new
+            row.draft_token_ids = drafts
+            budget -= len(drafts)
+            if budget <= 0:
+                return
 
     def mark_in_flight(self, plan: StepPlan) -> None:
         """The plan's requests stay out of later plans until `update(plan, ...)` (pipelining)."""

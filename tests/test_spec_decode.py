@@ -194,6 +194,32 @@ def test_drafts_never_exceed_the_budget_max_tokens_or_the_context():
     assert len(row.draft_token_ids) == 1   # 62 tokens of max_model_len 64
 
 
+def _samples(core: EngineCore, plan) -> dict[str, list[int]]:
+    """A token for every row that reaches the end of its known tokens (drafts aside)."""
+    return {s.seq_id: [2] for s in (*plan.new, *plan.running)
+            if s.num_computed_tokens + s.num_scheduled_tokens
+            - len(getattr(s, "draft_token_ids", ())) == core.scheduler.requests[s.seq_id].num_tokens}
+
+
+def test_drafts_take_only_the_budget_that_decodes_and_prefills_leave():
+    core = _core(budget=4)
+    for rid in ("a", "b"):
+        core.add_request(EngineRequest(rid, [1, 2, 1], SamplingParams(max_tokens=30)))
+    for _ in range(2):   # a's prompt and 1 of b's, then b's last 2
+        plan = core.schedule()
+        core.update(plan, _out(plan, _samples(core, plan)))
+    core.add_request(EngineRequest("c", [7, 8, 9], SamplingParams(max_tokens=30)))
+    plan = core.schedule()
+    # a and b decode (2 tokens), c's prompt takes the other 2: nothing left for drafts.
+    assert [(r.seq_id, r.draft_token_ids) for r in plan.running] == [("a", []), ("b", [])]
+    assert [(s.seq_id, s.num_scheduled_tokens) for s in plan.new] == [("c", 2)]
+    core.update(plan, _out(plan, _samples(core, plan)))
+    plan = core.schedule()
+    # c's last prompt token and two decodes: the one token left is a's draft.
+    assert [len(r.draft_token_ids) for r in plan.running] == [1, 0, 0]
+    assert plan.total_tokens == 4
+
+
 def test_no_room_for_the_drafts_means_a_plain_decode_never_a_preemption():
     core = _core(num_blocks=3)        # 12 slots: a (8 tokens) and b (3) fill 3 blocks
     core.add_request(EngineRequest("a", [1, 2, 3, 1, 2, 3, 1], SamplingParams(max_tokens=9)))
