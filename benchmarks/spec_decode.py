@@ -144,7 +144,8 @@ def main() -> None:
                                           stats.num_drafts)
             t_plain, n_plain, out_plain = run(plain, convs, c, args.max_tokens)
             t_spec, n_spec, out_spec = run(spec, convs, c, args.max_tokens)
-            drafts, accepted = stats.num_draft_tokens - drafts0, stats.num_accepted_tokens - accepted0
+            drafts = stats.num_draft_tokens - drafts0
+            accepted = stats.num_accepted_tokens - accepted0
             steps = stats.num_drafts - steps0
             rate = accepted / drafts if drafts else 0.0
             mean_len = 1 + accepted / steps if steps else 1.0

@@ -13,6 +13,9 @@ prompt's KV blocks through the prefix cache. Events are numbered per request (``
 all n sequences) and the last one is ``final``: the wire format of the Redis output streams
 (common.redis_schema.OutputEvent), which the service publishes as they are.
 
+With speculative decoding (scheduler.spec_decode) a decode may carry draft tokens and emit
+several tokens in one step: one event with all of them, cut at a stop token or max_tokens.
+
 Recovery (DESIGN.md §4) builds on two hooks: ``requeue_running()`` preempts everything so it is
 recomputed from prompt + generated tokens (the workers lost their state), and an EngineRequest
 may come with ``emitted`` (each sequence's tokens already delivered) and ``next_index`` (the

@@ -196,9 +196,10 @@ def test_drafts_never_exceed_the_budget_max_tokens_or_the_context():
 
 def _samples(core: EngineCore, plan) -> dict[str, list[int]]:
     """A token for every row that reaches the end of its known tokens (drafts aside)."""
+    seqs = core.scheduler.requests
     return {s.seq_id: [2] for s in (*plan.new, *plan.running)
             if s.num_computed_tokens + s.num_scheduled_tokens
-            - len(getattr(s, "draft_token_ids", ())) == core.scheduler.requests[s.seq_id].num_tokens}
+            - len(getattr(s, "draft_token_ids", ())) == seqs[s.seq_id].num_tokens}
 
 
 def test_drafts_take_only_the_budget_that_decodes_and_prefills_leave():

@@ -183,8 +183,8 @@ def test_through_tessera_serve_outputs_equal_the_offline_engine_and_metrics_coun
         # Streamed, the tokens of a multi-token step arrive as one delta: the same text.
         stream = client.completions.create(model=name, prompt=PROMPTS[0], max_tokens=30,
                                            temperature=0, stream=True)
-        assert "".join(c.choices[0].text for c in stream) == \
-            _gen(plain, PROMPTS[:1], SamplingParams(max_tokens=30, temperature=0))[0].outputs[0].text
+        want = _gen(plain, PROMPTS[:1], SamplingParams(max_tokens=30, temperature=0))
+        assert "".join(c.choices[0].text for c in stream) == want[0].outputs[0].text
         metrics_url = next(u.split()[0] for u in listed(lines, "Metrics").split(", ")
                            if "(scheduler)" in u)
         text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
