@@ -18,6 +18,7 @@ read flat: `config.block_size`):
     LogConfig        log_format, log_prompts                           services
     RecoveryConfig   request_timeout_s                                 scheduler, serve
     DataParallelConfig data_parallel_size                              scheduler, serve
+    SpeculationConfig speculative_config (n-gram speculative decoding)  scheduler, engine
     AccessConfig     api_key, tenants_file, limits, TLS                gateway (serve)
     InternalTLSConfig internal_tls_*: mTLS of the worker gRPC port     scheduler, worker (serve)
 
@@ -29,6 +30,8 @@ computed here and nowhere else; common/limits.py checks prompts against them.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import socket
 from dataclasses import dataclass
@@ -178,6 +181,80 @@ class RecoveryConfig:
         flag="--request-timeout", min=0.001, max=1e7)
 
 
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """`--speculative-config` (vLLM's shape): n-gram speculation (prompt lookup). Each step a
+    decoding sequence drafts up to `num_speculative_tokens` tokens by matching its last
+    n tokens (n from `prompt_lookup_max` down to `prompt_lookup_min`) earlier in its own
+    prompt + output; the model verifies them in the same forward pass."""
+    method: str = "ngram"
+    num_speculative_tokens: int = 4
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 2
+
+    MAX_TOKENS = 32     # drafts per step
+    MAX_NGRAM = 64
+
+    def __post_init__(self) -> None:
+        if self.method != "ngram":
+            raise ValueError(f"--speculative-config: method must be 'ngram', got {self.method!r}")
+        for name, hi in (("num_speculative_tokens", self.MAX_TOKENS),
+                         ("prompt_lookup_max", self.MAX_NGRAM),
+                         ("prompt_lookup_min", self.MAX_NGRAM)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= hi:
+                raise ValueError(f"--speculative-config: {name} must be an integer in "
+                                 f"[1, {hi}], got {value!r}")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(f"--speculative-config: prompt_lookup_min ({self.prompt_lookup_min})"
+                             f" exceeds prompt_lookup_max ({self.prompt_lookup_max})")
+
+    @classmethod
+    def parse(cls, value: "str | dict | SpeculativeConfig | None") -> "SpeculativeConfig | None":
+        """From the flag's JSON text, a dict (`LLM(speculative_config={...})`) or itself.
+        Unknown keys are refused (a typo would silently leave the default)."""
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--speculative-config is not valid JSON: {e}") from None
+        if not isinstance(value, dict):
+            raise ValueError("--speculative-config must be a JSON object, e.g. "
+                             '{"method": "ngram", "num_speculative_tokens": 4}')
+        fields = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"}
+        unknown = sorted(set(value) - fields)
+        if unknown:
+            raise ValueError(f"--speculative-config: unknown key(s) {', '.join(unknown)} "
+                             f"(known: {', '.join(sorted(fields))})")
+        if "method" not in value:
+            raise ValueError("--speculative-config needs a \"method\" (\"ngram\")")
+        value = dict(value)
+        # vLLM's defaulting: one bound given sets the other (min <= max stays true).
+        if "prompt_lookup_max" in value and "prompt_lookup_min" not in value:
+            value["prompt_lookup_min"] = min(cls.prompt_lookup_min, value["prompt_lookup_max"]) \
+                if isinstance(value["prompt_lookup_max"], int) else 1
+        if "prompt_lookup_min" in value and "prompt_lookup_max" not in value:
+            value["prompt_lookup_max"] = max(cls.prompt_lookup_max, value["prompt_lookup_min"]) \
+                if isinstance(value["prompt_lookup_min"], int) else 1
+        return cls(**value)
+
+    def __str__(self) -> str:
+        """The flag's text: what `settings.to_argv` hands a child process."""
+        return json.dumps({"method": self.method,
+                           "num_speculative_tokens": self.num_speculative_tokens,
+                           "prompt_lookup_max": self.prompt_lookup_max,
+                           "prompt_lookup_min": self.prompt_lookup_min})
+
+
+def _speculative_flag(text: str) -> SpeculativeConfig | None:
+    try:
+        return SpeculativeConfig.parse(text)
+    except (ValueError, TypeError) as e:   # argparse shows an ArgumentTypeError's own words
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 @dataclass(**GROUPS)
 class InternalTLSConfig:
     """Mutual TLS on the internal gRPC (a scheduler's channels to its workers, the workers'
@@ -222,7 +299,22 @@ class DataParallelConfig(Settings):
 
 
 @dataclass(**GROUPS)
-class EngineConfig(ParallelConfig, DeviceConfig, CacheConfig, SchedulingConfig, ModelSource):
+class SpeculationConfig(Settings):
+    speculative_config: SpeculativeConfig | None = setting(
+        None, "speculative decoding, as JSON: {\"method\": \"ngram\", \"num_speculative_tokens\": "
+        "K, \"prompt_lookup_max\": N, \"prompt_lookup_min\": M} (default: none)",
+        arg_type=_speculative_flag, metavar="JSON")
+
+    def __post_init__(self) -> None:
+        # LLM(speculative_config={...}) passes a dict: parsed (and checked) here, as the flag is.
+        object.__setattr__(self, "speculative_config",
+                           SpeculativeConfig.parse(self.speculative_config))
+        super().__post_init__()
+
+
+@dataclass(**GROUPS)
+class EngineConfig(SpeculationConfig, ParallelConfig, DeviceConfig, CacheConfig, SchedulingConfig,
+                   ModelSource):
     """The offline engine's settings: `LLM(model, tensor_parallel_size=2)` builds one."""
     num_kv_blocks: int | None = setting(None, cli=False, min=1)   # fixed pool (tests); default: sized
 
@@ -251,9 +343,9 @@ class WorkerConfig(InternalTLSConfig, LogConfig, DistConfig, ParallelConfig, Dev
 
 
 @dataclass(**GROUPS)
-class SchedulerServiceConfig(InternalTLSConfig, DataParallelConfig, RecoveryConfig, LogConfig,
-                             StepTimeoutConfig, ParallelConfig, BlockConfig, SchedulingConfig,
-                             ModelSource):
+class SchedulerServiceConfig(SpeculationConfig, InternalTLSConfig, DataParallelConfig,
+                             RecoveryConfig, LogConfig, StepTimeoutConfig, ParallelConfig,
+                             BlockConfig, SchedulingConfig, ModelSource):
     """`tessera scheduler`: continuous batching over one worker group, leased in Redis."""
     workers: tuple[str, ...] = setting(
         help="comma-separated gRPC addresses of every worker of the group (any order)")

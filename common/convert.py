@@ -127,6 +127,9 @@ def step_plan_to_proto(plan: StepPlan) -> worker_pb2.StepInput:
         cols.new_block_ids.extend([b for r in run for b in r.new_block_ids])
         cols.num_new_tokens.extend([len(r.new_token_ids) for r in run])
         cols.new_token_ids.extend([t for r in run for t in r.new_token_ids])
+        if any(r.draft_token_ids for r in run):
+            cols.num_draft_tokens.extend([len(r.draft_token_ids) for r in run])
+            cols.draft_token_ids.extend([t for r in run for t in r.draft_token_ids])
     return msg
 
 
@@ -156,8 +159,20 @@ def _running_from_proto(cols: worker_pb2.RunningSequences) -> list[RunningSequen
     # Columns that disagree would silently misalign sequences and blocks: refuse them.
     if not len(computed) == len(scheduled) == n:
         raise ValueError("StepInput.running: columns of different lengths")
-    return [RunningSequence(i, c, s, b, t)
+    rows = [RunningSequence(i, c, s, b, t)
             for i, c, s, b, t in zip(seq_ids, computed, scheduled, blocks, tokens)]
+    if cols.num_draft_tokens or cols.draft_token_ids:
+        drafts = _ragged_checked(list(cols.num_draft_tokens), list(cols.draft_token_ids), n,
+                                 "draft tokens")
+        for row, d in zip(rows, drafts):
+            row.draft_token_ids = d
+    return rows
+
+
+def _ragged_checked(counts: list[int], flat: list[int], n: int, what: str) -> list[list[int]]:
+    if len(counts) != n or sum(counts) != len(flat) or any(k < 0 for k in counts):
+        raise ValueError(f"StepInput.running: the {what} columns do not match the rows")
+    return _ragged(counts, flat)
 
 
 def _split_column(counts: list[int], flat: list[int], n: int, what: str) -> list[list[int]]:
@@ -187,6 +202,10 @@ def step_output_to_proto(out: StepOutput) -> worker_pb2.StepOutput:
     if sampled:
         msg.seq_ids.extend(sampled)
         tokens = list(sampled.values())
+        if out.extra_sampled:   # speculative decoding: one more row per extra token
+            for seq_id, extra in out.extra_sampled.items():
+                msg.seq_ids.extend([seq_id] * len(extra))
+                tokens += extra
         msg.token_ids.extend([t.token_id for t in tokens])
         logprobs = msg.logprobs
         for row, t in enumerate(tokens):
@@ -221,11 +240,20 @@ def step_output_from_proto(msg: worker_pb2.StepOutput) -> StepOutput:
     seq_ids = list(msg.seq_ids)
     if len(msg.token_ids) != len(seq_ids):
         raise ValueError("StepOutput: seq_ids and token_ids of different lengths")
-    sampled = {i: SampledToken(t) for i, t in zip(seq_ids, msg.token_ids)}
+    rows = [SampledToken(t) for t in msg.token_ids]
+    sampled = dict(zip(seq_ids, rows))
+    extra: dict[str, list[SampledToken]] = {}
+    if len(sampled) != len(seq_ids):   # speculative decoding: a sequence's later rows
+        sampled = {}
+        for seq_id, t in zip(seq_ids, rows):
+            if seq_id in sampled:
+                extra.setdefault(seq_id, []).append(t)
+            else:
+                sampled[seq_id] = t
     for row, e in msg.logprobs.items():
         if not 0 <= row < len(seq_ids):
             raise ValueError(f"StepOutput.logprobs: row {row} out of range")
-        t = sampled[seq_ids[row]]
+        t = rows[row]
         if e.HasField("logprob"):
             t.logprob = e.logprob
         if e.HasField("top_logprobs"):
@@ -239,7 +267,7 @@ def step_output_from_proto(msg: worker_pb2.StepOutput) -> StepOutput:
             positions.append((lp, list(zip(top_ids[start:end], top_lps[start:end]))))
             start = end
         prompt_logprobs[seq_id] = positions
-    return StepOutput(msg.step_id, sampled, prompt_logprobs)
+    return StepOutput(msg.step_id, sampled, prompt_logprobs, extra)
 
 
 # --- Public API (tessera.v1.Generate) -------------------------------------------------------

@@ -39,6 +39,10 @@ class RunningSequence:
     # Tokens sampled since the workers last saw this sequence (usually the one token of the
     # last step): every rank of a group appends them, not only the rank that sampled them.
     new_token_ids: list[int] = field(default_factory=list)
+    # Speculative decoding: tokens the scheduler guessed follow the last known one. They are
+    # scheduled (counted in num_scheduled_tokens) after that token, the worker computes and
+    # verifies them; they are not the sequence's tokens until the output says so.
+    draft_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -79,3 +83,7 @@ class StepOutput:
     # (logprob of the actual next prompt token, top-N) per position.
     prompt_logprobs: dict[str, list[tuple[float, list[tuple[int, float]]]]] = field(
         default_factory=dict)
+    # Speculative decoding: per sequence with drafts, the tokens emitted after its `sampled`
+    # one (the accepted drafts but the last, then the token sampled after them): the step
+    # emitted [sampled] + extra. Absent: no draft was accepted.
+    extra_sampled: dict[str, list[SampledToken]] = field(default_factory=dict)

@@ -13,6 +13,9 @@ prompt's KV blocks through the prefix cache. Events are numbered per request (``
 all n sequences) and the last one is ``final``: the wire format of the Redis output streams
 (common.redis_schema.OutputEvent), which the service publishes as they are.
 
+With speculative decoding (scheduler.spec_decode) a decode may carry draft tokens and emit
+several tokens in one step: one event with all of them, cut at a stop token or max_tokens.
+
 Recovery (DESIGN.md §4) builds on two hooks: ``requeue_running()`` preempts everything so it is
 recomputed from prompt + generated tokens (the workers lost their state), and an EngineRequest
 may come with ``emitted`` (each sequence's tokens already delivered) and ``next_index`` (the
@@ -27,7 +30,7 @@ from typing import Any
 
 from common.redis_schema import OutputEvent
 from common.sampling_params import SamplingParams
-from common.step import StepOutput, StepPlan
+from common.step import SampledToken, StepOutput, StepPlan
 from scheduler.request import Request, RequestStatus
 from scheduler.scheduler import Scheduler, SchedulerConfig
 from scheduler.telemetry import NullObserver
@@ -195,6 +198,7 @@ class EngineCore:
         running = RequestStatus.RUNNING
         max_len = self.config.max_model_len
         in_flight = self.scheduler.in_flight
+        speculating = self.scheduler.proposer is not None
         siblings = None
         for s in (*plan.new, *plan.running):
             seq_id = s.seq_id
@@ -203,33 +207,40 @@ class EngineCore:
             seq = seqs.get(seq_id)
             if seq is None or seq.status is not running:
                 continue   # aborted while the step ran
-            computed = seq.num_computed_tokens = seq.num_computed_tokens + s.num_scheduled_tokens
-            cache(seq_id, seq.all_token_ids, computed)
-            tok = sampled.get(seq_id)
             req = seq.owner
             prompt_lp = prompt_logprobs.get(seq_id) if prompt_logprobs else None
-            if tok is None:
-                if prompt_lp and req is not None:
-                    events.append((req, OutputEvent(req.next_index, [], seq.seed_offset, None,
-                                                    False, None, prompt_lp)))
-                    req.next_index += 1
-                continue
-            token_id = tok.token_id
-            generated = seq.output_token_ids
-            generated.append(token_id)
-            tokens = seq.all_token_ids
-            tokens.append(token_id)
-            status = None
-            if (token_id in seq._stop_ids or len(generated) >= seq.params.max_tokens
-                    or len(tokens) >= max_len):
-                status = seq.check_stop(max_len)
-            lp = None if tok.logprob is None else [(token_id, tok.logprob, tok.top_logprobs)]
+            drafts = getattr(s, "draft_token_ids", None) if speculating else None
+            if drafts:
+                ids, lp, status = self._apply_drafts(seq, s, sampled.get(seq_id),
+                                                     output.extra_sampled.get(seq_id))
+            else:
+                computed = seq.num_computed_tokens = (seq.num_computed_tokens
+                                                      + s.num_scheduled_tokens)
+                cache(seq_id, seq.all_token_ids, computed)
+                tok = sampled.get(seq_id)
+                if tok is None:
+                    if prompt_lp and req is not None:
+                        events.append((req, OutputEvent(req.next_index, [], seq.seed_offset,
+                                                        None, False, None, prompt_lp)))
+                        req.next_index += 1
+                    continue
+                token_id = tok.token_id
+                generated = seq.output_token_ids
+                generated.append(token_id)
+                tokens = seq.all_token_ids
+                tokens.append(token_id)
+                status = None
+                if (token_id in seq._stop_ids or len(generated) >= seq.params.max_tokens
+                        or len(tokens) >= max_len):
+                    status = seq.check_stop(max_len)
+                lp = None if tok.logprob is None else [(token_id, tok.logprob, tok.top_logprobs)]
+                ids = [token_id]
             if status is None:
                 if req is not None:   # else a bare sequence (the service's canary): no events
                     if not req.siblings_added:
                         siblings = siblings or []
                         siblings.append(req)
-                    events.append((req, OutputEvent(req.next_index, [token_id],
+                    events.append((req, OutputEvent(req.next_index, ids,
                                                     seq.seed_offset, None, False, lp, prompt_lp)))
                     req.next_index += 1
                 continue
@@ -238,12 +249,43 @@ class EngineCore:
                 if not req.siblings_added:
                     siblings = siblings or []
                     siblings.append(req)
-                events.append((req, self._sequence_done(req, seq, [token_id], status.value,
+                events.append((req, self._sequence_done(req, seq, ids, status.value,
                                                         lp, prompt_lp)))
         if siblings:
             for req in siblings:
                 self._add_siblings(req)
         return events
+
+    def _apply_drafts(self, seq: Request, s, tok: SampledToken | None,
+                      extra: list[SampledToken] | None
+                      ) -> tuple[list[int], list | None, RequestStatus | None]:
+        """A decode with draft tokens: the workers emitted [tok] + extra, one token per
+        accepted draft more than a plain decode. The rejected drafts' KV slots are rolled
+        back (num_computed_tokens counts only the verified tokens; their blocks stay with the
+        sequence, which fills them within K tokens, and the stale entries are overwritten
+        before anything reads them), and only verified tokens are hashed into the prefix
+        cache. A stop inside the accepted run drops the tokens after it."""
+        drafts = s.draft_token_ids
+        emitted = [] if tok is None else [tok, *(extra or ())]
+        accepted = max(len(emitted) - 1, 0)
+        self.scheduler.proposer.stats.observe(len(drafts), accepted)
+        seq.num_computed_tokens += s.num_scheduled_tokens - (len(drafts) - accepted)
+        max_len = self.config.max_model_len
+        ids: list[int] = []
+        lps: list | None = None
+        status = None
+        for t in emitted:
+            seq.append_token(t.token_id)
+            ids.append(t.token_id)
+            if t.logprob is not None:
+                lps = lps if lps is not None else []
+                lps.append((t.token_id, t.logprob, t.top_logprobs))
+            status = seq.check_stop(max_len)
+            if status is not None:
+                break
+        self.scheduler.kv.cache_blocks(seq.request_id, seq.all_token_ids,
+                                       min(seq.num_computed_tokens, seq.num_tokens))
+        return ids, lps, status
 
     def _add_siblings(self, req: EngineRequest) -> None:
         """Sequence 0 computed (and cached) the prompt: sequences 1.. join and share it."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from common import metrics as m
@@ -49,10 +49,38 @@ class _EngineState(Collector):
             families.append((counter, "deadlettered", "Requests dead-lettered: delivered "
                              "--max-deliveries times without finishing.",
                              self.queue.num_deadlettered))
+        proposer = s.proposer
+        if proposer is not None:   # speculative decoding on: vLLM's spec_decode_* counters
+            stats = proposer.stats
+            families += [
+                (counter, "spec_decode_num_drafts", "Number of spec decoding drafts (sequence "
+                 "steps with draft tokens).", stats.num_drafts),
+                (counter, "spec_decode_num_draft_tokens", "Number of draft tokens.",
+                 stats.num_draft_tokens),
+                (counter, "spec_decode_num_accepted_tokens", "Number of accepted tokens.",
+                 stats.num_accepted_tokens)]
         for family, metric, doc, value in families:
             f = family(m.name(metric), doc, labels=m.LABELS)
             f.add_metric(labels, value)
             yield f
+        if proposer is not None:
+            yield _acceptance_histogram(proposer.stats.acceptance_lengths,
+                                        proposer.k + 1, labels)
+
+
+def _acceptance_histogram(counts: list[int], max_length: int, labels: list[str]
+                          ) -> HistogramMetricFamily:
+    """Tokens a draft step emitted (1 + its accepted drafts), one bucket per length."""
+    f = HistogramMetricFamily(m.name("spec_decode_acceptance_length"), "Tokens emitted per "
+                              "spec decoding draft: 1 + the accepted draft tokens.",
+                              labels=m.LABELS)
+    buckets, total = [], 0
+    for length in range(1, max_length + 1):
+        total += counts[length] if length < len(counts) else 0
+        buckets.append((str(float(length)), total))
+    buckets.append(("+Inf", total))
+    f.add_metric(labels, buckets, sum(n * c for n, c in enumerate(counts)))
+    return f
 
 
 class SchedulerMetrics:

@@ -54,6 +54,7 @@ class Request:
     num_worker_tokens: int = 0       # of all_token_ids, how many the workers were sent
     owner: Any = None                # the user request it belongs to (engine_core.EngineRequest)
     telemetry: Any = None            # the telemetry hooks' per-sequence state, if any
+    ngram_index: Any = None          # speculative decoding's (scheduler.spec_decode), lazily
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.prompt_token_ids)

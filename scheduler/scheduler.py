@@ -20,15 +20,19 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import logging
 from dataclasses import dataclass
 from typing import Any
 
-from common.config import BlockConfig, SchedulingConfig
+from common.config import BlockConfig, SchedulingConfig, SpeculativeConfig
 from common.limits import check_prompt
 from common.step import NewSequence, RunningSequence, StepPlan
 from scheduler.fair_share import FairShare
 from scheduler.kv_cache_manager import KVCacheManager
 from scheduler.request import Request, RequestStatus
+from scheduler.spec_decode import NgramProposer
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -42,17 +46,25 @@ class SchedulerConfig:
     max_model_len: int = 2048                     # resolved: the model's or the flag's
     enable_prefix_caching: bool = SchedulingConfig.enable_prefix_caching
     hash_seed: int | None = None
+    speculative: SpeculativeConfig | None = None   # n-gram speculative decoding, if on
 
     @classmethod
     def from_settings(cls, settings: Any, num_blocks: int, max_model_len: int
                       ) -> SchedulerConfig:
         """From a config with the SchedulingConfig and BlockConfig groups (the service's or
         the offline engine's), the pool the workers can hold and the resolved context."""
+        spec = SpeculativeConfig.parse(getattr(settings, "speculative_config", None))
+        if spec is not None and getattr(settings, "pipeline_parallel_size", 1) > 1:
+            # With several steps in flight a sequence's last token is unknown when the next
+            # step is planned: nothing to draft from. Plain decoding instead.
+            logger.warning("speculative decoding is off: pipeline parallelism (%d stages) "
+                           "does not support it", settings.pipeline_parallel_size)
+            spec = None
         return cls(num_blocks=num_blocks, block_size=settings.block_size,
                    max_num_seqs=settings.max_num_seqs,
                    max_num_batched_tokens=settings.max_num_batched_tokens,
                    max_model_len=max_model_len,
-                   enable_prefix_caching=settings.enable_prefix_caching)
+                   enable_prefix_caching=settings.enable_prefix_caching, speculative=spec)
 
 
 class Scheduler:
@@ -72,6 +84,7 @@ class Scheduler:
         self._num_dead_waiting = 0          # aborted while waiting, still in the heap
         self.fair = FairShare()             # the waiting order between tenants
         self.waiting_for_blocks = False     # the last schedule() stopped at a lack of blocks
+        self.proposer = NgramProposer(config.speculative) if config.speculative else None
 
     # ---- intake -------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -125,6 +138,8 @@ class Scheduler:
         block_size = self.config.block_size
         running_plan = plan.running
         in_flight = self.in_flight
+        proposer = self.proposer
+        spec_rows: list[tuple[Request, RunningSequence]] = []   # decodes that may get drafts
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             if in_flight and req.request_id in in_flight:
@@ -156,6 +171,8 @@ class Scheduler:
                 req.num_worker_tokens = len(tokens)
                 running_plan.append(RunningSequence(req.request_id, req.num_computed_tokens,
                                                     num_new, new_blocks, new_tokens))
+                if proposer is not None and num_new == 1:
+                    spec_rows.append((req, running_plan[-1]))
             else:
                 self._send_in_full(plan, req, num_new)
             budget -= num_new
@@ -190,12 +207,36 @@ class Scheduler:
             bisect.insort(self.running, req, key=lambda r: r.sort_key)
             self._send_in_full(plan, req, num_new)
             budget -= num_new
+        if spec_rows and budget > 0:
+            self._add_drafts(spec_rows, budget)
         if not plan.new and not plan.running:
             # Nothing to run: no step. Its id and its finished ids go to the next real plan
             # (workers see step ids without gaps and learn every finished sequence).
             self._step_id -= 1
             self._finished_since_last_step = plan.finished_ids + self._finished_since_last_step
         return plan
+
+    def _add_drafts(self, rows: list[tuple[Request, RunningSequence]], budget: int) -> None:
+        """Speculative decoding: draft tokens for this step's decodes, from the budget and
+        the free blocks that the decodes and prefills left (guesses never displace sure work,
+        and never preempt anything); each row then computes its token plus its drafts."""
+        proposer, kv, block_size = self.proposer, self.kv, self.config.block_size
+        for req, row in rows:
+            drafts = proposer.propose(req, budget, self.config.max_model_len)
+            if not drafts:
+                continue
+            num_new = 1 + len(drafts)
+            if req.num_computed_tokens + num_new > req.num_slots:
+                new_blocks = kv.allocate_slots(req.request_id, num_new, req.num_computed_tokens)
+                if new_blocks is None:
+                    continue
+                req.num_slots += len(new_blocks) * block_size
+                row.new_block_ids = row.new_block_ids + new_blocks
+            row.num_scheduled_tokens = num_new
+            row.draft_token_ids = drafts
+            budget -= len(drafts)
+            if budget <= 0:
+                return
 
     def mark_in_flight(self, plan: StepPlan) -> None:
         """The plan's requests stay out of later plans until `update(plan, ...)` (pipelining)."""

@@ -305,7 +305,7 @@ class EngineObserver(NullObserver):
             return   # the idle canary: a forward pass, not engine work
         metrics = self.metrics
         metrics.step_time.observe(now - started)
-        metrics.generation_tokens.inc(len(sampled))
+        metrics.generation_tokens.inc(len(sampled) + sum(map(len, output.extra_sampled.values())))
         if not self._prefilling:
             return
         for seq_id in [s for s in self._prefilling if s in sampled]:

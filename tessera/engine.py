@@ -169,14 +169,18 @@ class LLMEngine:
         seq = out.seqs[ev.seq_index]
         if ev.prompt_logprobs and ev.seq_index == 0:
             out.prompt_logprobs.extend(ev.prompt_logprobs)
-        seq.token_ids.extend(ev.token_ids)
-        if seq.logprobs is not None and ev.logprobs:
-            seq.logprobs.extend(ev.logprobs)
-        if seq.detok is not None and ev.token_ids:
-            seq.detok.add_tokens(ev.token_ids)
-            if seq.detok.stopped is not None and ev.finish_reason is None:
-                stop = self.core.finish_sequence(req.request_id, ev.seq_index, "stop")
-                return stop is not None and self._apply(req, stop)
+        ids, lps = ev.token_ids, ev.logprobs
+        if seq.detok is not None and ids:
+            # Nothing past a stop string (an event of several tokens, from speculative
+            # decoding or a resume, may go on after it).
+            ids = ids[:seq.detok.add_tokens(ids).num_tokens]
+            lps = lps[:len(ids)] if lps else lps
+        seq.token_ids.extend(ids)
+        if seq.logprobs is not None and lps:
+            seq.logprobs.extend(lps)
+        if seq.detok is not None and seq.detok.stopped is not None and ev.finish_reason is None:
+            stop = self.core.finish_sequence(req.request_id, ev.seq_index, "stop")
+            return stop is not None and self._apply(req, stop)
         if ev.finish_reason is not None:
             seq.finish_reason = ev.finish_reason
         return ev.final

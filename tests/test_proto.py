@@ -106,13 +106,15 @@ def test_step_dataclasses_have_the_fields_convert_py_carries() -> None:
     assert [f.name for f in fields(NewSequence)] == [
         f.name for f in worker_pb2.NewSequence.DESCRIPTOR.fields]
     assert [f.name for f in fields(RunningSequence)] == [
-        "seq_id", "num_computed_tokens", "num_scheduled_tokens", "new_block_ids", "new_token_ids"]
+        "seq_id", "num_computed_tokens", "num_scheduled_tokens", "new_block_ids", "new_token_ids",
+        "draft_token_ids"]
     # trace_context rides as the Execute call's gRPC metadata (common.telemetry.step_metadata),
     # not in StepInput: it is not the step's content, and only exists while tracing.
     assert [f.name for f in fields(StepPlan)] == [
         "step_id", "new", "running", "finished_ids", "preempted_ids", "trace_context"]
     assert [f.name for f in fields(SampledToken)] == ["token_id", "logprob", "top_logprobs"]
-    assert [f.name for f in fields(StepOutput)] == ["step_id", "sampled", "prompt_logprobs"]
+    assert [f.name for f in fields(StepOutput)] == ["step_id", "sampled", "prompt_logprobs",
+                                                    "extra_sampled"]
 
 
 # --- (b) round trips -------------------------------------------------------------------------
@@ -150,15 +152,23 @@ IDS = st.lists(INT32, max_size=40)
 
 new_sequences = st.builds(NewSequence, SEQ_ID, IDS, INT32, INT32, INT32, IDS, sampling_params(),
                           INT32)
-running_sequences = st.builds(RunningSequence, SEQ_ID, INT32, INT32, st.lists(INT32, max_size=3))
+running_sequences = st.builds(RunningSequence, SEQ_ID, INT32, INT32, st.lists(INT32, max_size=3),
+                              IDS, st.lists(INT32, max_size=4))
 step_plans = st.builds(StepPlan, st.integers(0, 2**63 - 1), st.lists(new_sequences, max_size=4),
                        st.lists(running_sequences, max_size=8), st.lists(SEQ_ID, max_size=3),
                        st.lists(SEQ_ID, max_size=3))
 top_lists = st.lists(st.tuples(INT32, FLOAT32), max_size=5)
 sampled_tokens = st.builds(SampledToken, INT32, st.none() | FLOAT32, st.none() | top_lists)
-step_outputs = st.builds(
-    StepOutput, st.integers(0, 2**63 - 1), st.dictionaries(SEQ_ID, sampled_tokens, max_size=6),
-    st.dictionaries(SEQ_ID, st.lists(st.tuples(FLOAT32, top_lists), max_size=4), max_size=2))
+
+
+@st.composite
+def step_outputs(draw: st.DrawFn) -> StepOutput:
+    sampled = draw(st.dictionaries(SEQ_ID, sampled_tokens, max_size=6))
+    # Speculative decoding: extra tokens only for sequences that sampled one.
+    extra = {i: draw(st.lists(sampled_tokens, min_size=1, max_size=4)) for i in sampled
+             if draw(st.booleans())}
+    return StepOutput(draw(st.integers(0, 2**63 - 1)), sampled, draw(st.dictionaries(
+        SEQ_ID, st.lists(st.tuples(FLOAT32, top_lists), max_size=4), max_size=2)), extra)
 
 
 @settings(max_examples=60, deadline=None)
@@ -175,7 +185,7 @@ def test_step_plan_round_trip_through_bytes(plan: StepPlan) -> None:
 
 
 @settings(max_examples=60, deadline=None)
-@given(step_outputs)
+@given(step_outputs())
 def test_step_output_round_trip_through_bytes(out: StepOutput) -> None:
     wire = step_output_to_proto(out).SerializeToString()
     assert step_output_from_proto(worker_pb2.StepOutput.FromString(wire)) == out

@@ -76,12 +76,14 @@ class SequenceInput:
     token_ids: list[int]     # the tokens to compute this step
     start_pos: int           # tokens of this sequence already in the KV cache
     block_table: list[int]   # cache blocks holding the sequence, in order
+    num_logits: int = 1      # logits for this many last positions (speculative verification)
 
 
 @dataclass
 class RunnerOutput:
-    logits: torch.Tensor | None               # [S or len(logits_for), vocab] float32 (None
-                                              # before the last stage)
+    # [len(logits_for), vocab] float32 (None before the last stage): the wanted sequences'
+    # rows in order, num_logits rows each (speculative verification), else one.
+    logits: torch.Tensor | None
     all_logits: list[torch.Tensor] | None     # per sequence [n_tokens, vocab] when asked
 
 
@@ -210,16 +212,25 @@ class ModelRunner:
             return RunnerOutput(logits=None, all_logits=None)
         inverse = torch.empty(len(order), dtype=torch.int64)
         inverse[torch.tensor(order)] = torch.arange(len(order))
-        wanted = inverse if logits_for is None else inverse[torch.tensor(logits_for, dtype=torch.int64)]
-        # the wanted sequences' last tokens, in the caller's order: one gather, one LM head
-        if len(wanted):
-            last = meta.last_token_indices[wanted].to(self.device)
-            logits = self.model.compute_logits(hidden.index_select(0, last)).float()
+        wanted = list(range(len(seqs))) if logits_for is None else logits_for
+        if any(seqs[i].num_logits != 1 for i in wanted):
+            # Speculative verification: logits at each of a row's last num_logits positions.
+            ends, inv = meta.query_start_loc[1:], inverse.tolist()
+            rows = [p for i in wanted
+                    for p in range(ends[inv[i]] - seqs[i].num_logits, ends[inv[i]])]
+            index = torch.tensor(rows, dtype=torch.int64, device=self.device)
+        else:   # the wanted sequences' last tokens, in the caller's order
+            index = meta.last_token_indices[inverse[torch.tensor(wanted, dtype=torch.int64)]]
+        if len(index):   # one gather, one LM head
+            logits = self.model.compute_logits(hidden.index_select(0, index.to(self.device)))
+            logits = logits.float()
         else:   # nothing sampled this step (all prompt chunks mid-prompt)
             logits = torch.empty(0, self.config.vocab_size, device=self.device)
-        per_seq = None
-        if all_logits:
-            full = self.model.compute_logits(hidden).float()
-            chunks = full.split([len(s.token_ids) for s in batch])
-            per_seq = [chunks[j] for j in inverse.tolist()]
+        per_seq = self._all_logits(hidden, batch, inverse) if all_logits else None
         return RunnerOutput(logits=logits, all_logits=per_seq)
+
+    def _all_logits(self, hidden: torch.Tensor, batch: list[SequenceInput],
+                    inverse: torch.Tensor) -> list[torch.Tensor]:
+        full = self.model.compute_logits(hidden).float()
+        chunks = full.split([len(s.token_ids) for s in batch])
+        return [chunks[j] for j in inverse.tolist()]

@@ -21,6 +21,29 @@ from worker.structured import GrammarBackend
 from worker.warmup import cuda_kv_budget, warm_up
 
 
+def verification_rows(row: SamplingRow, drafts: list[int]) -> list[SamplingRow]:
+    """The sampler rows that verify a sequence's drafts: position j sees the drafts before it
+    as already generated (penalties, min_tokens, and the seeded draw's token index are those
+    of the same token without speculation).
+
+    NOTE: an n-gram draft is a point mass q = 1[d]. The rejection rule (accept d with
+    probability min(1, p(d) / q(d)) = p(d), else sample the residual norm(max(0, p - q)),
+    which is p without d) is then exactly: sample each position from p as usual, keep the
+    drafts while the sampled token equals them, emit the first differing sampled token and
+    stop. Greedy rows and seeded rows thus emit the very tokens they would without
+    speculation, and the distribution of every other row is unchanged."""
+    out = row.output_token_ids
+    return [row] + [SamplingRow(row.params, row.prompt_token_ids, [*out, *drafts[:j]],
+                                row.seed_offset, row.eos_token_ids, row.grammar)
+                    for j in range(1, len(drafts) + 1)]
+
+
+def _token(sampled, j: int) -> SampledToken:
+    return SampledToken(sampled.token_ids[j],
+                        None if sampled.logprobs is None else sampled.logprobs[j],
+                        sampled.top_logprobs[j])
+
+
 class StepMismatchError(RuntimeError):
     """The scheduler's view and ours disagree (lost step, restarted worker): reset and resend."""
 
@@ -34,6 +57,10 @@ class SequenceState:
     params: SamplingParams
     seed_offset: int
     row: SamplingRow                 # the sampler's view, kept so a step copies no token list
+    # Speculative decoding: after a step with k drafts the worker counts only the certain
+    # token as computed and lets the scheduler's next count be up to k more (the accepted
+    # drafts): every rank applies that, including those that did not sample.
+    spec_pending: int = 0
 
     @classmethod
     def from_new(cls, seq: NewSequence, eos_token_ids: tuple[int, ...]) -> "SequenceState":
@@ -110,19 +137,23 @@ class Worker:
                 # A fresh matcher: it replays the sequence's output tokens on first use
                 # (worker/structured.py), whatever this worker saw of the sequence before.
                 state.row.grammar = self.grammars.matcher(seq.params.structured_outputs)
-            scheduled.append((seq.seq_id, state, seq.num_scheduled_tokens))
+            scheduled.append((seq.seq_id, state, seq.num_scheduled_tokens, ()))
         for seq in plan.running:
             state = self.states.get(seq.seq_id)
             if state is None:
                 raise StepMismatchError(f"unknown sequence {seq.seq_id!r}")
             if state.num_computed_tokens != seq.num_computed_tokens:
-                raise StepMismatchError(
-                    f"sequence {seq.seq_id!r}: scheduler says {seq.num_computed_tokens} tokens "
-                    f"computed, worker has {state.num_computed_tokens}")
+                ours, pending = state.num_computed_tokens, state.spec_pending
+                if not ours < seq.num_computed_tokens <= ours + pending:
+                    raise StepMismatchError(
+                        f"sequence {seq.seq_id!r}: scheduler says {seq.num_computed_tokens} "
+                        f"tokens computed, worker has {ours}")
+                state.num_computed_tokens = seq.num_computed_tokens   # accepted drafts
+            state.spec_pending = 0
             state.block_ids.extend(seq.new_block_ids)
             if seq.new_token_ids:
                 state.extend(seq.new_token_ids)
-            scheduled.append((seq.seq_id, state, seq.num_scheduled_tokens))
+            scheduled.append((seq.seq_id, state, seq.num_scheduled_tokens, seq.draft_token_ids))
         return scheduled
 
     @torch.inference_mode()
@@ -132,39 +163,72 @@ class Worker:
         if not scheduled:
             return out
         inputs = []
-        for _, st, n in scheduled:
+        for _, st, n, drafts in scheduled:
             c = st.num_computed_tokens
+            if drafts:
+                # A decode with guesses: its last known token, then the drafts, logits at all.
+                if n != len(drafts) + 1 or c + 1 != len(st.token_ids):
+                    raise StepMismatchError(f"{len(drafts)} drafts in {n} tokens from {c} of "
+                                            f"{len(st.token_ids)}")
+                inputs.append(SequenceInput([st.token_ids[c], *drafts], c, st.block_ids, n))
+                continue
             if c + n > len(st.token_ids):
                 raise StepMismatchError(f"{n} tokens scheduled past the {len(st.token_ids)} known")
             inputs.append(SequenceInput(st.token_ids[c:c + n], c, st.block_ids))
         want_prompt_lp = any(st.params.prompt_logprobs is not None and
                              st.num_computed_tokens < st.num_prompt_tokens
-                             for _, st, _ in scheduled)
-        # Only the sequences that finish their known tokens are sampled: the runner skips the
-        # LM head of the rest (prompt chunks mid-prompt).
-        sample_at = [i for i, (_, st, n) in enumerate(scheduled)
-                     if st.num_computed_tokens + n == len(st.token_ids)]
-        # (every rank passes the same list: the LM head's tensor-parallel gather needs it)
+                             for _, st, _, _ in scheduled)
+        # Only the sequences that finish their known tokens (or verify drafts) are sampled:
+        # the runner skips the LM head of the rest (prompt chunks mid-prompt). Every rank
+        # passes the same list: the LM head's tensor-parallel gather needs it.
+        sample_at = [i for i, (_, st, n, drafts) in enumerate(scheduled)
+                     if drafts or st.num_computed_tokens + n == len(st.token_ids)]
         result = self.runner.execute(inputs, all_logits=want_prompt_lp, logits_for=sample_at)
         if not self.is_driver:
-            for _, st, n in scheduled:
-                st.num_computed_tokens += n
+            for _, st, n, drafts in scheduled:
+                st.num_computed_tokens += n - len(drafts)
+                st.spec_pending = len(drafts)
             return out
-        rows, row_ids = [], []   # the sample_at sequences, in order: result.logits' rows
-        for i, (seq_id, st, n) in enumerate(scheduled):
+        rows, row_index, row_ids = [], [], []
+        offset = 0   # of the sequence's first row in result.logits (the sample_at ones')
+        for i, (seq_id, st, n, drafts) in enumerate(scheduled):
             if want_prompt_lp and st.params.prompt_logprobs is not None:
                 self._prompt_logprobs(out, seq_id, st, n, result.all_logits[i])
+            if drafts:
+                st.num_computed_tokens += 1
+                st.spec_pending = len(drafts)
+                grammar = st.row.grammar
+                if grammar is not None:   # a draft the grammar refuses cannot be accepted:
+                    grammar.sync(st.row.output_token_ids)   # verify only the ones before it
+                    drafts = drafts[:grammar.count_valid(drafts)]
+                rows += verification_rows(st.row, drafts)
+                row_index += range(offset, offset + len(drafts) + 1)
+                row_ids.append((seq_id, drafts))
+                offset += n
+                continue
             st.num_computed_tokens += n
             if st.num_computed_tokens == len(st.token_ids):
                 rows.append(st.row)
-                row_ids.append((seq_id, st))
+                row_index.append(offset)
+                row_ids.append((seq_id, ()))
+                offset += 1
         if rows:
-            sampled = self.sampler(result.logits, rows)
-            for j, (seq_id, st) in enumerate(row_ids):
-                tok = sampled.token_ids[j]
-                out.sampled[seq_id] = SampledToken(
-                    tok, None if sampled.logprobs is None else sampled.logprobs[j],
-                    sampled.top_logprobs[j])
+            logits = result.logits if len(row_index) == offset else \
+                result.logits[torch.tensor(row_index, device=result.logits.device)]
+            sampled = self.sampler(logits, rows)
+            j = 0
+            for seq_id, drafts in row_ids:
+                out.sampled[seq_id] = _token(sampled, j)
+                if drafts:   # accept while each draft equals the token sampled before it
+                    accepted = 0
+                    while accepted < len(drafts) and \
+                            sampled.token_ids[j + accepted] == drafts[accepted]:
+                        accepted += 1
+                    if accepted:
+                        out.extra_sampled[seq_id] = [_token(sampled, j + a)
+                                                     for a in range(1, accepted + 1)]
+                    j += len(drafts)
+                j += 1
         return out
 
     @staticmethod

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from common.proto.tessera.v1 import generate_pb2 as tessera_dot_v1_dot_generate__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tessera/v1/worker.proto\x12\ntessera.v1\x1a\x19tessera/v1/generate.proto\"\r\n\x0bInfoRequest\"\xd7\x01\n\x0cInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\x05\x12\x0f\n\x07tp_rank\x18\x04 \x01(\x05\x12\x0f\n\x07tp_size\x18\x05 \x01(\x05\x12\x0f\n\x07pp_rank\x18\x06 \x01(\x05\x12\x0f\n\x07pp_size\x18\x07 \x01(\x05\x12\x13\n\x0blayer_start\x18\x08 \x01(\x05\x12\x11\n\tlayer_end\x18\t \x01(\x05\x12\x15\n\rmax_model_len\x18\n \x01(\x05\x12\x12\n\nvocab_size\x18\x0b \x01(\x05\"Z\n\rWarmupRequest\x12\x1e\n\x16max_num_batched_tokens\x18\x01 \x01(\x05\x12\x14\n\x0cmax_num_seqs\x18\x02 \x01(\x05\x12\x13\n\x0blease_epoch\x18\x03 \x01(\x04\"9\n\x0eWarmupResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\x05\x12\x13\n\x0b\x62lock_bytes\x18\x02 \x01(\x03\"\xda\x01\n\x0bNewSequence\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x19\n\x11num_prompt_tokens\x18\x03 \x01(\x05\x12\x1b\n\x13num_computed_tokens\x18\x04 \x01(\x05\x12\x1c\n\x14num_scheduled_tokens\x18\x05 \x01(\x05\x12\x11\n\tblock_ids\x18\x06 \x03(\x05\x12*\n\x06params\x18\x07 \x01(\x0b\x32\x1a.tessera.v1.SamplingParams\x12\x13\n\x0bseed_offset\x18\x08 \x01(\x05\"\xbc\x01\n\x10RunningSequences\x12\x0f\n\x07seq_ids\x18\x01 \x03(\t\x12\x1b\n\x13num_computed_tokens\x18\x02 \x03(\x05\x12\x1c\n\x14num_scheduled_tokens\x18\x03 \x03(\x05\x12\x16\n\x0enum_new_blocks\x18\x04 \x03(\x05\x12\x15\n\rnew_block_ids\x18\x05 \x03(\x05\x12\x16\n\x0enum_new_tokens\x18\x06 \x03(\x05\x12\x15\n\rnew_token_ids\x18\x07 \x03(\x05\"\xb3\x01\n\tStepInput\x12\x0f\n\x07step_id\x18\x01 \x01(\x03\x12$\n\x03new\x18\x02 \x03(\x0b\x32\x17.tessera.v1.NewSequence\x12-\n\x07running\x18\x03 \x01(\x0b\x32\x1c.tessera.v1.RunningSequences\x12\x14\n\x0c\x66inished_ids\x18\x04 \x03(\t\x12\x15\n\rpreempted_ids\x18\x05 \x03(\t\x12\x13\n\x0blease_epoch\x18\x06 \x01(\x04\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"b\n\x0fSampledLogprobs\x12\x14\n\x07logprob\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12-\n\x0ctop_logprobs\x18\x02 \x01(\x0b\x32\x17.tessera.v1.TopLogprobsB\n\n\x08_logprob\"c\n\x0ePromptLogprobs\x12\x10\n\x08logprobs\x18\x01 \x03(\x02\x12\x12\n\ntop_counts\x18\x02 \x03(\x05\x12\x15\n\rtop_token_ids\x18\x03 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\"\xdf\x02\n\nStepOutput\x12\x0f\n\x07step_id\x18\x01 \x01(\x03\x12\x0f\n\x07seq_ids\x18\x02 \x03(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x36\n\x08logprobs\x18\x04 \x03(\x0b\x32$.tessera.v1.StepOutput.LogprobsEntry\x12\x43\n\x0fprompt_logprobs\x18\x05 \x03(\x0b\x32*.tessera.v1.StepOutput.PromptLogprobsEntry\x1aL\n\rLogprobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12*\n\x05value\x18\x02 \x01(\x0b\x32\x1b.tessera.v1.SampledLogprobs:\x02\x38\x01\x1aQ\n\x13PromptLogprobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.tessera.v1.PromptLogprobs:\x02\x38\x01\"#\n\x0cResetRequest\x12\x13\n\x0blease_epoch\x18\x01 \x01(\x04\"\x0f\n\rResetResponse2\xfc\x01\n\x06Worker\x12\x39\n\x04Info\x12\x17.tessera.v1.InfoRequest\x1a\x18.tessera.v1.InfoResponse\x12?\n\x06Warmup\x12\x19.tessera.v1.WarmupRequest\x1a\x1a.tessera.v1.WarmupResponse\x12\x38\n\x07\x45xecute\x12\x15.tessera.v1.StepInput\x1a\x16.tessera.v1.StepOutput\x12<\n\x05Reset\x12\x18.tessera.v1.ResetRequest\x1a\x19.tessera.v1.ResetResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tessera/v1/worker.proto\x12\ntessera.v1\x1a\x19tessera/v1/generate.proto\"\r\n\x0bInfoRequest\"\xd7\x01\n\x0cInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\x05\x12\x0f\n\x07tp_rank\x18\x04 \x01(\x05\x12\x0f\n\x07tp_size\x18\x05 \x01(\x05\x12\x0f\n\x07pp_rank\x18\x06 \x01(\x05\x12\x0f\n\x07pp_size\x18\x07 \x01(\x05\x12\x13\n\x0blayer_start\x18\x08 \x01(\x05\x12\x11\n\tlayer_end\x18\t \x01(\x05\x12\x15\n\rmax_model_len\x18\n \x01(\x05\x12\x12\n\nvocab_size\x18\x0b \x01(\x05\"Z\n\rWarmupRequest\x12\x1e\n\x16max_num_batched_tokens\x18\x01 \x01(\x05\x12\x14\n\x0cmax_num_seqs\x18\x02 \x01(\x05\x12\x13\n\x0blease_epoch\x18\x03 \x01(\x04\"9\n\x0eWarmupResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\x05\x12\x13\n\x0b\x62lock_bytes\x18\x02 \x01(\x03\"\xda\x01\n\x0bNewSequence\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x19\n\x11num_prompt_tokens\x18\x03 \x01(\x05\x12\x1b\n\x13num_computed_tokens\x18\x04 \x01(\x05\x12\x1c\n\x14num_scheduled_tokens\x18\x05 \x01(\x05\x12\x11\n\tblock_ids\x18\x06 \x03(\x05\x12*\n\x06params\x18\x07 \x01(\x0b\x32\x1a.tessera.v1.SamplingParams\x12\x13\n\x0bseed_offset\x18\x08 \x01(\x05\"\xef\x01\n\x10RunningSequences\x12\x0f\n\x07seq_ids\x18\x01 \x03(\t\x12\x1b\n\x13num_computed_tokens\x18\x02 \x03(\x05\x12\x1c\n\x14num_scheduled_tokens\x18\x03 \x03(\x05\x12\x16\n\x0enum_new_blocks\x18\x04 \x03(\x05\x12\x15\n\rnew_block_ids\x18\x05 \x03(\x05\x12\x16\n\x0enum_new_tokens\x18\x06 \x03(\x05\x12\x15\n\rnew_token_ids\x18\x07 \x03(\x05\x12\x18\n\x10num_draft_tokens\x18\x08 \x03(\x05\x12\x17\n\x0f\x64raft_token_ids\x18\t \x03(\x05\"\xb3\x01\n\tStepInput\x12\x0f\n\x07step_id\x18\x01 \x01(\x03\x12$\n\x03new\x18\x02 \x03(\x0b\x32\x17.tessera.v1.NewSequence\x12-\n\x07running\x18\x03 \x01(\x0b\x32\x1c.tessera.v1.RunningSequences\x12\x14\n\x0c\x66inished_ids\x18\x04 \x03(\t\x12\x15\n\rpreempted_ids\x18\x05 \x03(\t\x12\x13\n\x0blease_epoch\x18\x06 \x01(\x04\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"b\n\x0fSampledLogprobs\x12\x14\n\x07logprob\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12-\n\x0ctop_logprobs\x18\x02 \x01(\x0b\x32\x17.tessera.v1.TopLogprobsB\n\n\x08_logprob\"c\n\x0ePromptLogprobs\x12\x10\n\x08logprobs\x18\x01 \x03(\x02\x12\x12\n\ntop_counts\x18\x02 \x03(\x05\x12\x15\n\rtop_token_ids\x18\x03 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\"\xdf\x02\n\nStepOutput\x12\x0f\n\x07step_id\x18\x01 \x01(\x03\x12\x0f\n\x07seq_ids\x18\x02 \x03(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x36\n\x08logprobs\x18\x04 \x03(\x0b\x32$.tessera.v1.StepOutput.LogprobsEntry\x12\x43\n\x0fprompt_logprobs\x18\x05 \x03(\x0b\x32*.tessera.v1.StepOutput.PromptLogprobsEntry\x1aL\n\rLogprobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12*\n\x05value\x18\x02 \x01(\x0b\x32\x1b.tessera.v1.SampledLogprobs:\x02\x38\x01\x1aQ\n\x13PromptLogprobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.tessera.v1.PromptLogprobs:\x02\x38\x01\"#\n\x0cResetRequest\x12\x13\n\x0blease_epoch\x18\x01 \x01(\x04\"\x0f\n\rResetResponse2\xfc\x01\n\x06Worker\x12\x39\n\x04Info\x12\x17.tessera.v1.InfoRequest\x1a\x18.tessera.v1.InfoResponse\x12?\n\x06Warmup\x12\x19.tessera.v1.WarmupRequest\x1a\x1a.tessera.v1.WarmupResponse\x12\x38\n\x07\x45xecute\x12\x15.tessera.v1.StepInput\x1a\x16.tessera.v1.StepOutput\x12<\n\x05Reset\x12\x18.tessera.v1.ResetRequest\x1a\x19.tessera.v1.ResetResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,25 +47,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NEWSEQUENCE']._serialized_start=451
   _globals['_NEWSEQUENCE']._serialized_end=669
   _globals['_RUNNINGSEQUENCES']._serialized_start=672
-  _globals['_RUNNINGSEQUENCES']._serialized_end=860
-  _globals['_STEPINPUT']._serialized_start=863
-  _globals['_STEPINPUT']._serialized_end=1042
-  _globals['_TOPLOGPROBS']._serialized_start=1044
-  _globals['_TOPLOGPROBS']._serialized_end=1094
-  _globals['_SAMPLEDLOGPROBS']._serialized_start=1096
-  _globals['_SAMPLEDLOGPROBS']._serialized_end=1194
-  _globals['_PROMPTLOGPROBS']._serialized_start=1196
-  _globals['_PROMPTLOGPROBS']._serialized_end=1295
-  _globals['_STEPOUTPUT']._serialized_start=1298
-  _globals['_STEPOUTPUT']._serialized_end=1649
-  _globals['_STEPOUTPUT_LOGPROBSENTRY']._serialized_start=1490
-  _globals['_STEPOUTPUT_LOGPROBSENTRY']._serialized_end=1566
-  _globals['_STEPOUTPUT_PROMPTLOGPROBSENTRY']._serialized_start=1568
-  _globals['_STEPOUTPUT_PROMPTLOGPROBSENTRY']._serialized_end=1649
-  _globals['_RESETREQUEST']._serialized_start=1651
-  _globals['_RESETREQUEST']._serialized_end=1686
-  _globals['_RESETRESPONSE']._serialized_start=1688
-  _globals['_RESETRESPONSE']._serialized_end=1703
-  _globals['_WORKER']._serialized_start=1706
-  _globals['_WORKER']._serialized_end=1958
+  _globals['_RUNNINGSEQUENCES']._serialized_end=911
+  _globals['_STEPINPUT']._serialized_start=914
+  _globals['_STEPINPUT']._serialized_end=1093
+  _globals['_TOPLOGPROBS']._serialized_start=1095
+  _globals['_TOPLOGPROBS']._serialized_end=1145
+  _globals['_SAMPLEDLOGPROBS']._serialized_start=1147
+  _globals['_SAMPLEDLOGPROBS']._serialized_end=1245
+  _globals['_PROMPTLOGPROBS']._serialized_start=1247
+  _globals['_PROMPTLOGPROBS']._serialized_end=1346
+  _globals['_STEPOUTPUT']._serialized_start=1349
+  _globals['_STEPOUTPUT']._serialized_end=1700
+  _globals['_STEPOUTPUT_LOGPROBSENTRY']._serialized_start=1541
+  _globals['_STEPOUTPUT_LOGPROBSENTRY']._serialized_end=1617
+  _globals['_STEPOUTPUT_PROMPTLOGPROBSENTRY']._serialized_start=1619
+  _globals['_STEPOUTPUT_PROMPTLOGPROBSENTRY']._serialized_end=1700
+  _globals['_RESETREQUEST']._serialized_start=1702
+  _globals['_RESETREQUEST']._serialized_end=1737
+  _globals['_RESETRESPONSE']._serialized_start=1739
+  _globals['_RESETRESPONSE']._serialized_end=1754
+  _globals['_WORKER']._serialized_start=1757
+  _globals['_WORKER']._serialized_end=2009
 # @@protoc_insertion_point(module_scope)
