@@ -46,6 +46,7 @@ import httpx
 import redis
 
 from common import redis_schema as schema
+from scheduler.fence import holder_pid
 from tessera.make_model import make_model
 from tessera.procs import TESSERA, Proc, RedisProc, free_port
 
@@ -88,7 +89,7 @@ class Stack:
             for _ in range(300):
                 holder = r.get(schema.group_lease(self.name, "0"))
                 for p, _ in self.schedulers:
-                    if holder and p.popen.pid == int(holder.decode().split()[0].rsplit("-", 1)[1]) \
+                    if holder and p.popen.pid == holder_pid(holder) \
                             and p.poll() is None:
                         return p
                 time.sleep(0.2)

@@ -8,7 +8,7 @@ still drives its group while its standby already took over. Two things stop it:
   "<owner> <epoch>"; the epoch is Redis's clock in microseconds when the lease was first
   taken, so it grows from holder to holder, even across a Redis restart that lost the key.
 - **Workers.** Warmup, Reset and every step carry the epoch; a worker refuses one older than
-  the newest it has seen (``ABORTED``, ``FENCED_DETAIL``). The successor resets the group with
+  the newest it has seen (``ABORTED``, common.step.FENCED_DETAIL). The successor resets the group with
   its newer epoch before its first step, so the paused one's next step is refused.
 
 A fenced scheduler stops (its supervisor restarts it: it comes back as a standby); what it had
@@ -26,7 +26,6 @@ from redis.exceptions import ResponseError
 
 from common import redis_schema as schema
 from common.redis_schema import OutputEvent, RedisLimits
-from common.step import FENCED_DETAIL  # noqa: F401 - the workers' answer, re-exported
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +120,14 @@ def check_published(result) -> None:
         raise result
     if result:
         logger.debug("%d events already published, skipped", result)
+
+
+def holder_pid(value: bytes | str | None) -> int | None:
+    """The pid of the scheduler process holding a lease of this value ("<host>-<pid> <epoch>";
+    the owner is the consumer name the service gives itself), None when nobody holds it."""
+    if not value:
+        return None
+    return int(schema.text(value).split()[0].rsplit("-", 1)[1])
 
 
 class Lease:

@@ -15,6 +15,7 @@ import uuid
 import httpx
 
 from scheduler.admission import POISON_ENV
+from scheduler.fence import holder_pid
 from tessera.client import TesseraClient, TesseraError
 from tessera.procs import free_port
 
@@ -255,7 +256,7 @@ class Services:
         with redis.Redis.from_url(self.redis_url) as r:
             while time.monotonic() < deadline:
                 holder = r.get(schema.group_lease(self.name, str(group)))
-                pid = int(holder.decode().split()[0].rsplit("-", 1)[1]) if holder else None
+                pid = holder_pid(holder)
                 for g, proc, port in self.schedulers:
                     if g == group and proc.pid == pid and proc.poll() is None:
                         return proc, port

@@ -15,7 +15,7 @@ from common import redis_schema as schema
 from common.redis_schema import OutputEvent
 from common.step import StepPlan
 from scheduler.executor import GrpcExecutor
-from scheduler.fence import Fenced, Lease
+from scheduler.fence import Fenced, Lease, holder_pid
 from scheduler.queue import RequestQueue
 from tessera.procs import free_port
 
@@ -101,7 +101,7 @@ def test_a_scheduler_paused_past_its_lease_stops_on_waking(services: Services) -
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
                 holder = r.get(lease_key)
-                if holder and int(holder.split()[0].rsplit(b"-", 1)[1]) != paused.pid:
+                if holder and holder_pid(holder) != paused.pid:
                     break
                 time.sleep(0.1)
             else:

@@ -21,7 +21,6 @@ import os
 import re
 import signal
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -36,6 +35,7 @@ from cli_procs import listed, start_serve
 from common import redis_schema as schema
 from common.tokenizer import Tokenizer
 from fault_harness import metric
+from scheduler.fence import holder_pid
 from tessera.client import TesseraClient, TesseraError
 from tessera.procs import free_port
 from test_supervision import child_list, children, wait_for
@@ -308,7 +308,7 @@ def test_scheduler_killed_mid_output_equals_the_fault_free_run(serve: Serve,
                                                                reference) -> None:
     with redis.Redis.from_url(serve.redis_url) as r:
         holder = wait_for(lambda: r.get(schema.group_lease(NAME, "0")), 60, "a lease holder")
-    active = int(holder.decode().rsplit("-", 1)[1])
+    active = holder_pid(holder)
     assert active in [pid for role, pid in child_list(serve.pid) if role == "scheduler"]
     before = _recovered(serve, "scheduler")
     _faulted(serve, reference, lambda: os.kill(active, signal.SIGKILL))
