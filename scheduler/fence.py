@@ -8,8 +8,8 @@ still drives its group while its standby already took over. Two things stop it:
   "<owner> <epoch>"; the epoch is Redis's clock in microseconds when the lease was first
   taken, so it grows from holder to holder, even across a Redis restart that lost the key.
 - **Workers.** Warmup, Reset and every step carry the epoch; a worker refuses one older than
-  the newest it has seen (``ABORTED``, common.step.FENCED_DETAIL). The successor resets the group with
-  its newer epoch before its first step, so the paused one's next step is refused.
+  the newest it has seen (``ABORTED``, common.step.FENCED_DETAIL). The successor resets the
+  group with its newer epoch before its first step, so the paused one's next step is refused.
 
 A fenced scheduler stops (its supervisor restarts it: it comes back as a standby); what it had
 in flight is its successor's, which claimed the entries and resumes them from ``out:{id}``.
