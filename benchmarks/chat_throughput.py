@@ -34,7 +34,7 @@ import torch
 
 from common.model_config import ModelConfig
 from benchmarks.workload import left_padded, peak_matmul_flops, sync, workload
-from benchmarks.engine_meter import meter_decode, model_or_bench, warm_up
+from benchmarks.engine_meter import add_workload_arguments, meter_decode, model_or_bench, warm_up
 from tessera import LLM, SamplingParams
 
 
@@ -114,13 +114,7 @@ def main() -> None:
     ap.add_argument("--chat", action="store_true", help="chat questions through the model's "
                     "template, every answer stopping at its EOS (a real model)")
     ap.add_argument("--dtype", nargs="+", default=["bfloat16", "float32"])
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--num-requests", type=int, default=128)
-    ap.add_argument("--output-len", type=int, default=128)
-    ap.add_argument("--hf-single", type=int, default=16, help="requests for the one-at-a-time baseline")
-    ap.add_argument("--hf-batched", type=int, default=64, help="requests for the padded-batch baseline")
-    ap.add_argument("--hf-batch-size", type=int, default=32)
-    ap.add_argument("--skip-hf", action="store_true")
+    add_workload_arguments(ap, num_requests=128, output_len=128)
     args = ap.parse_args()
     torch.manual_seed(0)
     model_dir = model_or_bench(args.model)

@@ -46,3 +46,16 @@ def meter_decode(llm, cfg: ModelConfig, device: str) -> dict:
     executor.execute = timed
     decode["compute_dtype"] = executor.worker.runner.dtype
     return decode
+
+
+def add_workload_arguments(ap, num_requests: int = 128, output_len: int = 128) -> None:
+    """The flags the offline throughput benchmarks share: device, workload size, HF baselines."""
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--num-requests", type=int, default=num_requests)
+    ap.add_argument("--output-len", type=int, default=output_len)
+    ap.add_argument("--hf-single", type=int, default=16,
+                    help="requests for the one-at-a-time baseline")
+    ap.add_argument("--hf-batched", type=int, default=64,
+                    help="requests for the padded-batch baseline")
+    ap.add_argument("--hf-batch-size", type=int, default=32)
+    ap.add_argument("--skip-hf", action="store_true")

@@ -34,7 +34,7 @@ import torch
 from common.model_config import ModelConfig
 from benchmarks.workload import (peak_matmul_flops, run_hf_one_at_a_time,
                                  run_hf_padded, sync, workload)
-from benchmarks.engine_meter import meter_decode, model_or_bench, warm_up
+from benchmarks.engine_meter import add_workload_arguments, meter_decode, model_or_bench, warm_up
 from tessera import LLM, SamplingParams
 
 
@@ -77,13 +77,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", help="model directory (default: make the bench model in a temp dir)")
     ap.add_argument("--dtype", nargs="+", default=["bfloat16", "float32"])
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--num-requests", type=int, default=128)
-    ap.add_argument("--output-len", type=int, default=128)
-    ap.add_argument("--hf-single", type=int, default=16, help="requests for the one-at-a-time baseline")
-    ap.add_argument("--hf-batched", type=int, default=64, help="requests for the padded-batch baseline")
-    ap.add_argument("--hf-batch-size", type=int, default=32)
-    ap.add_argument("--skip-hf", action="store_true")
+    add_workload_arguments(ap, num_requests=128, output_len=128)
     ap.add_argument("--energy", action="store_true", help="CUDA: joules per token (NVML)")
     ap.add_argument("--graphs-vs-eager", type=int, default=0, metavar="N",
                     help="CUDA: also time N short requests with CUDA graphs and eagerly")

@@ -24,13 +24,13 @@ if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
-import tempfile
 import time
 
 import torch
 
 from common.model_config import ModelConfig
 from benchmarks.phase_timer import PHASES
+from benchmarks.engine_meter import add_workload_arguments, model_or_bench
 from benchmarks.workload import peak_matmul_flops, run_hf_one_at_a_time, run_hf_padded, workload
 from tessera import LLM, SamplingParams
 
@@ -72,23 +72,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", help="model directory (default: make the bench model in a temp dir)")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--num-requests", type=int, default=64)
-    ap.add_argument("--output-len", type=int, default=64)
+    add_workload_arguments(ap, num_requests=64, output_len=64)
     ap.add_argument("--max-num-batched-tokens", type=int, default=None,
                     help="the engine's token budget (default: LLM's default)")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of fast / torch path")
-    ap.add_argument("--hf-single", type=int, default=16, help="requests for the one-at-a-time baseline")
-    ap.add_argument("--hf-batched", type=int, default=64, help="requests for the padded-batch baseline")
-    ap.add_argument("--hf-batch-size", type=int, default=32)
-    ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-torch-path", action="store_true", help="only the fast path")
     args = ap.parse_args()
     torch.manual_seed(0)
-    model_dir = args.model
-    if model_dir is None:
-        from tessera.make_model import make_model
-        model_dir = str(make_model(tempfile.mkdtemp() + "/bench", "llama", preset="bench"))
+    model_dir = model_or_bench(args.model)
     cfg = ModelConfig.from_dir(model_dir)
     prompts = workload(args.num_requests, cfg.vocab_size)
     budget = {} if args.max_num_batched_tokens is None else {

@@ -17,9 +17,9 @@ if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
-import tempfile
 import time
 
+from benchmarks.engine_meter import model_or_bench
 from benchmarks.workload import workload
 from common.config import EngineConfig
 from common.model_config import ModelConfig
@@ -34,10 +34,7 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
-    model_dir = args.model
-    if model_dir is None:
-        from tessera.make_model import make_model
-        model_dir = str(make_model(tempfile.mkdtemp() + "/bench", "llama", preset="bench"))
+    model_dir = model_or_bench(args.model)
     prompts = workload(args.num_requests, ModelConfig.from_dir(model_dir).vocab_size)
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     default = EngineConfig(model=model_dir).max_num_batched_tokens   # the engine's default here

@@ -106,3 +106,16 @@ def smollm2_dir(smollm2_gguf: pathlib.Path, tmp_path_factory: pytest.TempPathFac
     from tessera.convert_gguf import convert
 
     return convert(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct")
+
+
+@pytest.fixture(scope="module")
+def services(tiny_model, redis_url):
+    """fault_harness.Services of the tiny llama, per test module: one worker group with an
+    active scheduler and a standby, and a gateway."""
+    from fault_harness import Services
+
+    s = Services(str(tiny_model("llama")), redis_url, groups=1, schedulers=2)
+    try:
+        yield s
+    finally:
+        s.close()

@@ -277,15 +277,6 @@ def test_a_scheduler_that_dies_on_a_request_leaves_it_to_be_dead_lettered(
         s.close()
 
 
-@pytest.fixture(scope="module")
-def services(tiny_model, redis_url):
-    s = Services(str(tiny_model("llama")), redis_url, groups=1, schedulers=2)
-    try:
-        yield s
-    finally:
-        s.close()
-
-
 def test_worker_killed_mid_stream_its_requests_are_recomputed(services: Services) -> None:
     """SIGKILL of the worker under 32 streams; a supervisor restarts it a second later. The
     scheduler keeps every request (no error to any client), re-warms and resets the group and

@@ -78,15 +78,6 @@ def test_workers_refuse_an_older_lease_epoch(tiny_model) -> None:
         stop(worker)
 
 
-@pytest.fixture(scope="module")
-def services(tiny_model, redis_url):
-    s = Services(str(tiny_model("llama")), redis_url, groups=1, schedulers=2)
-    try:
-        yield s
-    finally:
-        s.close()
-
-
 def test_a_scheduler_paused_past_its_lease_stops_on_waking(services: Services) -> None:
     """SIGSTOP of the active scheduler under 32 streams until its standby took the lease and
     its requests, then SIGCONT: the woken one writes nothing more and exits (its supervisor
