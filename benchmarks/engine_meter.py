@@ -59,3 +59,16 @@ def add_workload_arguments(ap, num_requests: int = 128, output_len: int = 128) -
                     help="requests for the padded-batch baseline")
     ap.add_argument("--hf-batch-size", type=int, default=32)
     ap.add_argument("--skip-hf", action="store_true")
+
+
+def print_rows(rows: list[tuple]) -> None:
+    """The throughput table: per dtype, Tessera against the HF baselines and the decode MFU.
+    ``rows``: (dtype, tok/s, HF one-at-a-time, HF batched, mfu, peak, meter_decode's dict)."""
+    print(f"{'dtype':9s} {'computes in':>11s} {'tessera tok/s':>13s} {'HF 1-at-a-time':>15s} "
+          f"{'HF batch':>9s} {'x 1-at-a-time':>13s} {'x batch':>8s} {'decode MFU':>10s} "
+          f"{'peak GFLOP/s':>12s} {'decode tok/s':>12s}")
+    for dtype, ours, single, batched, mfu, peak, decode in rows:
+        dec = decode["tokens"] / decode["time"] if decode["time"] else float("nan")
+        print(f"{dtype:9s} {str(decode['compute_dtype'])[6:]:>11s} {ours:13.1f} {single:15.1f} "
+              f"{batched:9.1f} {ours / single:13.2f} {ours / batched:8.2f} {mfu * 100:9.1f}% "
+              f"{peak / 1e9:12.0f} {dec:12.1f}")

@@ -34,7 +34,8 @@ import torch
 from common.model_config import ModelConfig
 from benchmarks.workload import (peak_matmul_flops, run_hf_one_at_a_time,
                                  run_hf_padded, sync, workload)
-from benchmarks.engine_meter import add_workload_arguments, meter_decode, model_or_bench, warm_up
+from benchmarks.engine_meter import (add_workload_arguments, meter_decode, model_or_bench,
+                                     print_rows, warm_up)
 from tessera import LLM, SamplingParams
 
 
@@ -122,12 +123,7 @@ def main() -> None:
         rows.append((dtype, ours, single, batched, mfu, peak, decode))
     print(f"\nworkload: {args.num_requests} requests, prompts U[16,512], {args.output_len} output tokens, "
           f"device {args.device}, torch threads {torch.get_num_threads()}")
-    print(f"{'dtype':9s} {'computes in':>11s} {'tessera tok/s':>13s} {'HF 1-at-a-time':>15s} {'HF batch':>9s} "
-          f"{'x 1-at-a-time':>13s} {'x batch':>8s} {'decode MFU':>10s} {'peak GFLOP/s':>12s} {'decode tok/s':>12s}")
-    for dtype, ours, single, batched, mfu, peak, decode in rows:
-        dec = decode["tokens"] / decode["time"] if decode["time"] else float("nan")
-        print(f"{dtype:9s} {str(decode['compute_dtype'])[6:]:>11s} {ours:13.1f} {single:15.1f} {batched:9.1f} {ours / single:13.2f} "
-              f"{ours / batched:8.2f} {mfu * 100:9.1f}% {peak / 1e9:12.0f} {dec:12.1f}")
+    print_rows(rows)
     for dtype, ours, _, _, _, _, decode in rows:
         if "energy" in decode:
             per_token, watts, source = decode["energy"]
