@@ -16,21 +16,15 @@ import os
 import pathlib
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from typing import TextIO
 
+from common.ports import free_port  # noqa: F401  (re-exported: the tests and benchmarks use it)
+
 TESSERA = [sys.executable, "-m", "tessera.cli"]
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free right now on `host` (the OS's choice)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 class ProcessFailed(RuntimeError):

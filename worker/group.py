@@ -11,6 +11,7 @@ import logging
 import socket
 import time
 
+from common.ports import free_port
 from worker.parallel import default_backend, init_worker_group, rank_device
 
 logger = logging.getLogger(__name__)
@@ -23,12 +24,6 @@ def _advertised_host(bind_host: str) -> str:
         return socket.gethostbyname(socket.gethostname())
     except OSError:
         return socket.gethostname()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def _listening(addr: str) -> bool:
@@ -53,7 +48,7 @@ def resolve_init_addr(config) -> str:
     key = schema.group_rendezvous(config.model_name, config.group)
     try:
         if config.rank == 0:
-            addr = f"{_advertised_host(config.host)}:{_free_port()}"
+            addr = f"{_advertised_host(config.host)}:{free_port('')}"
             # Expires: a later group must not find a dead rank 0's address.
             client.set(key, addr, ex=max(int(config.dist_timeout_s), 1))
             return addr
