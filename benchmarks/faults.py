@@ -36,7 +36,6 @@ if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 
 import argparse
 import asyncio
-import json
 import statistics
 import tempfile
 import time
@@ -49,6 +48,7 @@ from common import redis_schema as schema
 from scheduler.fence import holder_pid
 from tessera.make_model import make_model
 from tessera.procs import TESSERA, Proc, RedisProc, free_port
+from tessera.sse import DONE, SseReader
 
 
 class Stack:
@@ -128,18 +128,19 @@ class Stream:
         self.done = False
 
     async def _read(self, r: httpx.Response) -> None:
-        eid = ""
+        reader = SseReader()
         async for line in r.aiter_lines():
-            if line.startswith("id: "):
-                eid = line[4:]
-            elif line == "data: [DONE]":
+            event = reader.feed(line)
+            if event is None:
+                continue
+            eid, data = event
+            if data == DONE:
                 self.done = True
                 return
-            elif line.startswith("data: "):
-                c = json.loads(line[6:])["choices"]
-                self.texts.append(c[0]["text"] if c else "")
-                self.times.append(time.perf_counter())
-                self.last_id = eid or self.last_id
+            c = data["choices"]
+            self.texts.append(c[0]["text"] if c else "")
+            self.times.append(time.perf_counter())
+            self.last_id = eid or self.last_id
 
     async def run(self, client: httpx.AsyncClient, base: str) -> None:
         try:

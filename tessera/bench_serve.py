@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field
 import httpx
 from tqdm.auto import tqdm
 
+from tessera.sse import DONE, SseReader
+
 
 # Varied questions for --chat (and benchmarks/offline_throughput.py --chat), cycled.
 CHAT_QUESTIONS = (
@@ -48,13 +50,14 @@ class RequestResult:
 
 async def sse_chunks(resp: httpx.Response):
     """The JSON chunks of an OpenAI server-sent-event stream, up to `data: [DONE]`."""
+    reader = SseReader()
     async for line in resp.aiter_lines():
-        if not line.startswith("data:"):
+        event = reader.feed(line)
+        if event is None:
             continue
-        data = line[5:].strip()
-        if data == "[DONE]":
+        if event[1] == DONE:
             return
-        yield json.loads(data)
+        yield event[1]
 
 
 async def _one(client: httpx.AsyncClient, url: str, body: dict) -> RequestResult:

@@ -3,7 +3,6 @@ SSE and gRPC stream clients that pause mid-stream and resume, the fault-free ref
 
 from __future__ import annotations
 
-import json
 import signal
 import os
 import subprocess
@@ -18,6 +17,7 @@ from scheduler.admission import POISON_ENV
 from scheduler.fence import holder_pid
 from tessera.client import TesseraClient, TesseraError
 from tessera.procs import free_port
+from tessera.sse import DONE, events
 
 MAX_TOKENS = 40
 POISON = "poison-"
@@ -119,21 +119,16 @@ class HttpStream:
         self.done = False
 
     def _read(self, response: httpx.Response) -> None:
-        eid = None
-        for line in response.iter_lines():
-            if line.startswith("id: "):
-                eid = line[4:]
-            elif line == "data: [DONE]":
+        for eid, data in events(response.iter_lines()):
+            if data == DONE:
                 self.done = True
                 return
-            elif line.startswith("data: "):
-                self.events.append((eid, json.loads(line[6:])))
-                if eid is not None:
-                    self.last_id = eid
-                eid = None
-                if self.pause_after is not None and len(self.events) == self.pause_after:
-                    self.paused.set()
-                    self.go.wait(120)
+            self.events.append((eid, data))
+            if eid is not None:
+                self.last_id = eid
+            if self.pause_after is not None and len(self.events) == self.pause_after:
+                self.paused.set()
+                self.go.wait(120)
 
     def run(self) -> None:
         path, body = http_body(self.i, self.max_tokens)

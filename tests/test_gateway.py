@@ -8,7 +8,6 @@ strings, streaming, cancels and errors. Full-stack tests use the real scheduler.
 
 from __future__ import annotations
 
-import json
 import logging
 
 import httpx
@@ -18,6 +17,7 @@ import redis
 from gateway_harness import MAX_BODY, REPLY, stack, wait_until  # noqa: F401 (fixture)
 
 from common import redis_schema as schema
+from tessera.sse import events
 
 
 @pytest.fixture
@@ -28,12 +28,7 @@ def http(stack) -> httpx.Client:
 
 def sse_events(response: httpx.Response) -> list[dict | str]:
     """The data of each SSE event; the [DONE] sentinel as the string."""
-    out = []
-    for line in response.iter_lines():
-        if line.startswith("data: "):
-            data = line[len("data: "):]
-            out.append(data if data == "[DONE]" else json.loads(data))
-    return out
+    return [data for _, data in events(response.iter_lines())]
 
 
 def test_health_ready_and_models(stack, http: httpx.Client, redis_url: str) -> None:

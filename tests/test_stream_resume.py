@@ -8,7 +8,6 @@ killed mid-stream, with the real scheduler and worker, is in tests/test_faults.p
 
 from __future__ import annotations
 
-import json
 import uuid
 
 import grpc
@@ -21,6 +20,7 @@ from tessera.procs import free_port
 from common import redis_schema as schema
 from common.proto.tessera.v1 import generate_pb2, generate_pb2_grpc
 from gateway.service import GatewayConfig
+from tessera.sse import events
 from tessera.client import AsyncTesseraClient, TesseraClient
 
 
@@ -39,15 +39,7 @@ def replica(stack):
 
 def sse(response: httpx.Response) -> list[tuple[str | None, dict | str]]:
     """(id, data) of each SSE event; [DONE] as the string."""
-    out, eid = [], None
-    for line in response.iter_lines():
-        if line.startswith("id: "):
-            eid = line[4:]
-        elif line.startswith("data: "):
-            data = line[6:]
-            out.append((eid, data if data == "[DONE]" else json.loads(data)))
-            eid = None
-    return out
+    return list(events(response.iter_lines()))
 
 
 def stream(base_url: str, method: str, path: str, **kw) -> tuple[str, list]:
