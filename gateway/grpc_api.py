@@ -1,7 +1,7 @@
 """The gRPC face of the gateway: tessera.v1.Generate, grpc.health.v1 and server reflection.
 
-Same core as the HTTP face (gateway.generation), so both answer the same request the same
-way; HTTP 400 / 404 / 413 / 503 / 500 become INVALID_ARGUMENT / NOT_FOUND /
+Same core as the HTTP face (gateway.state and gateway.generation), so both answer the same
+request the same way; HTTP 400 / 404 / 413 / 503 / 500 become INVALID_ARGUMENT / NOT_FOUND /
 RESOURCE_EXHAUSTED / UNAVAILABLE / INTERNAL. Messages are converted in common.convert only.
 """
 
@@ -19,7 +19,9 @@ from common import redis_schema as schema
 from common.proto.tessera.v1 import generate_pb2, generate_pb2_grpc
 from common.sampling_params import INT32_MAX
 from gateway.auth import UNAUTHENTICATED, GrpcAuth, grpc_tenant
-from gateway.generation import GatewayError, GatewayState, Generation, invalid
+from gateway.errors import GatewayError, invalid
+from gateway.generation import Generation
+from gateway.state import GatewayState
 from gateway.resume import KIND_CHAT, KIND_COMPLETION
 
 logger = logging.getLogger(__name__)

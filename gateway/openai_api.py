@@ -2,7 +2,8 @@
 /v1/chat/completions (JSON or SSE), /health, /ready and /metrics.
 
 Bodies are parsed by hand (not by FastAPI's parameter injection) so that every bad input gets
-OpenAI's error shape with a 400, never FastAPI's 422; the work itself is gateway.generation's.
+OpenAI's error shape with a 400, never FastAPI's 422; the work itself is
+gateway.state's and gateway.generation's.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from gateway import openai_format as fmt
 from gateway import openai_schemas as s
 from gateway import openapi
 from gateway.auth import HttpAuth
-from gateway.generation import GatewayError, GatewayState, Generation, invalid
+from gateway.errors import GatewayError, invalid
+from gateway.generation import Generation
+from gateway.state import GatewayState
 from gateway.openai_stream import chat_events, completion_events, stream_response
 from gateway.queue import RequestNotFound
 from gateway.resume import KIND_CHAT, KIND_COMPLETION, parse_event_id

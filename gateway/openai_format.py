@@ -8,7 +8,9 @@ from collections.abc import Sequence
 from common.convert import TokenLogprobs
 from common.sampling_params import SamplingParams
 from gateway import openai_schemas as s
-from gateway.generation import GatewayError, GatewayState, Generation, invalid
+from gateway.errors import GatewayError, invalid
+from gateway.generation import Generation
+from gateway.state import GatewayState
 
 
 def completion_prompts(state: GatewayState, prompt: str | list

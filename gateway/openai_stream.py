@@ -21,7 +21,9 @@ from pydantic import BaseModel
 from common.convert import StreamChunk
 from gateway import openai_format as fmt
 from gateway import openai_schemas as s
-from gateway.generation import GatewayError, GatewayState, Generation
+from gateway.errors import GatewayError
+from gateway.generation import Generation
+from gateway.state import GatewayState
 from gateway.resume import event_id
 
 

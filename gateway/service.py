@@ -19,7 +19,7 @@ import uvicorn
 from common.config import GatewayConfig
 from common.redis_client import connect
 from gateway.auth import Tenants
-from gateway.generation import GatewayState
+from gateway.state import GatewayState
 from gateway.grpc_api import create_server
 from gateway.openai_api import create_app, create_ops_app
 

@@ -8,7 +8,7 @@ to the scheduler. Each Generation (one queued request) gets a ``relay`` child sp
 ``Relay`` that measures, on this process's monotonic clock from the call's arrival, what the
 client sees: time to first token, inter-token latency, end-to-end latency, finished reasons.
 
-The current call travels in a context variable, so gateway.generation finds it without every
+The current call travels in a context variable, so gateway.state finds it without every
 function between the face and ``GatewayState.start`` passing it along.
 """
 
