@@ -9,6 +9,7 @@ end-to-end tests with the real stack live elsewhere; these pin the gateway's own
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import threading
 import time
@@ -39,8 +40,8 @@ def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
     return cond()
 
 
-class _LoopThread:
-    """Runs one coroutine in a private event loop on a daemon thread; stop() cancels it."""
+class _LoopThread(abc.ABC):
+    """Runs `main()` in a private event loop on a daemon thread; stop() cancels it."""
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
@@ -48,8 +49,9 @@ class _LoopThread:
         self._task: asyncio.Task | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    @abc.abstractmethod
     async def main(self) -> None:
-        raise NotImplementedError
+        """The coroutine the thread runs (a gateway, a stand-in scheduler)."""
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
