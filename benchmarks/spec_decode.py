@@ -124,6 +124,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=160)
     ap.add_argument("--requests-c1", type=int, default=4, help="requests at concurrency 1")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--workloads", nargs="+", choices=("copy", "free"), default=["copy", "free"])
     args = ap.parse_args()
     model = args.model or default_model()
     first, per_step = proposer_cost()
@@ -140,6 +141,8 @@ def main() -> None:
     print(f"{'workload':<10} {'conc':>4} {'tokens':>7} {'plain tok/s':>12} {'spec tok/s':>11} "
           f"{'ratio':>6} {'accept':>7} {'mean len':>8} {'identical':>9}")
     for name, make in (("copy", copy_prompts), ("free", free_prompts)):
+        if name not in args.workloads:
+            continue
         for c in args.concurrency:
             convs = make(args.requests_c1 if c == 1 else c)
             drafts0, accepted0, steps0 = (stats.num_draft_tokens, stats.num_accepted_tokens,
@@ -156,7 +159,7 @@ def main() -> None:
                   f"{rate:>7.1%} {mean_len:>8.2f} {str(out_plain == out_spec):>9}   load {_load()}",
                   flush=True)
     # The adaptive draft length's view of the step cost (scheduler.spec_policy.StepCost).
-    fit = spec.engine.scheduler.proposer.cost.fit
+    fit = getattr(getattr(spec.engine.scheduler.proposer, "cost", None), "fit", None)
     if fit is not None:
         print(f"fitted decode step: {fit[0] * 1e3:.1f} ms + {fit[1] * 1e3:.2f} ms per token")
 

@@ -10,6 +10,10 @@ Cheap by construction: each sequence keeps an index {n-gram: latest end} that gr
 tokens appended since its last proposal (O(new tokens x n-gram sizes)), so a proposal never
 rescans the sequence. The index is derived from the tokens only, so it survives preemption
 and is rebuilt from scratch by any scheduler that takes a request over (DESIGN.md §4).
+
+How many of the K drafts a sequence gets each step is scheduler.spec_policy's call: only those
+whose expected gain (from the sequence's acceptance so far) beats the row they cost (from the
+measured step cost), so speculation steps aside where it would slow the batch down.
 """
 
 from __future__ import annotations

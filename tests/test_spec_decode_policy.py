@@ -46,7 +46,8 @@ def test_rejected_drafts_stop_then_probe_with_backoff_and_come_back_when_right()
         drafts = proposer.propose(req, 64, 100_000)
         lengths.append(len(drafts))
         token = rng.choice([t for t in prompt if not drafts or t != drafts[0]])
-        proposer.observe(req, len(drafts), 0) if drafts else None
+        if drafts:
+            proposer.observe(req, len(drafts), 0)
         req.append_token(token)
     assert lengths[0] == K                       # a new sequence drafts at once
     stop = lengths.index(0)
