@@ -7,7 +7,8 @@ Two workloads through the model's chat template, answers stopping at its EOS (gr
 Each at concurrency 1 (requests one after another) and 16 (all at once). The baseline is the
 same offline engine without --speculative-config, built the same way in the same process.
 Reports tokens/s of both, the ratio, the draft acceptance rate and mean acceptance length
-(1 + accepted drafts per draft step), and whether the outputs were identical (they must be).
+(1 + accepted drafts per draft step), whether the outputs were identical (they must be), and
+the load average after each row (the machine may be shared: only same-run ratios compare).
 
     python benchmarks/spec_decode.py [--model x.gguf] [--device cpu|cuda]
         [--spec '{"method": "ngram", "num_speculative_tokens": 4, ...}']
@@ -123,6 +124,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=160)
     ap.add_argument("--requests-c1", type=int, default=4, help="requests at concurrency 1")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--workloads", nargs="+", choices=("copy", "free"), default=["copy", "free"])
     args = ap.parse_args()
     model = args.model or default_model()
     first, per_step = proposer_cost()
@@ -135,9 +137,12 @@ def main() -> None:
     for llm in (plain, spec):   # warm both (kernels, allocator) on a throwaway request
         run(llm, free_prompts(2), 2, 8)
     print(f"model {Path(model).name}, device {args.device}, speculative config {args.spec}")
+    print(f"load average at start: {_load()}")
     print(f"{'workload':<10} {'conc':>4} {'tokens':>7} {'plain tok/s':>12} {'spec tok/s':>11} "
           f"{'ratio':>6} {'accept':>7} {'mean len':>8} {'identical':>9}")
     for name, make in (("copy", copy_prompts), ("free", free_prompts)):
+        if name not in args.workloads:
+            continue
         for c in args.concurrency:
             convs = make(args.requests_c1 if c == 1 else c)
             drafts0, accepted0, steps0 = (stats.num_draft_tokens, stats.num_accepted_tokens,
@@ -151,7 +156,19 @@ def main() -> None:
             mean_len = 1 + accepted / steps if steps else 1.0
             print(f"{name:<10} {c:>4} {n_plain:>7} {n_plain / t_plain:>12.1f} "
                   f"{n_spec / t_spec:>11.1f} {(n_spec / t_spec) / (n_plain / t_plain):>5.2f}x "
-                  f"{rate:>7.1%} {mean_len:>8.2f} {str(out_plain == out_spec):>9}", flush=True)
+                  f"{rate:>7.1%} {mean_len:>8.2f} {str(out_plain == out_spec):>9}   load {_load()}",
+                  flush=True)
+    # The adaptive draft length's view of the step cost (scheduler.spec_policy.StepCost).
+    fit = getattr(getattr(spec.engine.scheduler.proposer, "cost", None), "fit", None)
+    if fit is not None:
+        print(f"fitted decode step: {fit[0] * 1e3:.1f} ms + {fit[1] * 1e3:.2f} ms per token")
+
+
+def _load() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
 
 
 if __name__ == "__main__":

@@ -186,14 +186,20 @@ class SpeculativeConfig:
     """`--speculative-config` (vLLM's shape): n-gram speculation (prompt lookup). Each step a
     decoding sequence drafts up to `num_speculative_tokens` tokens by matching its last
     n tokens (n from `prompt_lookup_max` down to `prompt_lookup_min`) earlier in its own
-    prompt + output; the model verifies them in the same forward pass."""
+    prompt + output; the model verifies them in the same forward pass. How many of the K a
+    sequence actually drafts adapts to its acceptance and to the step's cost
+    (scheduler.spec_decode.DraftPolicy)."""
     method: str = "ngram"
     num_speculative_tokens: int = 4
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 2
+    # vLLM's knob: no drafts at all in a step with at least this many running sequences
+    # (None: never by size alone; the proposer's cost model still shrinks drafts that lose).
+    disable_by_batch_size: int | None = None
 
     MAX_TOKENS = 32     # drafts per step
     MAX_NGRAM = 64
+    MAX_BATCH = 1 << 20
 
     def __post_init__(self) -> None:
         if self.method != "ngram":
@@ -208,6 +214,11 @@ class SpeculativeConfig:
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError(f"--speculative-config: prompt_lookup_min ({self.prompt_lookup_min})"
                              f" exceeds prompt_lookup_max ({self.prompt_lookup_max})")
+        size = self.disable_by_batch_size
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int)
+                                 or not 2 <= size <= self.MAX_BATCH):
+            raise ValueError("--speculative-config: disable_by_batch_size must be null or an "
+                             f"integer in [2, {self.MAX_BATCH}], got {size!r}")
 
     @classmethod
     def parse(cls, value: "str | dict | SpeculativeConfig | None") -> "SpeculativeConfig | None":
@@ -223,7 +234,8 @@ class SpeculativeConfig:
         if not isinstance(value, dict):
             raise ValueError("--speculative-config must be a JSON object, e.g. "
                              '{"method": "ngram", "num_speculative_tokens": 4}')
-        fields = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"}
+        fields = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
+                  "disable_by_batch_size"}
         unknown = sorted(set(value) - fields)
         if unknown:
             raise ValueError(f"--speculative-config: unknown key(s) {', '.join(unknown)} "
@@ -245,7 +257,8 @@ class SpeculativeConfig:
         return json.dumps({"method": self.method,
                            "num_speculative_tokens": self.num_speculative_tokens,
                            "prompt_lookup_max": self.prompt_lookup_max,
-                           "prompt_lookup_min": self.prompt_lookup_min})
+                           "prompt_lookup_min": self.prompt_lookup_min,
+                           "disable_by_batch_size": self.disable_by_batch_size})
 
 
 def _speculative_flag(text: str) -> SpeculativeConfig | None:
@@ -302,7 +315,8 @@ class DataParallelConfig(Settings):
 class SpeculationConfig(Settings):
     speculative_config: SpeculativeConfig | None = setting(
         None, "speculative decoding, as JSON: {\"method\": \"ngram\", \"num_speculative_tokens\": "
-        "K, \"prompt_lookup_max\": N, \"prompt_lookup_min\": M} (default: none)",
+        "K, \"prompt_lookup_max\": N, \"prompt_lookup_min\": M, \"disable_by_batch_size\": B} "
+        "(default: none)",
         arg_type=_speculative_flag, metavar="JSON")
 
     def __post_init__(self) -> None:

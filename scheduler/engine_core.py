@@ -186,6 +186,20 @@ class EngineCore:
     def mark_in_flight(self, plan: StepPlan) -> None:
         self.scheduler.mark_in_flight(plan)
 
+    def step_time(self, plan: StepPlan, seconds: float) -> None:
+        """The driver's measure of a step it ran: speculation's cost model learns from steps
+        that only decode (speed only, never outputs; nothing without speculation)."""
+        proposer = self.scheduler.proposer
+        if proposer is None or plan.new:
+            return
+        tokens = 0
+        for s in plan.running:
+            n = s.num_scheduled_tokens
+            if n != 1 + len(s.draft_token_ids):
+                return   # a prompt chunk: its tokens cost differently (no LM head)
+            tokens += n
+        proposer.cost.observe(tokens, seconds)
+
     def update(self, plan: StepPlan, output: StepOutput) -> list[tuple[EngineRequest, OutputEvent]]:
         """Apply a step's results; the events it produced, per request, in plan order."""
         # NOTE: the hottest Python of a step (every running sequence, every step): keep the
@@ -268,7 +282,7 @@ class EngineCore:
         drafts = s.draft_token_ids
         emitted = [] if tok is None else [tok, *(extra or ())]
         accepted = max(len(emitted) - 1, 0)
-        self.scheduler.proposer.stats.observe(len(drafts), accepted)
+        self.scheduler.proposer.observe(seq, len(drafts), accepted)
         seq.num_computed_tokens += s.num_scheduled_tokens - (len(drafts) - accepted)
         max_len = self.config.max_model_len
         ids: list[int] = []

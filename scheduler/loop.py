@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 
 from redis.exceptions import RedisError
@@ -52,7 +53,9 @@ class EngineLoop:
         self.stats_key = stats_key
         # Steps in flight at once: a pipeline of P stages needs P to keep every stage busy.
         self.pipeline_depth = pipeline_depth
-        self._pending: deque[tuple[StepPlan, StepHandle, float]] = deque()   # in plan order
+        # In plan order: (plan, handle, telemetry token, perf_counter when it was sent).
+        self._pending: deque[tuple[StepPlan, StepHandle, float, float]] = deque()
+        self._last_done = 0.0   # perf_counter when the last step's output came
         self._out: list[tuple[str, OutputEvent]] = []   # to publish with the next exchange
         self._acks: list[str] = []
         self._stepped = False   # gauges changed since the last exchange
@@ -111,10 +114,14 @@ class EngineLoop:
             await self._nothing_to_run()
         if not self._pending:
             return
-        plan, handle, started = self._pending.popleft()
+        plan, handle, started, sent = self._pending.popleft()
         output = await self._wait(handle)
         if output is None:
             return   # the group failed; _wait dealt with it
+        # Speculation's cost model: the step's own time (pipelined, from the previous one's end).
+        done = time.perf_counter()
+        self.core.step_time(plan, done - max(sent, self._last_done))
+        self._last_done = done
         self.steps += 1
         self._stepped = True
         events = self.core.update(plan, output)
@@ -254,7 +261,8 @@ class EngineLoop:
             started = self.obs.step_started(plan)
             self._last_plan = plan   # for _step_raised: the step a failure most likely is in
             check_plan_for_test_poison(plan)
-            self._pending.append((plan, self.executor.execute_async(plan), started))
+            self._pending.append((plan, self.executor.execute_async(plan), started,
+                                  time.perf_counter()))
         return True
 
     async def _wait(self, handle: StepHandle) -> StepOutput | None:
@@ -306,7 +314,7 @@ class EngineLoop:
     async def _drain_pending(self) -> None:
         """Forget the steps still in flight (the group failed): wait them out briefly."""
         while self._pending:
-            _, handle, _ = self._pending.popleft()
+            _, handle, _, _ = self._pending.popleft()
             try:
                 await asyncio.to_thread(handle.result)
             except (WorkerMismatch, WorkerUnavailable):

@@ -55,6 +55,7 @@ class Request:
     owner: Any = None                # the user request it belongs to (engine_core.EngineRequest)
     telemetry: Any = None            # the telemetry hooks' per-sequence state, if any
     ngram_index: Any = None          # speculative decoding's (scheduler.spec_decode), lazily
+    spec_acceptance: Any = None      # ... and its draft acceptance (speed only: spec_policy)
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.prompt_token_ids)

@@ -208,7 +208,7 @@ class Scheduler:
             self._send_in_full(plan, req, num_new)
             budget -= num_new
         if spec_rows and budget > 0:
-            self._add_drafts(spec_rows, budget)
+            self._add_drafts(spec_rows, budget, len(plan.running) + len(plan.new))
         if not plan.new and not plan.running:
             # Nothing to run: no step. Its id and its finished ids go to the next real plan
             # (workers see step ids without gaps and learn every finished sequence).
@@ -216,13 +216,20 @@ class Scheduler:
             self._finished_since_last_step = plan.finished_ids + self._finished_since_last_step
         return plan
 
-    def _add_drafts(self, rows: list[tuple[Request, RunningSequence]], budget: int) -> None:
+    def _add_drafts(self, rows: list[tuple[Request, RunningSequence]], budget: int,
+                    emitting: int) -> None:
         """Speculative decoding: draft tokens for this step's decodes, from the budget and
         the free blocks that the decodes and prefills left (guesses never displace sure work,
         and never preempt anything); each row then computes its token plus its drafts."""
         proposer, kv, block_size = self.proposer, self.kv, self.config.block_size
+        size = proposer.config.disable_by_batch_size
+        if size is not None and len(self.running) >= size:
+            return   # vLLM's disable_by_batch_size
+        # One row's price this step, in output tokens: the tokens planned so far and the rows
+        # that emit a token (about one per sequence planned).
+        cost = proposer.row_cost(self.config.max_num_batched_tokens - budget, emitting)
         for req, row in rows:
-            drafts = proposer.propose(req, budget, self.config.max_model_len)
+            drafts = proposer.propose(req, budget, self.config.max_model_len, cost)
             if not drafts:
                 continue
             num_new = 1 + len(drafts)

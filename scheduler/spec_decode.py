@@ -10,6 +10,10 @@ Cheap by construction: each sequence keeps an index {n-gram: latest end} that gr
 tokens appended since its last proposal (O(new tokens x n-gram sizes)), so a proposal never
 rescans the sequence. The index is derived from the tokens only, so it survives preemption
 and is rebuilt from scratch by any scheduler that takes a request over (DESIGN.md §4).
+
+How many of the K drafts a sequence gets each step is scheduler.spec_policy's call: only those
+whose expected gain (from the sequence's acceptance so far) beats the row they cost (from the
+measured step cost), so speculation steps aside where it would slow the batch down.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from common.config import SpeculativeConfig
+from scheduler.spec_policy import Acceptance, StepCost
 
 
 class NgramIndex:
@@ -79,15 +84,23 @@ class SpecDecodeStats:
 
 
 class NgramProposer:
-    """Drafts for a decoding sequence, at most `budget` tokens (the scheduler's room)."""
+    """Drafts for a decoding sequence, at most `budget` tokens (the scheduler's room), as many
+    as pay for themselves (scheduler.spec_policy: the sequence's acceptance against the
+    step's cost)."""
 
     def __init__(self, config: SpeculativeConfig) -> None:
         self.config = config
         self.k = config.num_speculative_tokens
         self.stats = SpecDecodeStats()
+        self.cost = StepCost()
 
-    def propose(self, req, budget: int, max_model_len: int) -> list[int]:
-        """Draft tokens for `req` (a scheduler Request whose last token is not yet computed)."""
+    def row_cost(self, tokens: int, emitting: int) -> float:
+        """The step's price of one draft row, in output tokens (spec_policy.StepCost)."""
+        return self.cost.row_cost(tokens, emitting)
+
+    def propose(self, req, budget: int, max_model_len: int, cost: float = 0.0) -> list[int]:
+        """Draft tokens for `req` (a scheduler Request whose last token is not yet computed);
+        `cost` is row_cost's for this step."""
         params = req.params
         # Never draft past what the request may still emit: max_tokens and the context, less
         # the token the step samples anyway.
@@ -95,8 +108,24 @@ class NgramProposer:
                    max_model_len - req.num_tokens - 1)
         if room <= 0:
             return []
+        acceptance = req.spec_acceptance
+        if acceptance is None:
+            acceptance = req.spec_acceptance = Acceptance(self.k)
+        room = acceptance.plan(room, cost)
+        if room <= 0:
+            return []
         index = req.ngram_index
         if index is None:
             index = req.ngram_index = NgramIndex(self.config.prompt_lookup_min,
                                                  self.config.prompt_lookup_max)
-        return index.propose(req.all_token_ids, room)
+        drafts = index.propose(req.all_token_ids, room)
+        if not drafts and acceptance.probing:   # nothing to probe with: try next step
+            acceptance.probing = False
+            acceptance.idle = acceptance.probe_every
+        return drafts
+
+    def observe(self, req, num_draft: int, num_accepted: int) -> None:
+        """A step verified `num_draft` drafts of `req` and accepted `num_accepted`."""
+        self.stats.observe(num_draft, num_accepted)
+        if req.spec_acceptance is not None:
+            req.spec_acceptance.observe(num_draft, num_accepted)

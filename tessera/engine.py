@@ -11,6 +11,7 @@ kv_cache_memory_bytes on CPU, the gpu_memory_utilization share on CUDA).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from common.config import EngineConfig, resolve_max_model_len
@@ -154,7 +155,10 @@ class LLMEngine:
                 raise RuntimeError("no request can be scheduled: the KV cache is too small "
                                    "for the waiting request")
             return []
-        return self.core.update(plan, self.executor.execute(plan))
+        started = time.perf_counter()
+        output = self.executor.execute(plan)
+        self.core.step_time(plan, time.perf_counter() - started)   # speculation's cost model
+        return self.core.update(plan, output)
 
     def step(self) -> list[RequestOutput]:
         """One engine step; returns the requests that finished in it."""
