@@ -94,6 +94,35 @@ def f32_gguf(quantize: str | None, src: str) -> str | None:
     return str(out)
 
 
+def cpu_by_process(root: int) -> dict[str, float]:
+    """CPU seconds (user + system) of `root` and its live descendants, summed by role: the
+    `tessera.cli` subcommand (worker, scheduler, gateway, serve) or the program's name."""
+    procs: dict[int, tuple[int, int, str]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            argv = (stat.parent / "cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError):
+            continue   # it ended meanwhile
+        words = [a.decode(errors="replace") for a in argv if a]
+        role = Path(words[0]).name if words else "?"
+        if "tessera.cli" in words and words.index("tessera.cli") + 1 < len(words):
+            role = words[words.index("tessera.cli") + 1]
+        procs[int(stat.parent.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]), role)
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _, _) in procs.items():
+        children.setdefault(parent, []).append(pid)
+    out: dict[str, float] = {}
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        if pid in procs:
+            _, ticks, role = procs[pid]
+            out[role] = out.get(role, 0.0) + ticks / os.sysconf("SC_CLK_TCK")
+        todo.extend(children.get(pid, ()))
+    return out
+
+
 def loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
@@ -165,13 +194,17 @@ def run_server(args, label: str, start) -> dict[str, dict]:
         bench(args, url, name, 8, 8, 32, 8, seed=999)
         for i, wl in enumerate(args.workloads):
             inp, out = WORKLOADS[wl]
-            before = loadavg()
+            before, cpu = loadavg(), cpu_by_process(proc.pid)
             s = bench(args, url, name, args.num_prompts, args.max_concurrency, inp, out,
                       seed=100 + i)   # a seed per workload: no shared prefixes across them
             s["loadavg"] = f"{before} -> {loadavg()}"
+            after = cpu_by_process(proc.pid)
+            s["cpu_s"] = {k: round(v - cpu.get(k, 0.0), 2) for k, v in after.items()
+                          if v - cpu.get(k, 0.0) >= 0.01}
             results[wl] = s
             print(f"[{label}] {wl}: {s['output_token_throughput']:.1f} tok/s, "
-                  f"{s['completed']} ok / {s['failed']} failed, load {s['loadavg']}", flush=True)
+                  f"{s['completed']} ok / {s['failed']} failed in {s['duration_s']:.1f} s, "
+                  f"CPU s by process {s['cpu_s']}, load {s['loadavg']}", flush=True)
     finally:
         proc.stop(timeout=30)
     return results
@@ -261,6 +294,9 @@ def print_table(args, rounds: dict[str, list[dict]]) -> None:
         expected = args.num_prompts * out
         for label, runs in rounds.items():
             s = best(runs, wl)
+            per_token = {k: f"{v / max(s['output_tokens'], 1) * 1e3:.1f}"
+                         for k, v in s["cpu_s"].items()}
+            print(f"  {label}: CPU ms per output token by process {per_token}")
             if s["failed"] or s["output_tokens"] != expected:
                 print(f"  warning: {label} returned {s['completed']} ok / {s['failed']} failed, "
                       f"expected {expected} tokens")
