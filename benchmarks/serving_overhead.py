@@ -89,11 +89,16 @@ def make_llm(args, model_dir: str, warm_prompts) -> LLM:
     return llm
 
 
-def in_process(args, llm: LLM, prompts, ttft_prompts) -> tuple[float, list[float]]:
+def in_process(args, llm: LLM, prompts, ttft_prompts, cpu: dict[str, float] | None = None
+               ) -> tuple[float, list[float]]:
+    """Throughput batch then TTFT requests; with `cpu`, cpu["engine"] = this process's CPU
+    seconds over the batch."""
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
-    t = time.perf_counter()
+    t, cpu0 = time.perf_counter(), time.process_time()
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     elapsed = time.perf_counter() - t
+    if cpu is not None:
+        cpu["engine"] = time.process_time() - cpu0
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     ttfts = []
@@ -142,17 +147,24 @@ def body(name: str, prompt: list[int], max_tokens: int) -> dict:
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
 
 
-async def stack_runs(args, base_url: str, name: str, prompts, ttft_prompts, warm_prompts):
+async def stack_runs(args, base_url: str, name: str, prompts, ttft_prompts, warm_prompts,
+                     cpu: dict[str, float] | None = None, pid: int | None = None):
+    """Warm-up, the throughput batch, the TTFT requests. With `cpu` and `pid`: the CPU seconds
+    of the stack's processes (cpu["stack"]) and of this client (cpu["client"]) over the batch."""
     url = base_url + "/v1/completions"
     timeout = httpx.Timeout(args.timeout, connect=10.0)
     limits = httpx.Limits(max_connections=len(prompts) + 1, max_keepalive_connections=len(prompts) + 1)
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
         # the same warm-up as the in-process side
         await asyncio.gather(*(stream_one(client, url, body(name, p, 4)) for p in warm_prompts))
-        t = time.perf_counter()
+        t, stack0, client0 = time.perf_counter(), tree_cpu_seconds(pid) if pid else 0.0, \
+            time.process_time()
         res = await asyncio.gather(*(stream_one(client, url, body(name, p, args.output_len))
                                      for p in prompts))
         elapsed = time.perf_counter() - t
+        if cpu is not None and pid:
+            cpu["stack"] = tree_cpu_seconds(pid) - stack0
+            cpu["client"] = time.process_time() - client0
         tokens = sum(n for _, n in res)
         ttfts = []
         for p in ttft_prompts:
@@ -292,11 +304,15 @@ def main() -> None:
         return
     rounds = measure(args, model_dir, name, vocab, warm_prompts)
     expected = args.num_requests * args.output_len
-    for r, (_, _, _, stack_tokens) in enumerate(rounds):
+    for r, (_, _, _, stack_tokens, _) in enumerate(rounds):
         if stack_tokens != expected:
             print(f"warning: round {r + 1}: the stack returned {stack_tokens} output tokens, "
                   f"expected {expected}")
-    ratios = [stack / local for local, stack, _, _ in rounds]
+    ratios = [stack / local for local, stack, _, _, _ in rounds]
+    # CPU seconds per round's batch: barely moved by other programs' load, unlike wall time
+    cpu_ratio = statistics.median(x[4]["engine"] / x[4]["stack"] for x in rounds)
+    cpu_ratio_client = statistics.median(x[4]["engine"] / (x[4]["stack"] + x[4]["client"])
+                                         for x in rounds)
     ratio = statistics.median(ratios)
     local_tps = statistics.median(x[0] for x in rounds)
     stack_tps = statistics.median(x[1] for x in rounds)
@@ -314,6 +330,8 @@ def main() -> None:
         ("in-process output tok/s", f"{local_tps:.1f}", ""),
         ("stack output tok/s", f"{stack_tps:.1f}", ""),
         ("stack / in-process", f"{ratio * 100:.1f}%", ">= 90%"),   # median of the rounds' own
+        ("in-process / stack CPU-s", f"{cpu_ratio * 100:.1f}%", ""),
+        ("  the same, client counted", f"{cpu_ratio_client * 100:.1f}%", ""),
         ("in-process median TTFT (ms)", f"{local_med:.2f}", ""),
         ("stack median TTFT (ms)", f"{stack_med:.2f}", ""),
         ("TTFT added by the stack (ms)", f"{added:+.2f}", "< 5 ms"),
@@ -336,7 +354,8 @@ def measure(args, model_dir: str, name: str, vocab: int, warm_prompts):
     (the idle one costs next to nothing), so a drift in the machine's load hits both sides.
     Each round has prompts of its own (round 1: the standard workload, seed 0), the same for
     both sides: no round finds a prefix an earlier one cached.
-    Per round: (in-process tok/s, stack tok/s, (in-process TTFTs, stack TTFTs), stack tokens)."""
+    Per round: (in-process tok/s, stack tok/s, (in-process TTFTs, stack TTFTs), stack tokens,
+    CPU seconds of the batch: {"engine", "stack", "client"})."""
     print("in-process engine: starting ...", flush=True)
     llm = make_llm(args, model_dir, warm_prompts)
     print("starting the stack ...", flush=True)
@@ -347,19 +366,21 @@ def measure(args, model_dir: str, name: str, vocab: int, warm_prompts):
             prompts = workload(args.num_requests, vocab, seed=r)
             ttft_prompts = fixed_prompts(args.ttft_requests, args.ttft_prompt_len, vocab,
                                          seed=1 + 1000 * r)
-            got = {}
+            got, cpu = {}, {}
             for side in (("in-process", "stack") if r % 2 == 0 else ("stack", "in-process")):
                 print(f"round {r + 1}/{args.rounds}, {side}: {args.num_requests} requests x "
                       f"{args.output_len} tokens at once, then the TTFT requests ...", flush=True)
                 if side == "in-process":
-                    got[side] = in_process(args, llm, prompts, ttft_prompts)
+                    got[side] = in_process(args, llm, prompts, ttft_prompts, cpu)
                 else:
                     got[side] = asyncio.run(stack_runs(
-                        args, base_url, name, prompts, ttft_prompts, warm_prompts))
+                        args, base_url, name, prompts, ttft_prompts, warm_prompts, cpu, proc.pid))
             (ltps, lttft), (stps, stokens, sttft) = got["in-process"], got["stack"]
             print(f"round {r + 1}: in-process {ltps:.1f} tok/s, stack {stps:.1f} tok/s "
-                  f"({stps / ltps * 100:.1f}%)", flush=True)
-            rounds.append((ltps, stps, (lttft, sttft), stokens))
+                  f"({stps / ltps * 100:.1f}%); CPU s over the batch: in-process "
+                  f"{cpu['engine']:.1f}, stack {cpu['stack']:.1f} + client {cpu['client']:.1f}; "
+                  f"load {' '.join(open('/proc/loadavg').read().split()[:3])}", flush=True)
+            rounds.append((ltps, stps, (lttft, sttft), stokens, cpu))
     finally:
         stop_stack(proc)
         del llm
