@@ -279,7 +279,7 @@ def print_table(args, rounds: dict[str, list[dict]]) -> None:
           f"{args.max_concurrency}, greedy, ignore_eos; {args.threads} threads per server, "
           f"llama-server -np {args.parallel}; {os.cpu_count()} CPUs; best of {args.rounds} "
           "round(s)")
-    print(f"{'workload':14s} {'server':16s} {'tok/s':>8s} {'tokens':>7s} {'TTFT ms':>9s} "
+    print(f"{'workload':20s} {'server':16s} {'tok/s':>8s} {'tokens':>7s} {'TTFT ms':>9s} "
           f"{'TPOT ms':>8s} {'tessera/this':>12s}  load avg (before -> after)")
     for wl in args.workloads:
         inp, out = WORKLOADS[wl]
@@ -288,7 +288,7 @@ def print_table(args, rounds: dict[str, list[dict]]) -> None:
             s = best(runs, wl)
             tokens = s["output_tokens"]
             ratio = "" if label == "tessera" else f"{ours / s['output_token_throughput']:.2f}x"
-            print(f"{f'{wl} {inp}/{out}':14s} {label:16s} {s['output_token_throughput']:8.1f} "
+            print(f"{f'{wl} {inp}/{out}':20s} {label:16s} {s['output_token_throughput']:8.1f} "
                   f"{tokens:7d} {s['ttft_s']['median'] * 1e3:9.0f} "
                   f"{s['tpot_s']['median'] * 1e3:8.1f} {ratio:>12s}  {s['loadavg']}")
         expected = args.num_prompts * out
