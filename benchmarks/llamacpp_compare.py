@@ -15,8 +15,8 @@ dequantized weights; cached under ~/.cache/tessera/llamacpp): the fair compariso
 computation: shown for reference, not the comparison). llama.cpp keeps its defaults otherwise
 (f16 KV cache, flash attention auto, continuous batching), Tessera its own (float32 KV cache).
 
-llama.cpp is an external tool, not a dependency. Build its server once (CPU, AVX2; ~20 min on
-2 cores) from the source that llama-cpp-python's sdist vendors:
+llama.cpp is an external tool, not a dependency. Build its server once (CPU; tens of minutes on
+2 busy cores) from the source that llama-cpp-python's sdist vendors:
 
     python3 -m venv /tmp/llamacpp-venv
     /tmp/llamacpp-venv/bin/pip download 'llama-cpp-python==0.3.36' --no-deps --no-binary :all: -d /tmp/lc
@@ -26,8 +26,12 @@ llama.cpp is an external tool, not a dependency. Build its server once (CPU, AVX
         -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DBUILD_SHARED_LIBS=OFF
     cmake --build /tmp/llamacpp-build --target llama-server llama-quantize -j2
 
-(llama-cpp-python's own `python -m llama_cpp.server` serves one request at a time, a lock
-around one context: no parallel slots, so it cannot be the baseline at concurrency 32.) Then:
+(With llama-cpp-python 0.3.36 already installed from that source, building only the server's
+own targets, `llama-common llama-common-base server-context llama-server-impl` with `/fast`,
+and linking them against the wheel's libllama/libggml*/libmtmd .so skips most of the build:
+what the README's numbers used. llama-cpp-python's own `python -m llama_cpp.server` serves one
+request at a time, a lock around one context: no parallel slots, so it cannot be the baseline
+at concurrency 32.) Then:
 
     python benchmarks/llamacpp_compare.py --llama-server /tmp/llamacpp-build/bin/llama-server
 
