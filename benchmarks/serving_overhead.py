@@ -17,14 +17,16 @@ every span over OTLP/gRPC to a receiver in this process (which counts and drops 
 stacks run at once and the rounds alternate between them (the machine's load drifts); the
 receiver shares the machine's cores, which a real collector would not.
 
-The stack is started by this script (`python -m tessera.cli serve`) after the in-process
-engine is released, and always stopped with SIGTERM. The HTTP client runs in this process, on
+The stack is started by this script (`python -m tessera.cli serve`) next to the in-process
+engine, and always stopped with SIGTERM. `--rounds N` alternates the two sides N times, each
+round on prompts of its own (the same for both sides), and reports the median of the per-round
+ratios: the machine is shared and its load drifts. The HTTP client runs in this process, on
 the same cores as the stack: that cost is part of what is measured. Timings are reported,
 never asserted.
 
     python benchmarks/serving_overhead.py [--model DIR | --preset bench] [--num-requests 128]
         [--output-len 128] [--ttft-requests 20] [--ttft-output-len 16]
-        [--tracing-cost [--repeats 3]]
+        [--rounds 3] [--tracing-cost [--repeats 3]]
 """
 
 from __future__ import annotations
@@ -78,16 +80,25 @@ def engine_config(args, model_dir: str) -> EngineConfig:
     return from_args(EngineConfig, args, model=model_dir)
 
 
-def in_process(args, model_dir: str, prompts, ttft_prompts, warm_prompts):
+def make_llm(args, model_dir: str, warm_prompts) -> LLM:
     # LLM warms its worker up as a served worker does (one worst-case step sizes the KV
     # cache); then the warm-up requests of both sides
     llm = LLM(config=engine_config(args, model_dir))
     warm = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     llm.generate([{"prompt_token_ids": p} for p in warm_prompts], warm, use_tqdm=False)
+    return llm
+
+
+def in_process(args, llm: LLM, prompts, ttft_prompts, cpu: dict[str, float] | None = None
+               ) -> tuple[float, list[float]]:
+    """Throughput batch then TTFT requests; with `cpu`, cpu["engine"] = this process's CPU
+    seconds over the batch."""
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
-    t = time.perf_counter()
+    t, cpu0 = time.perf_counter(), time.process_time()
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     elapsed = time.perf_counter() - t
+    if cpu is not None:
+        cpu["engine"] = time.process_time() - cpu0
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     ttfts = []
@@ -95,8 +106,6 @@ def in_process(args, model_dir: str, prompts, ttft_prompts, warm_prompts):
         t = time.perf_counter()
         llm.generate([{"prompt_token_ids": p}], one, use_tqdm=False)
         ttfts.append(time.perf_counter() - t)
-    del llm, outs
-    gc.collect()
     return tokens / elapsed, ttfts
 
 
@@ -138,17 +147,24 @@ def body(name: str, prompt: list[int], max_tokens: int) -> dict:
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
 
 
-async def stack_runs(args, base_url: str, name: str, prompts, ttft_prompts, warm_prompts):
+async def stack_runs(args, base_url: str, name: str, prompts, ttft_prompts, warm_prompts,
+                     cpu: dict[str, float] | None = None, pid: int | None = None):
+    """Warm-up, the throughput batch, the TTFT requests. With `cpu` and `pid`: the CPU seconds
+    of the stack's processes (cpu["stack"]) and of this client (cpu["client"]) over the batch."""
     url = base_url + "/v1/completions"
     timeout = httpx.Timeout(args.timeout, connect=10.0)
     limits = httpx.Limits(max_connections=len(prompts) + 1, max_keepalive_connections=len(prompts) + 1)
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
         # the same warm-up as the in-process side
         await asyncio.gather(*(stream_one(client, url, body(name, p, 4)) for p in warm_prompts))
-        t = time.perf_counter()
+        t, stack0, client0 = time.perf_counter(), tree_cpu_seconds(pid) if pid else 0.0, \
+            time.process_time()
         res = await asyncio.gather(*(stream_one(client, url, body(name, p, args.output_len))
                                      for p in prompts))
         elapsed = time.perf_counter() - t
+        if cpu is not None and pid:
+            cpu["stack"] = tree_cpu_seconds(pid) - stack0
+            cpu["client"] = time.process_time() - client0
         tokens = sum(n for _, n in res)
         ttfts = []
         for p in ttft_prompts:
@@ -268,6 +284,8 @@ def main() -> None:
     ap.add_argument("--tracing-cost", action="store_true",
                     help="compare the stack without and with an OTLP span exporter instead")
     ap.add_argument("--repeats", type=int, default=3, help="alternating rounds (--tracing-cost)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="alternating rounds of in-process and stack; the ratio is their median")
     args = ap.parse_args()
 
     model_dir = args.model
@@ -277,28 +295,29 @@ def main() -> None:
     model_dir = os.path.abspath(model_dir)
     name = served_model_name(model_dir)
     vocab = ModelConfig.from_dir(model_dir).vocab_size
-    prompts = workload(args.num_requests, vocab)
-    ttft_prompts = fixed_prompts(args.ttft_requests, args.ttft_prompt_len, vocab)
     warm_prompts = fixed_prompts(4, 32, vocab, seed=2)    # no prefix shared with the others
 
     if args.tracing_cost:
+        prompts = workload(args.num_requests, vocab)
+        ttft_prompts = fixed_prompts(args.ttft_requests, args.ttft_prompt_len, vocab)
         tracing_cost(args, model_dir, name, prompts, ttft_prompts, warm_prompts)
         return
-    print(f"in-process: {args.num_requests} requests x {args.output_len} tokens ...", flush=True)
-    local_tps, local_ttfts = in_process(args, model_dir, prompts, ttft_prompts, warm_prompts)
-    print("starting the stack ...", flush=True)
-    proc, base_url = start_stack(args, model_dir)
-    try:
-        print(f"stack at {base_url}: {args.num_requests} requests at once ...", flush=True)
-        stack_tps, stack_tokens, stack_ttfts = asyncio.run(
-            stack_runs(args, base_url, name, prompts, ttft_prompts, warm_prompts))
-    finally:
-        stop_stack(proc)
+    rounds = measure(args, model_dir, name, vocab, warm_prompts)
     expected = args.num_requests * args.output_len
-    if stack_tokens != expected:
-        print(f"warning: the stack returned {stack_tokens} output tokens, expected {expected}")
-
-    ratio = stack_tps / local_tps
+    for r, (_, _, _, stack_tokens, _) in enumerate(rounds):
+        if stack_tokens != expected:
+            print(f"warning: round {r + 1}: the stack returned {stack_tokens} output tokens, "
+                  f"expected {expected}")
+    ratios = [stack / local for local, stack, _, _, _ in rounds]
+    # CPU seconds per round's batch: barely moved by other programs' load, unlike wall time
+    cpu_ratio = statistics.median(x[4]["engine"] / x[4]["stack"] for x in rounds)
+    cpu_ratio_client = statistics.median(x[4]["engine"] / (x[4]["stack"] + x[4]["client"])
+                                         for x in rounds)
+    ratio = statistics.median(ratios)
+    local_tps = statistics.median(x[0] for x in rounds)
+    stack_tps = statistics.median(x[1] for x in rounds)
+    local_ttfts = [t for x in rounds for t in x[2][0]]
+    stack_ttfts = [t for x in rounds for t in x[2][1]]
     local_med = statistics.median(local_ttfts) * 1e3
     stack_med = statistics.median(stack_ttfts) * 1e3
     added = stack_med - local_med
@@ -310,7 +329,9 @@ def main() -> None:
     rows = [
         ("in-process output tok/s", f"{local_tps:.1f}", ""),
         ("stack output tok/s", f"{stack_tps:.1f}", ""),
-        ("stack / in-process", f"{ratio * 100:.1f}%", ">= 90%"),
+        ("stack / in-process", f"{ratio * 100:.1f}%", ">= 90%"),   # median of the rounds' own
+        ("in-process / stack CPU-s", f"{cpu_ratio * 100:.1f}%", ""),
+        ("  the same, client counted", f"{cpu_ratio_client * 100:.1f}%", ""),
         ("in-process median TTFT (ms)", f"{local_med:.2f}", ""),
         ("stack median TTFT (ms)", f"{stack_med:.2f}", ""),
         ("TTFT added by the stack (ms)", f"{added:+.2f}", "< 5 ms"),
@@ -323,6 +344,48 @@ def main() -> None:
         elif target == "< 5 ms":
             met = "yes" if added < 5.0 else "no"
         print(f"{label:30s} {value:>10s} {target:>8s}  {met}")
+    print(f"{len(rounds)} round(s), stack / in-process per round: "
+          + " ".join(f"{x * 100:.1f}%" for x in ratios)
+          + f"; load average now {' '.join(open('/proc/loadavg').read().split()[:3])}")
+
+
+def measure(args, model_dir: str, name: str, vocab: int, warm_prompts):
+    """Alternating rounds of the in-process engine and the stack, both kept up between them
+    (the idle one costs next to nothing), so a drift in the machine's load hits both sides.
+    Each round has prompts of its own (round 1: the standard workload, seed 0), the same for
+    both sides: no round finds a prefix an earlier one cached.
+    Per round: (in-process tok/s, stack tok/s, (in-process TTFTs, stack TTFTs), stack tokens,
+    CPU seconds of the batch: {"engine", "stack", "client"})."""
+    print("in-process engine: starting ...", flush=True)
+    llm = make_llm(args, model_dir, warm_prompts)
+    print("starting the stack ...", flush=True)
+    proc, base_url = start_stack(args, model_dir)
+    rounds = []
+    try:
+        for r in range(args.rounds):
+            prompts = workload(args.num_requests, vocab, seed=r)
+            ttft_prompts = fixed_prompts(args.ttft_requests, args.ttft_prompt_len, vocab,
+                                         seed=1 + 1000 * r)
+            got, cpu = {}, {}
+            for side in (("in-process", "stack") if r % 2 == 0 else ("stack", "in-process")):
+                print(f"round {r + 1}/{args.rounds}, {side}: {args.num_requests} requests x "
+                      f"{args.output_len} tokens at once, then the TTFT requests ...", flush=True)
+                if side == "in-process":
+                    got[side] = in_process(args, llm, prompts, ttft_prompts, cpu)
+                else:
+                    got[side] = asyncio.run(stack_runs(
+                        args, base_url, name, prompts, ttft_prompts, warm_prompts, cpu, proc.pid))
+            (ltps, lttft), (stps, stokens, sttft) = got["in-process"], got["stack"]
+            print(f"round {r + 1}: in-process {ltps:.1f} tok/s, stack {stps:.1f} tok/s "
+                  f"({stps / ltps * 100:.1f}%); CPU s over the batch: in-process "
+                  f"{cpu['engine']:.1f}, stack {cpu['stack']:.1f} + client {cpu['client']:.1f}; "
+                  f"load {' '.join(open('/proc/loadavg').read().split()[:3])}", flush=True)
+            rounds.append((ltps, stps, (lttft, sttft), stokens, cpu))
+    finally:
+        stop_stack(proc)
+        del llm
+        gc.collect()
+    return rounds
 
 
 if __name__ == "__main__":
