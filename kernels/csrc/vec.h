@@ -118,10 +118,12 @@ inline vf loadv(const at::Half* p) {
 
 // exp(x) lane-wise, Cephes' expf: x = n ln2 + r with |r| <= ln2 / 2, e^r by a degree-7
 // polynomial, 2^n put in the exponent bits (about 1 ulp over the clamped range; below -87.3
-// the result is ~1e-38 rather than a subnormal, which softmax and silu never notice). NaN
-// stays NaN. glibc's expf is scalar here: the compiler does not vectorize calls to it.
+// the result is ~1e-38 rather than a subnormal, which softmax and silu never notice; above
+// 88.38 it is +inf, as expf's). NaN stays NaN. glibc's expf is scalar here: the compiler does
+// not vectorize calls to it.
 inline vf vexp(vf x) {
-  x = x > 88.3762626647949f ? splat(88.3762626647949f) : x;
+  const vi overflow = x > 88.3762626647949f;
+  x = overflow ? splat(88.3762626647949f) : x;
   x = x < -87.3365478515625f ? splat(-87.3365478515625f) : x;
   const vf fx = x * 1.44269504088896341f + 0.5f;
   vi n = __builtin_convertvector(fx, vi);                      // truncates toward zero
@@ -135,7 +137,7 @@ inline vf vexp(vf x) {
   y = y * r + 1.6666665459e-1f;
   y = y * r + 5.0000001201e-1f;
   y = y * r * r + r + 1.f;
-  return y * bits_to_float((n + 127) << 23);
+  return overflow ? splat(__builtin_inff()) : y * bits_to_float((n + 127) << 23);
 }
 
 }  // namespace tvec
