@@ -54,7 +54,7 @@ def paged(num_seqs: int, tokens: int, args, gen: torch.Generator):
     num_blocks = num_seqs * per_seq + 16
     tables = torch.randperm(num_blocks, generator=gen)[:num_seqs * per_seq].view(num_seqs, per_seq)
     shape = (num_blocks, bs, args.kv_heads, args.head_dim)
-    caches = {dt: (torch.randn(shape, generator=gen).to(dt), torch.randn(shape, generator=gen).to(dt))
+    caches = {dt: tuple(torch.randn(shape, generator=gen).to(dt) for _ in range(2))
               for dt in DTYPES}
     return tables, caches
 
@@ -89,7 +89,8 @@ def decode_rows(args, rounds: int, gen: torch.Generator) -> None:
     for dt, results in rows.items():
         kern = min(r[0] for r in results)
         ref = min(r[1] for r in results)
-        nbytes = 2 * s * ctx * args.kv_heads * args.head_dim * torch.empty((), dtype=dt).element_size()
+        itemsize = torch.empty((), dtype=dt).element_size()
+        nbytes = 2 * s * ctx * args.kv_heads * args.head_dim * itemsize
         bw = nbytes / kern / 1e6
         print(f"{str(dt)[6:]:9s} {kern:9.2f} {bw:9.1f} {bw / copy_bw * 100:9.0f}% {ref:13.2f} "
               f"{ref / kern:7.1f}x")
