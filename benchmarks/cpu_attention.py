@@ -1,4 +1,4 @@
-"""CPU decode attention: the C++ kernel's achieved K/V bandwidth against a measured copy.
+"""CPU paged attention: the C++ kernel's decode bandwidth and prompt-chunk FLOP rate.
 
 Decode attention reads each sequence's K and V once: its floor is memory bandwidth. This
 times one layer's decode attention at batch x context (default 64 x 512, the bench model's
@@ -8,7 +8,13 @@ times one layer's decode attention at batch x context (default 64 x 512, the ben
 batched matmuls). Reported: ms per call, K/V bytes read per second, that as a fraction of
 the copy bandwidth, and the speed-up over the torch path.
 
+Prompt chunks (`--chunks`, default 4 prompts of 512 tokens: one step at the CPU's default
+token budget of 2048) are compute-bound: reported are the useful FLOPs (QK^T and PV over each
+query's causal keys) per second against the fp32 GEMM peak (2048^3) measured in the same run,
+and the speed-up over the torch reference (`paged_attention_prefill_ref`).
+
     python benchmarks/cpu_attention.py [--batch 64] [--context 512] [--threads 2]
+                                       [--chunks 512 512 512 512] [--prefix 0] [--mode both]
 """
 
 from __future__ import annotations
@@ -24,8 +30,11 @@ import time
 
 import torch
 
+from kernels.paged_attention import paged_attention_prefill_ref
 from kernels.paged_attention_cpu import (cpu_attention_available, paged_attention_cpu,
                                          paged_attention_decode_cpu)
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def best_ms(fn, reps: int) -> float:
@@ -38,10 +47,110 @@ def best_ms(fn, reps: int) -> float:
     return best * 1e3
 
 
+def paged(num_seqs: int, tokens: int, args, gen: torch.Generator):
+    """Scattered block tables for num_seqs sequences of `tokens` and random caches per dtype."""
+    bs = args.block_size
+    per_seq = -(-tokens // bs)
+    num_blocks = num_seqs * per_seq + 16
+    tables = torch.randperm(num_blocks, generator=gen)[:num_seqs * per_seq].view(num_seqs, per_seq)
+    shape = (num_blocks, bs, args.kv_heads, args.head_dim)
+    caches = {dt: tuple(torch.randn(shape, generator=gen).to(dt) for _ in range(2))
+              for dt in DTYPES}
+    return tables, caches
+
+
+def decode_rows(args, rounds: int, gen: torch.Generator) -> None:
+    s, ctx = args.batch, args.context
+    tables, caches = paged(s, ctx, args, gen)
+    seq_lens = torch.full((s,), ctx, dtype=torch.int64)
+    starts = torch.arange(s + 1, dtype=torch.int64)
+    q = torch.randn(s, args.heads, args.head_dim, generator=gen)
+    out = torch.empty_like(q)
+    copy_src = torch.randn(2 * s * ctx * args.kv_heads * args.head_dim)   # fp32 K + V bytes
+    copy_dst = torch.empty_like(copy_src)
+    scale = args.head_dim ** -0.5
+    rows: dict = {}
+    for _ in range(rounds):
+        rows.setdefault("copy", []).append(best_ms(lambda: copy_dst.copy_(copy_src), args.reps))
+        for dt, (k, v) in caches.items():
+            kern = best_ms(lambda: paged_attention_cpu(q, k, v, tables, seq_lens, starts, scale,
+                                                       out=out), args.reps)
+            kf, vf = (k, v) if dt == torch.float32 else (k.float(), v.float())
+            ref = best_ms(lambda: paged_attention_decode_cpu(q, kf, vf, tables, seq_lens, scale),
+                          args.reps)
+            rows.setdefault(dt, []).append((kern, ref))
+    copy_ms = min(rows.pop("copy"))
+    copy_bw = 2 * copy_src.numel() * 4 / copy_ms / 1e6   # GB/s, read + write
+    print(f"decode attention, batch {s} x context {ctx}, {args.heads} heads / {args.kv_heads} KV "
+          f"heads of {args.head_dim}, block {args.block_size}, {args.threads} threads")
+    print(f"copy bandwidth (read + write): {copy_bw:.1f} GB/s")
+    print(f"{'cache':9s} {'kernel ms':>9s} {'K/V GB/s':>9s} {'of copy bw':>10s} "
+          f"{'torch path ms':>13s} {'speed-up':>8s}")
+    for dt, results in rows.items():
+        kern = min(r[0] for r in results)
+        ref = min(r[1] for r in results)
+        itemsize = torch.empty((), dtype=dt).element_size()
+        nbytes = 2 * s * ctx * args.kv_heads * args.head_dim * itemsize
+        bw = nbytes / kern / 1e6
+        print(f"{str(dt)[6:]:9s} {kern:9.2f} {bw:9.1f} {bw / copy_bw * 100:9.0f}% {ref:13.2f} "
+              f"{ref / kern:7.1f}x")
+
+
+def gemm_flops(reps: int) -> float:
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    return 2 * 2048 ** 3 / (best_ms(lambda: a @ b, reps) / 1e3)
+
+
+def prefill_rows(args, rounds: int, gen: torch.Generator) -> None:
+    chunks, prefix = args.chunks, args.prefix
+    s = len(chunks)
+    lens = [prefix + c for c in chunks]
+    tables, caches = paged(s, max(lens), args, gen)
+    seq_lens = torch.tensor(lens, dtype=torch.int64)
+    starts = [0]
+    for c in chunks:
+        starts.append(starts[-1] + c)
+    q = torch.randn(starts[-1], args.heads, args.head_dim, generator=gen)
+    out = torch.empty_like(q)
+    scale = args.head_dim ** -0.5
+    # useful FLOPs: query j of a chunk sees prefix + j + 1 keys; QK^T and PV are 2 each per key
+    keys = sum(c * prefix + c * (c + 1) // 2 for c in chunks)
+    flops = 4 * keys * args.heads * args.head_dim
+    rows: dict = {}
+    peaks = []
+    for _ in range(rounds):
+        peaks.append(gemm_flops(args.reps))
+        for dt, (k, v) in caches.items():
+            kern = best_ms(lambda: paged_attention_cpu(q, k, v, tables, seq_lens,
+                                                       torch.tensor(starts), scale, out=out),
+                           args.reps)
+            rows.setdefault(dt, []).append(kern)
+        k, v = caches[torch.float32]
+        rows.setdefault("ref", []).append(best_ms(lambda: paged_attention_prefill_ref(
+            q, k, v, tables, starts, lens, scale), max(1, args.reps // 4)))
+    peak = max(peaks)
+    ref = min(rows.pop("ref"))
+    print(f"prompt chunks {chunks} after a cached prefix of {prefix}, {args.heads} heads / "
+          f"{args.kv_heads} KV heads of {args.head_dim}, block {args.block_size}, "
+          f"{args.threads} threads: {flops / 1e9:.2f} useful GFLOP per call")
+    print(f"fp32 GEMM peak (2048^3): {peak / 1e9:.0f} GFLOP/s; torch reference {ref:.2f} ms "
+          f"(fp32 cache)")
+    print(f"{'cache':9s} {'kernel ms':>9s} {'GFLOP/s':>9s} {'of GEMM peak':>12s} {'vs ref':>7s}")
+    for dt, results in rows.items():
+        kern = min(results)
+        rate = flops / kern / 1e6
+        print(f"{str(dt)[6:]:9s} {kern:9.2f} {rate:9.1f} {rate / peak * 1e11:11.0f}% "
+              f"{ref / kern:6.1f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--mode", choices=("decode", "prefill", "both"), default="both")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--chunks", type=int, nargs="+", default=[512, 512, 512, 512])
+    ap.add_argument("--prefix", type=int, default=0, help="cached tokens before each chunk")
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=64)
@@ -53,45 +162,11 @@ def main() -> None:
     if not cpu_attention_available():
         sys.exit("the C++ extension did not build (see the warning above)")
     torch.set_num_threads(args.threads)
-    s, ctx, bs = args.batch, args.context, args.block_size
-    per_seq = -(-ctx // bs)
-    num_blocks = s * per_seq + 16
-    tables = torch.randperm(num_blocks)[:s * per_seq].view(s, per_seq)   # scattered blocks
-    seq_lens = torch.full((s,), ctx, dtype=torch.int64)
-    starts = torch.arange(s + 1, dtype=torch.int64)
-    q = torch.randn(s, args.heads, args.head_dim)
-    out = torch.empty_like(q)
-    shape = (num_blocks, bs, args.kv_heads, args.head_dim)
-    copy_src = torch.randn(2 * s * ctx * args.kv_heads * args.head_dim)   # fp32 K + V bytes
-    copy_dst = torch.empty_like(copy_src)
-    caches = {dt: (torch.randn(shape).to(dt), torch.randn(shape).to(dt))
-              for dt in (torch.float32, torch.float16, torch.bfloat16)}
-    scale = args.head_dim ** -0.5
-    rows = {}
-    for _ in range(args.rounds):
-        copy_ms = best_ms(lambda: copy_dst.copy_(copy_src), args.reps)
-        rows.setdefault("copy", []).append(copy_ms)
-        for dt, (k, v) in caches.items():
-            kern = best_ms(lambda: paged_attention_cpu(q, k, v, tables, seq_lens, starts, scale,
-                                                       out=out), args.reps)
-            kf, vf = (k, v) if dt == torch.float32 else (k.float(), v.float())
-            ref = best_ms(lambda: paged_attention_decode_cpu(q, kf, vf, tables, seq_lens, scale),
-                          args.reps)
-            rows.setdefault(dt, []).append((kern, ref))
-    copy_ms = min(rows.pop("copy"))
-    copy_bw = 2 * copy_src.numel() * 4 / copy_ms / 1e6   # GB/s, read + write
-    print(f"decode attention, batch {s} x context {ctx}, {args.heads} heads / {args.kv_heads} KV "
-          f"heads of {args.head_dim}, block {bs}, {args.threads} threads")
-    print(f"copy bandwidth (read + write): {copy_bw:.1f} GB/s")
-    print(f"{'cache':9s} {'kernel ms':>9s} {'K/V GB/s':>9s} {'of copy bw':>10s} "
-          f"{'torch path ms':>13s} {'speed-up':>8s}")
-    for dt, results in rows.items():
-        kern = min(r[0] for r in results)
-        ref = min(r[1] for r in results)
-        nbytes = 2 * s * ctx * args.kv_heads * args.head_dim * torch.empty((), dtype=dt).element_size()
-        bw = nbytes / kern / 1e6
-        print(f"{str(dt)[6:]:9s} {kern:9.2f} {bw:9.1f} {bw / copy_bw * 100:9.0f}% {ref:13.2f} "
-              f"{ref / kern:7.1f}x")
+    gen = torch.Generator().manual_seed(0)
+    if args.mode in ("decode", "both"):
+        decode_rows(args, args.rounds, gen)
+    if args.mode in ("prefill", "both"):
+        prefill_rows(args, args.rounds, gen)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 
 _SOURCES = [Path(__file__).parent / "csrc" / name
             for name in ("paged_attention_cpu.cpp", "elementwise_cpu.cpp")]
+# headers the sources include: part of the build's name, so an edit to one rebuilds
+_HEADERS = [Path(__file__).parent / "csrc" / "vec.h"]
 # -fopenmp: at::parallel_for is a header template, OpenMP-backed only when compiled so (the
 # libgomp torch loads is the one the extension then uses: one thread team per process)
 _CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp"]
@@ -47,7 +49,7 @@ def _cpu_vector_flags() -> str:
 
 def _build_name() -> str:
     h = hashlib.sha256()
-    for src in _SOURCES:
+    for src in _SOURCES + _HEADERS:
         h.update(src.read_bytes())
     h.update(" ".join(_CFLAGS + [torch.__version__, _cpu_vector_flags()]).encode())
     return f"tessera_cpu_{h.hexdigest()[:16]}"

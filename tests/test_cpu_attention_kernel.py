@@ -27,28 +27,32 @@ def test_cpu_kernel_builds():
 # (query tokens this step, tokens in the cache after it): 3 decodes, then prompt chunks
 # (a whole prompt, chunks after a cached prefix, a one-token chunk after the decodes)
 BATCH = [(1, 1), (1, 37), (1, 70), (5, 5), (17, 60), (1, 9), (40, 100)]
+# Long prompt chunks: several query tiles (64 rows) and key spans (64 keys) per item, chunks
+# after a prefix that does not end on a span, a chunk of exactly one tile, and short chunks
+# either side of the vector width (the kernel's switch between its two paths).
+LONG = [(1, 200), (1, 333), (150, 240), (64, 64), (8, 8), (3, 300), (97, 130), (16, 40)]
 
 
-def _case(dtype, heads, kv_heads, head_dim, block_size, seed=0):
+def _case(dtype, heads, kv_heads, head_dim, block_size, seed=0, batch=BATCH):
     g = torch.Generator().manual_seed(seed)
-    num_seqs = len(BATCH)
-    width = max(-(-n // block_size) for _, n in BATCH)
+    num_seqs = len(batch)
+    width = max(-(-n // block_size) for _, n in batch)
     num_blocks = num_seqs * width + 5
     k = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype)
     v = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype)
     tables = torch.randperm(num_blocks, generator=g)[:num_seqs * width].view(num_seqs, width)
-    q = torch.randn(sum(t for t, _ in BATCH), heads, head_dim, generator=g)
+    q = torch.randn(sum(t for t, _ in batch), heads, head_dim, generator=g)
     starts = [0]
-    for t, _ in BATCH:
+    for t, _ in batch:
         starts.append(starts[-1] + t)
     return q, k, v, tables, starts
 
 
-def _reference(q, k, v, tables, starts, scale, window):
-    """Decodes through the decode reference, everything else through the prefill one."""
+def _reference(q, k, v, tables, starts, scale, window, batch=BATCH):
+    """The leading decodes through the decode reference, the rest through the prefill one."""
     kf, vf = k.float(), v.float()
-    seq_lens = [n for _, n in BATCH]
-    nd = 3
+    seq_lens = [n for _, n in batch]
+    nd = next(i for i, (t, _) in enumerate(batch) if t > 1)
     dec = paged_attention_decode_ref(q[:nd], kf, vf, tables[:nd], torch.tensor(seq_lens[:nd]),
                                      scale, window)
     pre = paged_attention_prefill_ref(q[nd:], kf, vf, tables[nd:],
@@ -71,6 +75,39 @@ def test_cpu_kernel_matches_reference(dtype, group, head_dim, block_size, window
                         torch.tensor(starts), scale, window, out=out)
     ref = _reference(q, k, v, tables, starts, scale, window)
     # the cache values are the same numbers in both (the ref upcasts them): fp32 tolerance
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("head_dim", [64, 80, 128])
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("window", [None, 33, 100])
+def test_cpu_kernel_long_chunks(dtype, group, head_dim, block_size, window):
+    kv_heads = 2
+    q, k, v, tables, starts = _case(dtype, kv_heads * group, kv_heads, head_dim, block_size,
+                                    seed=4, batch=LONG)
+    scale = head_dim ** -0.5
+    out = torch.full(q.shape, float("nan"))
+    paged_attention_cpu(q, k, v, tables, torch.tensor([n for _, n in LONG]),
+                        torch.tensor(starts), scale, window, out=out)
+    ref = _reference(q, k, v, tables, starts, scale, window, batch=LONG)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
+def test_cpu_kernel_long_chunks_ignore_unused_slots():
+    """NaN in every slot no sequence uses, with long chunks (the prompt path reads fp32 rows
+    in place and pads spans with zero keys): nothing of them may leak."""
+    q, k, v, tables, starts = _case(torch.float32, 4, 2, 64, 16, seed=5, batch=LONG)
+    used = torch.zeros(k.shape[0] * 16, dtype=torch.bool)
+    for i, (_, n) in enumerate(LONG):
+        for pos in range(n):
+            used[int(tables[i, pos // 16]) * 16 + pos % 16] = True
+    ref = _reference(q, k, v, tables, starts, 0.125, None, batch=LONG)
+    for cache in (k, v):
+        cache.view(-1, 2, 64)[~used] = float("nan")
+    out = paged_attention_cpu(q, k, v, tables, torch.tensor([n for _, n in LONG]),
+                              torch.tensor(starts), 0.125)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
 
 

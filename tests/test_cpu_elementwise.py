@@ -25,12 +25,22 @@ def test_cpu_kernels_are_used():
 
 
 @pytest.mark.parametrize("rows", [1, 7, 100])
-@pytest.mark.parametrize("inter", [176, 1536])
+@pytest.mark.parametrize("inter", [13, 176, 1536])   # 13: a tail past the last full vector
 def test_silu_and_mul(rows, inter):
     x = torch.randn(rows, 2 * inter) * 4
     torch.testing.assert_close(silu_and_mul(x), silu_and_mul_ref(x), atol=1e-6, rtol=1e-5)
     wide = torch.randn(rows, 2 * inter + 10)[:, :2 * inter]   # strided rows
     torch.testing.assert_close(silu_and_mul(wide), silu_and_mul_ref(wide), atol=1e-6, rtol=1e-5)
+
+
+def test_silu_and_mul_extremes():
+    """The vectorized exp's clamped range: gates far past +-88, zeros, infinities and NaN."""
+    gate = torch.tensor([-1e4, -200., -88.5, -87., -20., -1e-30, 0., 1e-30, 20., 87., 88.5, 200.,
+                         1e4, float("inf"), float("-inf"), float("nan")] * 3)
+    x = torch.cat([gate, torch.linspace(-3, 3, gate.numel())])[None].repeat(70, 1)
+    x[1::2, :gate.numel()] = torch.randn(35, gate.numel()) * 30
+    torch.testing.assert_close(silu_and_mul(x), silu_and_mul_ref(x), atol=1e-6, rtol=1e-5,
+                               equal_nan=True)
 
 
 @pytest.mark.parametrize("rows,hidden", [(1, 64), (33, 576), (100, 512)])

@@ -75,13 +75,15 @@ def test_greedy_batch_matches_hf(smollm2_gguf, reference):
     assert llm.tokenizer.decode(answer[:answer.index(2)]) == "The capital of France is Paris."
 
 
-@pytest.mark.parametrize("prepacked,atol", [(False, 1e-4), (True, 3e-4)],
+@pytest.mark.parametrize("prepacked,atol", [(False, 1.5e-4), (True, 3e-4)],
                          ids=["plain-linears", "prepacked-linears"])
 def test_prompt_logits_match_hf(smollm2_gguf, reference, monkeypatch, prepacked, atol):
-    """Within 1e-4 of HF on the plain fp32 path. The CPU fast path's oneDNN-prepacked linears
-    (worker/layers/cpu_linear.py) sum in another order: over 30 layers that moves a few of
-    the 1.8M logits by up to ~1.5e-4, so that path is held to 3e-4 (greedy tokens are equal,
-    test_greedy_batch_matches_hf)."""
+    """Within 1.5e-4 of HF on the plain fp32 path: the C++ attention sums in its own order (its
+    error against a float64 reference equals torch's fp32 one), which put one of the 1.8M
+    logits at 1.006e-4 (9.1e-5 before its prompt-chunk micro-kernels). The CPU fast path's
+    oneDNN-prepacked linears (worker/layers/cpu_linear.py) sum in another order too: over 30
+    layers that moves a few of the 1.8M logits by up to ~1.5e-4, so that path is held to 3e-4
+    (greedy tokens are equal, test_greedy_batch_matches_hf)."""
     monkeypatch.setenv("TESSERA_CPU_PREPACK", "1" if prepacked else "0")
     prompts, refs = reference
     runner = ModelRunner(ModelConfig.from_dir(smollm2_gguf), "float32", num_blocks=64,

@@ -6,12 +6,22 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
+#include "vec.h"
+
 namespace {
 
-constexpr int64_t kGrain = 16;  // rows per task: enough work to amortize a thread wake-up
+// Elements per task: a decode step's call (64 rows of 512-1536) stays on one thread, where
+// waking the second one costs more than it saves (and, on a loaded machine, may wait for a
+// core); prompt-sized calls split over the threads.
+constexpr int64_t kGrainElems = 1 << 19;  // elements read + written
+
+inline int64_t grain(int64_t row_elems) {
+  return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, row_elems));
+}
 
 void check_rows(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 2 && t.scalar_type() == at::kFloat && t.stride(1) == 1,
@@ -27,13 +37,18 @@ void silu_and_mul(at::Tensor out, const at::Tensor& x) {
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t xs = x.stride(0), os = out.stride(0);
-  at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, grain(3 * inter), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const float* g = xp + r * xs;
       const float* u = g + inter;
       float* o = op + r * os;
-#pragma omp simd
-      for (int64_t i = 0; i < inter; ++i) o[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+      int64_t i = 0;
+      // glibc's expf is not vectorized by the compiler: the polynomial exp of vec.h is
+      for (; i + tvec::kW <= inter; i += tvec::kW) {
+        const tvec::vf gv = tvec::loadu(g + i);
+        tvec::storeu(o + i, gv / (1.f + tvec::vexp(-gv)) * tvec::loadu(u + i));
+      }
+      for (; i < inter; ++i) o[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
     }
   });
 }
@@ -61,7 +76,7 @@ void rms_norm(at::Tensor out, at::Tensor residual_out, const at::Tensor& x,
   const int64_t xs = x.stride(0), os = out.stride(0);
   const int64_t rs = has_res ? residual->stride(0) : 0, ros = has_res ? residual_out.stride(0) : 0;
   const float feps = static_cast<float>(eps);
-  at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, grain(3 * hidden), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const float* src = xp + r * xs;
       if (has_res) {
@@ -88,7 +103,7 @@ void rotate(at::Tensor& x, const int64_t* pos, const float* cs, int64_t cs_strid
   const int64_t tokens = x.size(0), heads = x.size(1), d = x.size(2), half = d / 2;
   float* xp = x.data_ptr<float>();
   const int64_t ts = x.stride(0), hs = x.stride(1);
-  at::parallel_for(0, tokens, kGrain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, tokens, grain(2 * heads * d), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const float* c = cs + pos[t] * cs_stride;
       const float* s = c + half;

@@ -1,11 +1,20 @@
 // Paged attention on the CPU: decodes and prompt chunks in one call, K/V read in place.
 //
-// Each work item is (sequence, KV head, tile of query tokens). It walks the sequence's cache
-// blocks through its block-table row, converts one block of K (transposed) and V to float32
-// in a thread-local scratch (the cache may be fp32, fp16 or bf16), and keeps a running
-// (max, sum, accumulator) per query row: the flash-attention recurrence, so no score matrix
-// over the whole context and no gathered copy of the cache ever exists. Masking is by index
-// ranges (causal within the chunk, full over the prefix, sliding window), so no -inf is
+// Each work item is a sequence's tile of query rows (tokens x the query heads of a KV head)
+// over some of its KV heads. It walks the sequence's keys in spans of a few cache blocks
+// through its block-table row and keeps a running (max, sum, accumulator) per query row: the
+// flash-attention recurrence, so no score matrix over the whole context and no gathered copy
+// of the cache ever exists. Two paths, by the number of rows of an item:
+// - prompt chunks (many rows, compute-bound): scores are computed transposed, S^T = K Q^T,
+//   so each SIMD vector holds one key's scores for kW query rows: the query tile is
+//   transposed once per item, K is read as stored (broadcast element by element), the
+//   softmax runs down the columns with no horizontal reductions, and O += P V broadcasts
+//   P^T's entries against V's rows. Both products are register-blocked micro-kernels.
+// - decodes (a few rows, bound by reading K/V once): one dot product per key and row over K
+//   as stored, all KV heads of a block in one pass front to back, the next span prefetched.
+// Half-precision caches (fp16/bf16) are converted to float32 as they are loaded (the prompt
+// path converts each span once into a scratch copy). Masking is by index ranges (causal
+// within the chunk, full over the prefix, sliding window) and lane selects, so no -inf is
 // produced and -ffast-math is safe. Items are pulled from an atomic counter by torch's
 // intra-op threads: sequences of unequal length still keep both cores busy.
 //
@@ -23,221 +32,325 @@
 #include <algorithm>
 #include <atomic>
 #include <cfloat>
-#include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
 #include <vector>
 
+#include "vec.h"
+
 namespace {
 
-constexpr int64_t kVec = 16;       // floats per inner chunk: one zmm, or two ymm on AVX2
-constexpr int64_t kRowsTile = 16;  // query rows (tokens x group heads) per work item
+using tvec::kW;
+using tvec::vf;
+using tvec::vi;
 
-inline float load(const float* p) { return *p; }
-inline float load(const at::BFloat16* p) {
-  uint32_t bits = static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(p)) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-// fp16 -> fp32 with integer ops only, so the conversion loops vectorize on any AVX2 CPU:
-// shift exponent and mantissa into place and rescale by 2^112 (exact for normals and
-// subnormals); infinities and NaNs keep an all-ones exponent.
-inline float load(const at::Half* p) {
-  const uint32_t h = *reinterpret_cast<const uint16_t*>(p);
-  const uint32_t em = h & 0x7fffu;
-  uint32_t bits = em << 13;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  f *= 0x1p112f;
-  std::memcpy(&bits, &f, sizeof(f));
-  bits = em >= 0x7c00u ? ((em << 13) | 0x7f800000u) : bits;
-  bits |= (h & 0x8000u) << 16;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
+constexpr int64_t kTileRows = 64;  // query rows (tokens x group heads) per prompt-chunk item
+constexpr int64_t kSpanKeys = 64;  // keys per span (rounded to whole cache blocks)
+// micro-kernel shapes: MK keys x NR vectors of rows (scores), MR rows x NR vectors of D (PV)
+#if defined(__AVX512F__)
+constexpr int kNR = 4;
+#else
+constexpr int kNR = 2;  // 16 vector registers: 12 accumulators + operands
+#endif
+constexpr int kMK = 6;
+constexpr int kMR = 4;
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 struct Item {
   int64_t seq, h_begin, h_end, q_begin, q_end;  // KV heads; q_* index the sequence's queries
 };
 
-struct Scratch {
-  std::vector<float> q, kt, v, s, p, acc, m, l;
-  void reserve(int64_t heads, int64_t rows, int64_t bsp, int64_t d) {
-    q.resize(heads * rows * d); kt.resize(d * bsp); v.resize(bsp * d); s.resize(rows * bsp);
-    p.resize(bsp); acc.resize(heads * rows * d); m.resize(heads * rows); l.resize(heads * rows);
-  }
+struct Shape {
+  int64_t hq, hkv, group, d, dp, bs, span, row_elems, block_elems, window;
+  float scale;
 };
 
-// scores s[r][0:bsp] = q[r] . K[0:bsp] from the transposed block kt[d][bsp]; four rows share
-// each load of kt.
-inline void scores(const float* q, const float* kt, float* s, int64_t rows, int64_t d, int64_t bsp) {
-  for (int64_t c = 0; c < bsp; c += kVec) {
-    int64_t r = 0;
-    for (; r + 4 <= rows; r += 4) {
-      float a0[kVec] = {}, a1[kVec] = {}, a2[kVec] = {}, a3[kVec] = {};
-      const float *q0 = q + r * d, *q1 = q0 + d, *q2 = q1 + d, *q3 = q2 + d;
-      for (int64_t i = 0; i < d; ++i) {
-        const float* k = kt + i * bsp + c;
-#pragma omp simd
-        for (int64_t j = 0; j < kVec; ++j) {
-          a0[j] += q0[i] * k[j]; a1[j] += q1[i] * k[j];
-          a2[j] += q2[i] * k[j]; a3[j] += q3[i] * k[j];
-        }
-      }
-      std::memcpy(s + r * bsp + c, a0, sizeof(a0));
-      std::memcpy(s + (r + 1) * bsp + c, a1, sizeof(a1));
-      std::memcpy(s + (r + 2) * bsp + c, a2, sizeof(a2));
-      std::memcpy(s + (r + 3) * bsp + c, a3, sizeof(a3));
-    }
-    for (; r < rows; ++r) {
-      float a[kVec] = {};
-      const float* qr = q + r * d;
-      for (int64_t i = 0; i < d; ++i) {
-        const float* k = kt + i * bsp + c;
-#pragma omp simd
-        for (int64_t j = 0; j < kVec; ++j) a[j] += qr[i] * k[j];
-      }
-      std::memcpy(s + r * bsp + c, a, sizeof(a));
-    }
-  }
-}
+struct Scratch {
+  std::vector<float> q, kc, vc, s, o, m, l, corr, zero;
+  std::vector<int32_t> qpos;
+  std::vector<const float*> kp, vp;
+};
 
-// acc[0:d] = acc * corr + sum_k p[k] V[k] over keys lo..hi of the block (v is [bsp][d]).
-inline void accumulate(float* acc, const float* p, const float* v, int64_t lo, int64_t hi,
-                       int64_t d, float corr) {
-  int64_t c = 0;
-  for (; c + kVec <= d; c += kVec) {
-    float a[kVec];
-#pragma omp simd
-    for (int64_t j = 0; j < kVec; ++j) a[j] = acc[c + j] * corr;
-    for (int64_t k = lo; k < hi; ++k) {
-      const float* vk = v + k * d + c;
-      const float pk = p[k];
-#pragma omp simd
-      for (int64_t j = 0; j < kVec; ++j) a[j] += pk * vk[j];
-    }
-    std::memcpy(acc + c, a, sizeof(a));
-  }
-  for (; c < d; ++c) {  // head sizes that are not a multiple of kVec
-    float a = acc[c] * corr;
-    for (int64_t k = lo; k < hi; ++k) a += p[k] * v[k * d + c];
-    acc[c] = a;
-  }
-}
-
+// Where the keys base .. base + n - 1 of head h live as float32 rows: straight into the cache
+// when it is float32 (and, if `padded`, d a whole number of vectors: readers then go to dp),
+// else converted into `conv` (n x dp, zero padded past d).
 template <typename cache_t>
-void run_item(const Item& it, Scratch& sc, const float* query, int64_t q_stride_t,
-              int64_t q_stride_h, float* out, const cache_t* kc, const cache_t* vc,
-              const int64_t* tables, int64_t table_stride, const int64_t* seq_lens,
-              const int64_t* qsl, int64_t hq, int64_t hkv, int64_t d, int64_t bs,
-              float scale, int64_t window) {
-  const int64_t group = hq / hkv;
-  const int64_t bsp = (bs + kVec - 1) / kVec * kVec;
-  const int64_t seq_len = seq_lens[it.seq];
-  const int64_t q_len = qsl[it.seq + 1] - qsl[it.seq];
-  const int64_t first_pos = seq_len - q_len;  // position of the sequence's first query
+void span_rows(const cache_t* cache, const int64_t* table, int64_t base, int64_t n, int64_t h,
+               const Shape& sh, bool padded, float* conv, const float** rows) {
+  for (int64_t k = 0; k < n; ++k) {
+    const int64_t pos = base + k;
+    const cache_t* src = cache + table[pos / sh.bs] * sh.block_elems + (pos % sh.bs) * sh.row_elems
+                         + h * sh.d;
+    if (std::is_same_v<cache_t, float> && (!padded || sh.d == sh.dp)) {
+      rows[k] = reinterpret_cast<const float*>(src);
+    } else {
+      float* dst = conv + k * sh.dp;
+      int64_t i = 0;
+      for (; i + kW <= sh.d; i += kW) tvec::storeu(dst + i, tvec::loadv(src + i));
+      for (; i < sh.d; ++i) dst[i] = tvec::load(src + i);
+      for (; i < sh.dp; ++i) dst[i] = 0.f;
+      rows[k] = dst;
+    }
+  }
+}
+
+// S^T[k0 .. k0 + MK) x rows [r0, r0 + NR kW) = K Q^T; qt is [d][rp], st is [span][rp]
+template <int MK, int NR>
+inline void qk_tile(const float* const* kp, const float* qt, float* st, int64_t rp, int64_t d,
+                    int64_t k0, int64_t r0) {
+  vf acc[MK][NR];
+  const float* k[MK];
+#pragma GCC unroll 8
+  for (int m = 0; m < MK; ++m) {
+    k[m] = kp[k0 + m];
+#pragma GCC unroll 4
+    for (int v = 0; v < NR; ++v) acc[m][v] = vf{};
+  }
+  for (int64_t i = 0; i < d; ++i) {
+    vf b[NR];
+#pragma GCC unroll 4
+    for (int v = 0; v < NR; ++v) b[v] = tvec::loadu(qt + i * rp + r0 + v * kW);
+#pragma GCC unroll 8
+    for (int m = 0; m < MK; ++m) {
+      const vf a = tvec::splat(k[m][i]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NR; ++v) acc[m][v] += a * b[v];
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MK; ++m)
+#pragma GCC unroll 4
+    for (int v = 0; v < NR; ++v) tvec::storeu(st + (k0 + m) * rp + r0 + v * kW, acc[m][v]);
+}
+
+// O[r0 .. r0 + MR) x columns [c0, c0 + NR kW) = O corr + P V over keys 0 .. n - 1
+template <int NR>
+inline void pv_tile(float* o, const float* pt, const float* const* vp, const float* corr,
+                    int64_t rp, int64_t dp, int64_t n, int64_t r0, int64_t c0) {
+  vf acc[kMR][NR];
+#pragma GCC unroll 4
+  for (int m = 0; m < kMR; ++m) {
+    const vf c = tvec::splat(corr[r0 + m]);
+#pragma GCC unroll 4
+    for (int v = 0; v < NR; ++v) acc[m][v] = tvec::loadu(o + (r0 + m) * dp + c0 + v * kW) * c;
+  }
+  for (int64_t k = 0; k < n; ++k) {
+    vf b[NR];
+#pragma GCC unroll 4
+    for (int v = 0; v < NR; ++v) b[v] = tvec::loadu(vp[k] + c0 + v * kW);
+    const float* p = pt + k * rp + r0;
+#pragma GCC unroll 4
+    for (int m = 0; m < kMR; ++m) {
+      const vf a = tvec::splat(p[m]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NR; ++v) acc[m][v] += a * b[v];
+    }
+  }
+#pragma GCC unroll 4
+  for (int m = 0; m < kMR; ++m)
+#pragma GCC unroll 4
+    for (int v = 0; v < NR; ++v) tvec::storeu(o + (r0 + m) * dp + c0 + v * kW, acc[m][v]);
+}
+
+// A prompt-chunk item: one KV head, up to kTileRows rows, scores transposed.
+template <typename cache_t>
+void chunk_item(const Item& it, Scratch& sc, const float* query, int64_t q_stride_t,
+                int64_t q_stride_h, float* out, const cache_t* kc, const cache_t* vc,
+                const int64_t* table, int64_t seq_len, int64_t q_start, int64_t q_len,
+                const Shape& sh) {
+  const int64_t h = it.h_begin;
   const int64_t ntok = it.q_end - it.q_begin;
-  const int64_t rows = ntok * group;          // per KV head
-  const int64_t nheads = it.h_end - it.h_begin;
-  float *kt = sc.kt.data(), *v = sc.v.data(), *s = sc.s.data(), *p = sc.p.data();
-  // per KV head h of the item: rows (token, head in group); the scale is folded into q once
-  for (int64_t h = 0; h < nheads; ++h)
-    for (int64_t t = 0; t < ntok; ++t) {
-      const int64_t tok = qsl[it.seq] + it.q_begin + t;
-      for (int64_t g = 0; g < group; ++g) {
-        const float* src = query + tok * q_stride_t + ((it.h_begin + h) * group + g) * q_stride_h;
-        float* dst = sc.q.data() + ((h * rows) + t * group + g) * d;
-        for (int64_t i = 0; i < d; ++i) dst[i] = src[i] * scale;
-      }
-    }
-  std::fill(sc.acc.begin(), sc.acc.begin() + nheads * rows * d, 0.f);
-  std::fill(sc.m.begin(), sc.m.begin() + nheads * rows, -FLT_MAX);
-  std::fill(sc.l.begin(), sc.l.begin() + nheads * rows, 0.f);
-  const int64_t last_pos = first_pos + it.q_end - 1;
-  const int64_t key_lo = window > 0 ? std::max<int64_t>(0, first_pos + it.q_begin - window + 1) : 0;
-  const int64_t key_hi = last_pos + 1;  // exclusive
-  const int64_t* row_table = tables + it.seq * table_stride;
-  const int64_t row_elems = hkv * d;
-  const int64_t block_elems = bs * row_elems;
-  for (int64_t b = key_lo / bs; b * bs < key_hi; ++b) {
-    const int64_t base = b * bs;
-    const int64_t n = std::min(bs, key_hi - base);
-    const int64_t block = row_table[b];
-    if ((b + 1) * bs < key_hi) {  // the next block is elsewhere in memory: ask for it early
-      const char* nk = reinterpret_cast<const char*>(kc + row_table[b + 1] * block_elems);
-      const char* nv = reinterpret_cast<const char*>(vc + row_table[b + 1] * block_elems);
-      const int64_t bytes = block_elems * static_cast<int64_t>(sizeof(cache_t));
-      for (int64_t off = 0; off < bytes; off += 64) {
-        __builtin_prefetch(nk + off);
-        __builtin_prefetch(nv + off);
-      }
-    }
-    for (int64_t h = 0; h < nheads; ++h) {
-      const cache_t* kb = kc + block * block_elems + (it.h_begin + h) * d;
-      const cache_t* vb = vc + block * block_elems + (it.h_begin + h) * d;
-      float* q = sc.q.data() + h * rows * d;
-      // Few rows (decodes): one dot product per key over K as stored. Many rows (prompt
-      // chunks): K transposed once per block, then every row's scores are outer-product FMAs.
-      const bool transpose = rows >= 4;
+  const int64_t rows = ntok * sh.group;
+  const int64_t rp = round_up(rows, kNR * kW);
+  const int64_t d = sh.d, dp = sh.dp;
+  const int64_t first_pos = seq_len - q_len + it.q_begin;  // position of the item's first query
+  float *qt = sc.q.data(), *st = sc.s.data(), *o = sc.o.data();
+  float *m = sc.m.data(), *l = sc.l.data(), *corr = sc.corr.data();
+  int32_t* qpos = sc.qpos.data();
+  // Q^T, scaled; rows past the tile are zero, and their position -1 hides every key from them
+  for (int64_t r = 0; r < rp; ++r) {
+    const bool real = r < rows;
+    const float* src = real ? query + (q_start + it.q_begin + r / sh.group) * q_stride_t
+                                  + (h * sh.group + r % sh.group) * q_stride_h : nullptr;
+    for (int64_t i = 0; i < d; ++i) qt[i * rp + r] = real ? src[i] * sh.scale : 0.f;
+    qpos[r] = real ? static_cast<int32_t>(first_pos + r / sh.group) : -1;
+    m[r] = -FLT_MAX;
+    l[r] = 0.f;
+  }
+  std::fill(o, o + rp * dp, 0.f);
+  const int64_t last_pos = first_pos + ntok - 1;
+  const int64_t key_lo = sh.window > 0 ? std::max<int64_t>(0, first_pos - sh.window + 1) : 0;
+  const int64_t key_hi = last_pos + 1;
+  for (int64_t base = key_lo / sh.bs * sh.bs; base < key_hi; base += sh.span) {
+    const int64_t n = std::min(sh.span, key_hi - base);
+    span_rows(kc, table, base, n, h, sh, false, sc.kc.data(), sc.kp.data());
+    span_rows(vc, table, base, n, h, sh, true, sc.vc.data(), sc.vp.data());
+    const int64_t np = round_up(n, kMK);
+    for (int64_t k = n; k < np; ++k) sc.kp[k] = sc.zero.data();   // padding keys: finite zeros
+    for (int64_t r0 = 0; r0 < rp; r0 += kNR * kW)
+      for (int64_t k0 = 0; k0 < np; k0 += kMK)
+        qk_tile<kMK, kNR>(sc.kp.data(), qt, st, rp, d, k0, r0);
+    // online softmax down each column of S^T, kW rows at a time
+    for (int64_t r0 = 0; r0 < rp; r0 += kW) {
+      const vi qp = [&] { vi v; std::memcpy(&v, qpos + r0, sizeof(v)); return v; }();
+      const vi lo = sh.window > 0 ? qp - static_cast<int32_t>(sh.window) : tvec::splati(-1);
+      const vf m_old = tvec::loadu(m + r0);
+      vf mx = m_old;
       for (int64_t k = 0; k < n; ++k) {
-        const cache_t* kr = kb + k * row_elems;
-        const cache_t* vr = vb + k * row_elems;
-        if (transpose) {
-          for (int64_t i = 0; i < d; ++i) kt[i * bsp + k] = load(kr + i);
-        } else {
-          for (int64_t i = 0; i < d; ++i) kt[k * d + i] = load(kr + i);
-        }
-        for (int64_t i = 0; i < d; ++i) v[k * d + i] = load(vr + i);
+        const vi kpos = tvec::splati(static_cast<int32_t>(base + k));
+        const vi vis = (kpos <= qp) & (kpos > lo);
+        mx = tvec::vmax(mx, tvec::select(vis, tvec::loadu(st + k * rp + r0), tvec::splat(-FLT_MAX)));
       }
-      if (transpose) {
-        for (int64_t k = n; k < bsp; ++k)  // padding keys: finite, never inside a row's range
-          for (int64_t i = 0; i < d; ++i) kt[i * bsp + k] = 0.f;
-        scores(q, kt, s, rows, d, bsp);
-      } else {
-        for (int64_t r = 0; r < rows; ++r)
-          for (int64_t k = 0; k < n; ++k) {
-            float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-            for (int64_t i = 0; i < d; ++i) dot += q[r * d + i] * kt[k * d + i];
-            s[r * bsp + k] = dot;
-          }
+      const vf l_old = tvec::loadu(l + r0);
+      const vf c = tvec::select(l_old == 0.f, tvec::splat(0.f), tvec::vexp(m_old - mx));
+      vf sum = vf{};
+      for (int64_t k = 0; k < n; ++k) {
+        const vi kpos = tvec::splati(static_cast<int32_t>(base + k));
+        const vi vis = (kpos <= qp) & (kpos > lo);
+        float* sk = st + k * rp + r0;
+        const vf p = tvec::select(vis, tvec::vexp(tvec::loadu(sk) - mx), tvec::splat(0.f));
+        tvec::storeu(sk, p);
+        sum += p;
       }
-      float* acc = sc.acc.data() + h * rows * d;
-      float* m = sc.m.data() + h * rows;
-      float* l = sc.l.data() + h * rows;
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t pos = first_pos + it.q_begin + r / group;
-        const int64_t lo = std::max<int64_t>(window > 0 ? pos - window + 1 : 0, base) - base;
-        const int64_t hi = std::min<int64_t>(pos + 1, base + n) - base;
-        if (lo >= hi) continue;
-        const float* sr = s + r * bsp;
-        float mx = m[r];
-        for (int64_t k = lo; k < hi; ++k) mx = std::max(mx, sr[k]);
-        const float corr = l[r] == 0.f ? 0.f : std::exp(m[r] - mx);
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t k = lo; k < hi; ++k) {
-          p[k] = std::exp(sr[k] - mx);
-          sum += p[k];
-        }
-        l[r] = l[r] * corr + sum;
-        m[r] = mx;
-        accumulate(acc + r * d, p, v, lo, hi, d, corr);
+      tvec::storeu(l + r0, l_old * c + sum);
+      tvec::storeu(m + r0, mx);
+      tvec::storeu(corr + r0, c);
+    }
+    for (int64_t r0 = 0; r0 < rp; r0 += kMR) {
+      int64_t c0 = 0;
+      for (; c0 + kNR * kW <= dp; c0 += kNR * kW) pv_tile<kNR>(o, st, sc.vp.data(), corr, rp, dp, n, r0, c0);
+      switch ((dp - c0) / kW) {
+        case 3: pv_tile<3>(o, st, sc.vp.data(), corr, rp, dp, n, r0, c0); break;
+        case 2: pv_tile<2>(o, st, sc.vp.data(), corr, rp, dp, n, r0, c0); break;
+        case 1: pv_tile<1>(o, st, sc.vp.data(), corr, rp, dp, n, r0, c0); break;
+        default: break;
       }
     }
   }
-  for (int64_t h = 0; h < nheads; ++h)
-    for (int64_t t = 0; t < ntok; ++t) {
-      const int64_t tok = qsl[it.seq] + it.q_begin + t;
-      for (int64_t g = 0; g < group; ++g) {
-        const int64_t r = h * rows + t * group + g;
-        const float inv = 1.f / sc.l[r];  // every query sees at least itself: l > 0
-        float* dst = out + (tok * hq + (it.h_begin + h) * group + g) * d;
-        for (int64_t i = 0; i < d; ++i) dst[i] = sc.acc[r * d + i] * inv;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float inv = 1.f / l[r];  // every query sees at least itself: l > 0
+    float* dst = out + (q_start + it.q_begin + r / sh.group) * sh.hq * d
+                 + (h * sh.group + r % sh.group) * d;
+    for (int64_t i = 0; i < d; ++i) dst[i] = o[r * dp + i] * inv;
+  }
+}
+
+// A decode item (or a short chunk): all its KV heads per block, one dot product per key and row.
+template <typename cache_t>
+void decode_item(const Item& it, Scratch& sc, const float* query, int64_t q_stride_t,
+                 int64_t q_stride_h, float* out, const cache_t* kc, const cache_t* vc,
+                 const int64_t* table, int64_t seq_len, int64_t q_start, int64_t q_len,
+                 const Shape& sh) {
+  const int64_t ntok = it.q_end - it.q_begin;
+  const int64_t rows_h = ntok * sh.group;              // rows per KV head
+  const int64_t nheads = it.h_end - it.h_begin;
+  const int64_t rows = nheads * rows_h;
+  const int64_t d = sh.d, dp = sh.dp;
+  const int64_t sp = round_up(sh.span, kW);
+  const int64_t first_pos = seq_len - q_len + it.q_begin;
+  float *q = sc.q.data(), *s = sc.s.data(), *o = sc.o.data(), *m = sc.m.data(), *l = sc.l.data();
+  for (int64_t r = 0; r < rows; ++r) {   // row r: head r / rows_h, token (r % rows_h) / group
+    const int64_t hh = it.h_begin + r / rows_h, t = (r % rows_h) / sh.group, g = r % sh.group;
+    const float* src = query + (q_start + it.q_begin + t) * q_stride_t
+                       + (hh * sh.group + g) * q_stride_h;
+    for (int64_t i = 0; i < d; ++i) q[r * dp + i] = src[i] * sh.scale;
+    for (int64_t i = d; i < dp; ++i) q[r * dp + i] = 0.f;
+    m[r] = -FLT_MAX;
+    l[r] = 0.f;
+  }
+  std::fill(o, o + rows * dp, 0.f);
+  const int64_t key_lo = sh.window > 0 ? std::max<int64_t>(0, first_pos - sh.window + 1) : 0;
+  const int64_t key_hi = first_pos + ntok;
+  const int64_t elem = static_cast<int64_t>(sizeof(cache_t));
+  const vi lanes = tvec::iota();
+  for (int64_t base = key_lo / sh.bs * sh.bs; base < key_hi; base += sh.span) {
+    const int64_t n = std::min(sh.span, key_hi - base);
+    // the next span's rows are elsewhere in memory (other blocks): ask for them early
+    const int64_t next_hi = std::min(key_hi, base + 2 * sh.span);
+    for (int64_t pos = base + sh.span; pos < next_hi; ++pos) {
+      const int64_t off = table[pos / sh.bs] * sh.block_elems + (pos % sh.bs) * sh.row_elems
+                          + it.h_begin * d;
+      const char* nk = reinterpret_cast<const char*>(kc + off);
+      const char* nv = reinterpret_cast<const char*>(vc + off);
+      for (int64_t b = 0; b < nheads * d * elem; b += 64) {
+        __builtin_prefetch(nk + b);
+        __builtin_prefetch(nv + b);
       }
     }
+    // scores s[r][k]
+    for (int64_t k = 0; k < n; ++k) {
+      const int64_t pos = base + k;
+      const int64_t row_off = table[pos / sh.bs] * sh.block_elems + (pos % sh.bs) * sh.row_elems;
+      for (int64_t hh = 0; hh < nheads; ++hh) {
+        const cache_t* kr = kc + row_off + (it.h_begin + hh) * d;
+        for (int64_t rr = 0; rr < rows_h; ++rr) {
+          const int64_t r = hh * rows_h + rr;
+          const float* qr = q + r * dp;
+          vf acc = vf{};
+          int64_t i = 0;
+          for (; i + kW <= d; i += kW) acc += tvec::loadu(qr + i) * tvec::loadv(kr + i);
+          float dot = tvec::hsum(acc);
+          for (; i < d; ++i) dot += qr[i] * tvec::load(kr + i);
+          s[r * sp + k] = dot;
+        }
+      }
+    }
+    // online softmax along each row's keys
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t pos = first_pos + (r % rows_h) / sh.group;
+      const int64_t lo = std::max<int64_t>(sh.window > 0 ? pos - sh.window + 1 : 0, base) - base;
+      const int64_t hi = std::min<int64_t>(pos + 1, base + n) - base;
+      float* sr = s + r * sp;
+      if (lo >= hi) {   // nothing visible in this span: p = 0 everywhere
+        std::fill(sr, sr + n, 0.f);
+        continue;
+      }
+      vf mxv = tvec::splat(m[r]);
+      for (int64_t k0 = 0; k0 < n; k0 += kW) {
+        const vi kk = lanes + static_cast<int32_t>(k0);
+        const vi vis = (kk >= static_cast<int32_t>(lo)) & (kk < static_cast<int32_t>(hi));
+        mxv = tvec::vmax(mxv, tvec::select(vis, tvec::loadu(sr + k0), tvec::splat(-FLT_MAX)));
+      }
+      const float mx = tvec::hmax(mxv);
+      const float c = l[r] == 0.f ? 0.f : tvec::vexp(tvec::splat(m[r] - mx))[0];
+      vf sum = vf{};
+      for (int64_t k0 = 0; k0 < n; k0 += kW) {
+        const vi kk = lanes + static_cast<int32_t>(k0);
+        const vi vis = (kk >= static_cast<int32_t>(lo)) & (kk < static_cast<int32_t>(hi));
+        const vf p = tvec::select(vis, tvec::vexp(tvec::loadu(sr + k0) - mx), tvec::splat(0.f));
+        tvec::storeu(sr + k0, p);
+        sum += p;
+      }
+      l[r] = l[r] * c + tvec::hsum(sum);
+      m[r] = mx;
+      float* orow = o + r * dp;
+      const vf cv = tvec::splat(c);
+      for (int64_t i = 0; i < dp; i += kW) tvec::storeu(orow + i, tvec::loadu(orow + i) * cv);
+    }
+    // O += P V, V rows read once per key for all heads
+    for (int64_t k = 0; k < n; ++k) {
+      const int64_t pos = base + k;
+      const int64_t row_off = table[pos / sh.bs] * sh.block_elems + (pos % sh.bs) * sh.row_elems;
+      for (int64_t hh = 0; hh < nheads; ++hh) {
+        const cache_t* vr = vc + row_off + (it.h_begin + hh) * d;
+        for (int64_t rr = 0; rr < rows_h; ++rr) {
+          const int64_t r = hh * rows_h + rr;
+          const vf p = tvec::splat(s[r * sp + k]);
+          float* orow = o + r * dp;
+          int64_t i = 0;
+          for (; i + kW <= d; i += kW) tvec::storeu(orow + i, tvec::loadu(orow + i) + p * tvec::loadv(vr + i));
+          for (; i < d; ++i) orow[i] += p[0] * tvec::load(vr + i);
+        }
+      }
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t hh = it.h_begin + r / rows_h, t = (r % rows_h) / sh.group, g = r % sh.group;
+    const float inv = 1.f / l[r];  // every query sees at least itself: l > 0
+    float* dst = out + ((q_start + it.q_begin + t) * sh.hq + hh * sh.group + g) * d;
+    for (int64_t i = 0; i < d; ++i) dst[i] = o[r * dp + i] * inv;
+  }
 }
 
 void paged_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& k_cache,
@@ -262,52 +375,78 @@ void paged_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& 
   const int64_t hq = query.size(1), d = query.size(2);
   const int64_t bs = k_cache.size(1), hkv = k_cache.size(2);
   TORCH_CHECK(k_cache.size(3) == d && hkv > 0 && hq % hkv == 0, "head counts / sizes do not match");
+  TORCH_CHECK(bs > 0 && d > 0, "empty blocks or heads");
   const int64_t group = hq / hkv;
   const int64_t* lens = seq_lens.data_ptr<int64_t>();
   const int64_t* qsl = query_start_loc.data_ptr<int64_t>();
   TORCH_CHECK(qsl[0] == 0 && qsl[num_seqs] == query.size(0), "query_start_loc must span the queries");
   const int64_t max_blocks = block_tables.size(1);
-  std::vector<Item> items;
-  const int64_t tile = std::max<int64_t>(1, kRowsTile / group);
-  int64_t num_tiles = 0;
   for (int64_t i = 0; i < num_seqs; ++i) {
     const int64_t q_len = qsl[i + 1] - qsl[i];
     TORCH_CHECK(q_len >= 0 && lens[i] >= q_len, "sequence ", i, ": seq_len < query length");
     TORCH_CHECK((lens[i] + bs - 1) / bs <= max_blocks, "sequence ", i, ": block table too short");
-    num_tiles += (q_len + tile - 1) / tile;
+    TORCH_CHECK(lens[i] < INT32_MAX, "sequence ", i, ": too long");
   }
-  // All KV heads of a tile in one item: a block's K/V are then read front to back. Heads are
-  // split over items only when there would be too few items to keep every thread busy.
+  Shape sh{hq, hkv, group, d, round_up(d, kW), bs, std::max(bs, kSpanKeys / bs * bs), hkv * d,
+           bs * hkv * d, sliding_window, static_cast<float>(scale)};
+  // Prompt chunks with at least a vector's worth of rows per KV head take the transposed path,
+  // one KV head per item; decodes and short chunks keep all KV heads of a tile in one item (a
+  // block's K/V are then read front to back), split only when too few items would leave a
+  // thread idle.
   const int64_t threads = at::get_num_threads();
-  int64_t head_split = 1;
-  while (head_split < hkv && num_tiles * head_split < 4 * threads) head_split *= 2;
-  const int64_t heads_per_item = (hkv + head_split - 1) / head_split;
+  const int64_t chunk_tile = std::max<int64_t>(1, kTileRows / group);
+  const int64_t decode_tile = std::max<int64_t>(1, kW / group);
+  auto is_chunk = [&](int64_t q_len) { return q_len * group >= kW; };
+  int64_t decode_tiles = 0;
   for (int64_t i = 0; i < num_seqs; ++i) {
     const int64_t q_len = qsl[i + 1] - qsl[i];
-    for (int64_t qb = 0; qb < q_len; qb += tile)
-      for (int64_t h = 0; h < hkv; h += heads_per_item)
-        items.push_back({i, h, std::min(hkv, h + heads_per_item), qb, std::min(q_len, qb + tile)});
+    if (!is_chunk(q_len)) decode_tiles += (q_len + decode_tile - 1) / decode_tile;
   }
-  // longest context first: the tail of the schedule is made of short items
-  std::stable_sort(items.begin(), items.end(), [&](const Item& a, const Item& b) {
-    return lens[a.seq] - (qsl[a.seq + 1] - qsl[a.seq]) + a.q_end >
-           lens[b.seq] - (qsl[b.seq + 1] - qsl[b.seq]) + b.q_end;
-  });
-  const int64_t bsp = (bs + kVec - 1) / kVec * kVec;
-  const int64_t rows = tile * group;
-  const float fscale = static_cast<float>(scale);
+  int64_t head_split = 1;
+  while (head_split < hkv && decode_tiles * head_split < 4 * threads) head_split *= 2;
+  const int64_t heads_per_item = (hkv + head_split - 1) / head_split;
+  std::vector<Item> items;
+  for (int64_t i = 0; i < num_seqs; ++i) {
+    const int64_t q_len = qsl[i + 1] - qsl[i];
+    const bool chunk = is_chunk(q_len);
+    const int64_t tile = chunk ? chunk_tile : decode_tile;
+    const int64_t hstep = chunk ? 1 : heads_per_item;
+    for (int64_t qb = 0; qb < q_len; qb += tile)
+      for (int64_t h = 0; h < hkv; h += hstep)
+        items.push_back({i, h, std::min(hkv, h + hstep), qb, std::min(q_len, qb + tile)});
+  }
+  // most work first (keys x rows): the tail of the schedule is made of short items
+  auto cost = [&](const Item& a) {
+    const int64_t q_len = qsl[a.seq + 1] - qsl[a.seq];
+    return (lens[a.seq] - q_len + a.q_end) * (a.q_end - a.q_begin) * (a.h_end - a.h_begin);
+  };
+  std::stable_sort(items.begin(), items.end(),
+                   [&](const Item& a, const Item& b) { return cost(a) > cost(b); });
+  const int64_t rows_max = std::max(round_up(chunk_tile * group, kNR * kW),
+                                    heads_per_item * decode_tile * group);
   std::atomic<int64_t> next{0};
   const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(threads, items.size()));
   auto launch = [&](auto* kc, auto* vc) {
     using cache_t = std::remove_const_t<std::remove_pointer_t<decltype(kc)>>;
     at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) {
       Scratch sc;
-      sc.reserve(heads_per_item, rows, bsp, d);
-      for (int64_t i = next++; i < static_cast<int64_t>(items.size()); i = next++)
-        run_item<cache_t>(items[i], sc, query.data_ptr<float>(), query.stride(0), query.stride(1),
-                          out.data_ptr<float>(), kc, vc, block_tables.data_ptr<int64_t>(),
-                          block_tables.stride(0), lens, qsl, hq, hkv, d, bs, fscale,
-                          sliding_window);
+      const int64_t sp = round_up(sh.span, kW);
+      sc.q.resize(std::max(d * rows_max, rows_max * sh.dp));
+      sc.s.resize(std::max(round_up(sh.span, kMK) * rows_max, rows_max * sp));
+      sc.o.resize(rows_max * sh.dp);
+      sc.m.resize(rows_max); sc.l.resize(rows_max); sc.corr.resize(rows_max);
+      sc.qpos.resize(rows_max);
+      sc.kc.resize(sh.span * sh.dp); sc.vc.resize(sh.span * sh.dp);
+      sc.zero.assign(sh.dp, 0.f);
+      sc.kp.resize(round_up(sh.span, kMK)); sc.vp.resize(sh.span);
+      for (int64_t i = next++; i < static_cast<int64_t>(items.size()); i = next++) {
+        const Item& it = items[i];
+        const int64_t q_len = qsl[it.seq + 1] - qsl[it.seq];
+        const int64_t* table = block_tables.data_ptr<int64_t>() + it.seq * block_tables.stride(0);
+        auto fn = is_chunk(q_len) ? chunk_item<cache_t> : decode_item<cache_t>;
+        fn(it, sc, query.data_ptr<float>(), query.stride(0), query.stride(1),
+           out.data_ptr<float>(), kc, vc, table, lens[it.seq], qsl[it.seq], q_len, sh);
+      }
     });
   };
   switch (k_cache.scalar_type()) {

@@ -1,0 +1,143 @@
+// SIMD helpers shared by the CPU kernels: one float vector type `vf` as wide as the build's
+// instruction set (AVX-512: 16 lanes, AVX/AVX2: 8, otherwise 4), written with GCC vector
+// extensions so the arithmetic is portable, and intrinsics only where the extensions have no
+// spelling (horizontal sum, half-precision loads). Every intrinsic has a scalar fallback
+// under the same name, chosen at compile time (the build is -march=native, cpu_ext.py).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX512F__) || defined(__AVX2__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+namespace tvec {
+
+#if defined(__AVX512F__)
+constexpr int kW = 16;
+#elif defined(__AVX__)
+constexpr int kW = 8;
+#else
+constexpr int kW = 4;
+#endif
+
+typedef float vf __attribute__((vector_size(kW * 4)));
+typedef int32_t vi __attribute__((vector_size(kW * 4)));
+
+inline vf loadu(const float* p) { vf v; std::memcpy(&v, p, sizeof(v)); return v; }
+inline void storeu(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+inline vf splat(float x) { return vf{} + x; }
+inline vi splati(int32_t x) { return vi{} + x; }
+inline vf bits_to_float(vi v) { vf f; std::memcpy(&f, &v, sizeof(f)); return f; }
+inline vi float_to_bits(vf v) { vi i; std::memcpy(&i, &v, sizeof(i)); return i; }
+inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+inline vf select(vi mask, vf a, vf b) { return mask ? a : b; }   // lane-wise mask ? a : b
+
+// lane indices 0..kW-1
+inline vi iota() {
+  vi v;
+  for (int i = 0; i < kW; ++i) v[i] = i;
+  return v;
+}
+
+inline float hsum(vf v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps(v);
+#elif defined(__AVX__)
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+#else
+  float s = 0.f;
+  for (int i = 0; i < kW; ++i) s += v[i];
+  return s;
+#endif
+}
+
+inline float hmax(vf v) {
+  float m = v[0];
+  for (int i = 1; i < kW; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+
+// scalar loads of one cache element as float32
+inline float load(const float* p) { return *p; }
+inline float load(const at::BFloat16* p) {
+  uint32_t bits = static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(p)) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+// fp16 -> fp32 with integer ops only (exact for normals and subnormals: the exponent and
+// mantissa shifted into place and rescaled by 2^112); infinities and NaNs keep an all-ones
+// exponent.
+inline float load(const at::Half* p) {
+  const uint32_t h = *reinterpret_cast<const uint16_t*>(p);
+  const uint32_t em = h & 0x7fffu;
+  uint32_t bits = em << 13;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  f *= 0x1p112f;
+  std::memcpy(&bits, &f, sizeof(f));
+  bits = em >= 0x7c00u ? ((em << 13) | 0x7f800000u) : bits;
+  bits |= (h & 0x8000u) << 16;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// kW consecutive cache elements as a float32 vector
+inline vf loadv(const float* p) { return loadu(p); }
+inline vf loadv(const at::BFloat16* p) {
+#if defined(__AVX512F__)
+  __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+#elif defined(__AVX2__)
+  __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+#else
+  vf v;
+  for (int i = 0; i < kW; ++i) v[i] = load(p + i);
+  return v;
+#endif
+}
+inline vf loadv(const at::Half* p) {
+#if defined(__AVX512F__)
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif defined(__AVX__) && defined(__F16C__)
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+  vf v;
+  for (int i = 0; i < kW; ++i) v[i] = load(p + i);
+  return v;
+#endif
+}
+
+// exp(x) lane-wise, Cephes' expf: x = n ln2 + r with |r| <= ln2 / 2, e^r by a degree-7
+// polynomial, 2^n put in the exponent bits (about 1 ulp over the clamped range; below -87.3
+// the result is ~1e-38 rather than a subnormal, which softmax and silu never notice; above
+// 88.38 it is +inf, as expf's). NaN stays NaN. glibc's expf is scalar here: the compiler does
+// not vectorize calls to it.
+inline vf vexp(vf x) {
+  const vi overflow = x > 88.3762626647949f;
+  x = overflow ? splat(88.3762626647949f) : x;
+  x = x < -87.3365478515625f ? splat(-87.3365478515625f) : x;
+  const vf fx = x * 1.44269504088896341f + 0.5f;
+  vi n = __builtin_convertvector(fx, vi);                      // truncates toward zero
+  n += (__builtin_convertvector(n, vf) > fx);                  // floor: minus one where it rounded up
+  const vf nf = __builtin_convertvector(n, vf);
+  const vf r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+  vf y = splat(1.9875691500e-4f);
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.f;
+  return overflow ? splat(__builtin_inff()) : y * bits_to_float((n + 127) << 23);
+}
+
+}  // namespace tvec
