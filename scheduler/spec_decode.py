@@ -111,14 +111,20 @@ class NgramProposer:
         acceptance = req.spec_acceptance
         if acceptance is None:
             acceptance = req.spec_acceptance = Acceptance(self.k)
-        room = acceptance.plan(room, cost)
-        if room <= 0:
-            return []
+        tokens = req.all_token_ids
+        acceptance.check_shadow(tokens)
         index = req.ngram_index
         if index is None:
             index = req.ngram_index = NgramIndex(self.config.prompt_lookup_min,
                                                  self.config.prompt_lookup_max)
-        drafts = index.propose(req.all_token_ids, room)
+        planned = acceptance.plan(room, cost)
+        if planned <= 0:
+            # Not drafting: still look up (microseconds) and score the lookup next step.
+            shadow = index.propose(tokens, 1)
+            if shadow:
+                acceptance.remember_shadow(shadow[0], len(tokens))
+            return []
+        drafts = index.propose(tokens, planned)
         if not drafts and acceptance.probing:   # nothing to probe with: try next step
             acceptance.probing = False
             acceptance.idle = acceptance.probe_every

@@ -37,7 +37,7 @@ PROBE_MAX = 32       # ... doubling after each rejected probe, up to this
 class Acceptance:
     """One sequence's draft acceptance, per draft position (speed only: see the module)."""
 
-    __slots__ = ("hits", "trials", "idle", "probe_every", "probing")
+    __slots__ = ("hits", "trials", "idle", "probe_every", "probing", "shadow", "shadow_at")
 
     def __init__(self, k: int) -> None:
         self.hits = [0.0] * k      # weighted count of accepted drafts at position j
@@ -45,6 +45,8 @@ class Acceptance:
         self.idle = 0              # decode steps since the last draft
         self.probe_every = PROBE_FIRST
         self.probing = False       # the pending draft is a probe
+        self.shadow = -1           # the first draft the index proposed but the plan did not send
+        self.shadow_at = -1        # ... for the token at this position (-1: none pending)
 
     def p(self, j: int) -> float:
         """P(draft j accepted | drafts before it accepted), 0-based j."""
@@ -75,6 +77,19 @@ class Acceptance:
         self.idle = 0
         self.probing = True
         return 1
+
+    def check_shadow(self, tokens: list[int]) -> None:
+        """Score the unsent draft of the last step against the token the step sampled, as a
+        trial of the first draft position: free evidence (no row was spent), so a sequence
+        that stopped drafting comes back as soon as its lookups start to match, not at its
+        next probe."""
+        at, self.shadow_at = self.shadow_at, -1
+        if at >= 0 and len(tokens) == at + 1:
+            self.hits[0] = self.hits[0] * DECAY + (tokens[at] == self.shadow)
+            self.trials[0] = self.trials[0] * DECAY + 1.0
+
+    def remember_shadow(self, token: int, at: int) -> None:
+        self.shadow, self.shadow_at = token, at
 
     def observe(self, num_draft: int, accepted: int) -> None:
         """A step verified `num_draft` drafts and accepted the first `accepted`: positions up

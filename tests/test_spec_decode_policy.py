@@ -42,10 +42,11 @@ def test_rejected_drafts_stop_then_probe_with_backoff_and_come_back_when_right()
     prompt = list(range(10, 60))
     proposer, req = NgramProposer(CONFIG), _request(prompt + prompt[:1])
     lengths = []
-    for _ in range(150):   # a model that never emits the draft's first token
+    for _ in range(150):   # a model that never emits the lookup's first token, sent or not
         drafts = proposer.propose(req, 64, 100_000)
         lengths.append(len(drafts))
-        token = rng.choice([t for t in prompt if not drafts or t != drafts[0]])
+        lookup = req.ngram_index.propose(req.all_token_ids, 1)
+        token = rng.choice([t for t in prompt if not lookup or t != lookup[0]])
         if drafts:
             proposer.observe(req, len(drafts), 0)
         req.append_token(token)
@@ -217,3 +218,33 @@ def test_outputs_are_unchanged_when_the_adaptation_outlives_a_preemption(tiny_mo
         plain.close()
         spec.close()
     assert [o.outputs[0].token_ids for o in out] == [o.outputs[0].token_ids for o in base]
+
+
+def test_a_stopped_sequence_comes_back_on_unsent_lookups_before_its_next_probe():
+    """Once drafting stopped, the lookup still runs (unsent) and is scored against the token
+    the step sampled: when the model starts to follow it, drafting returns within a few
+    steps, long before the probe interval (PROBE_MAX) would bring it back."""
+    rng = random.Random(1)
+    prompt = list(range(10, 60))
+    proposer, req = NgramProposer(CONFIG), _request(prompt + prompt[:1])
+    for _ in range(120):   # stop drafting, and let the probe interval grow to its cap
+        drafts = proposer.propose(req, 64, 100_000)
+        lookup = req.ngram_index.propose(req.all_token_ids, 1)
+        if drafts:
+            proposer.observe(req, len(drafts), 0)
+        req.append_token(rng.choice([t for t in prompt if not lookup or t != lookup[0]]))
+    assert req.spec_acceptance.probe_every == PROBE_MAX
+    lengths = []
+    for _ in range(12):    # now the model emits exactly what the lookup proposes
+        drafts = proposer.propose(req, 64, 100_000)
+        lengths.append(len(drafts))
+        last = req.all_token_ids[-1]
+        truth = [10 + (last - 10 + i) % 50 for i in range(1, len(drafts) + 2)]
+        accepted = _common_prefix(drafts, truth)
+        if drafts:
+            proposer.observe(req, len(drafts), accepted)
+        for t in truth[:accepted + 1]:
+            req.append_token(t)
+    first = next(i for i, n in enumerate(lengths) if n)
+    assert first <= 3 < PROBE_MAX, lengths
+    assert lengths[-1] == K, lengths
