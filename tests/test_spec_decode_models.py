@@ -128,13 +128,15 @@ def test_unseeded_sampling_keeps_its_distribution(engines):
     before = stats.num_accepted_tokens
 
     def sample(llm: LLM, temperature: float) -> collections.Counter:
+        # In batches of 16: drafts pay on a small batch (scheduler.spec_policy prices a row
+        # by the measured step cost), so the spec engine does verify them.
         params = SamplingParams(max_tokens=5, temperature=temperature, top_k=2)
-        return collections.Counter(tuple(r.outputs[0].token_ids)
-                                   for r in _gen(llm, [prompt] * 400, params))
+        return collections.Counter(tuple(r.outputs[0].token_ids) for _ in range(25)
+                                   for r in _gen(llm, [prompt] * 16, params))
 
     base = sample(plain, 1.0)
     assert _homogeneity_p(base, sample(spec, 1.0)) > 1e-3
-    assert stats.num_accepted_tokens - before > 50
+    assert stats.num_accepted_tokens - before > 50, stats
     assert _homogeneity_p(base, sample(plain, 0.6)) < 1e-3   # the control
 
 

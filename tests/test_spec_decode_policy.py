@@ -192,9 +192,11 @@ def test_through_the_engine_drafting_stops_on_a_sequence_whose_drafts_are_reject
         matched += bool(index.propose(seq, K))
     stats = spec.engine.scheduler.proposer.stats
     assert matched >= 60
-    assert stats.num_accepted_tokens <= 2
-    # A few shrinking drafts, then probes every 4, 8, 16, 32 steps: at most ~10 draft steps.
-    assert stats.num_drafts <= 12 and stats.num_draft_tokens <= 20
+    # Fixed K would verify K drafts on each of those steps. Adapted: a few shrinking drafts,
+    # probes, and short runs after a chance match of the (unsent) lookup: a small fraction,
+    # mostly rejected.
+    assert stats.num_draft_tokens <= matched * K // 4, stats
+    assert stats.num_accepted_tokens <= stats.num_draft_tokens // 4, stats
 
 
 def test_outputs_are_unchanged_when_the_adaptation_outlives_a_preemption(tiny_model):
