@@ -196,7 +196,7 @@ def test_through_the_engine_drafting_stops_on_a_sequence_whose_drafts_are_reject
     # probes, and short runs after a chance match of the (unsent) lookup: a small fraction,
     # mostly rejected.
     assert stats.num_draft_tokens <= matched * K // 4, stats
-    assert stats.num_accepted_tokens <= stats.num_draft_tokens // 4, stats
+    assert stats.num_accepted_tokens <= max(2, stats.num_draft_tokens // 4), stats
 
 
 def test_outputs_are_unchanged_when_the_adaptation_outlives_a_preemption(tiny_model):
