@@ -22,6 +22,7 @@ from tessera.procs import free_port
 from fault_harness import Services, start, stop, streams_through
 
 LEASE_MS = 5000   # the scheduler's lease (SchedulerServiceConfig.lease_ms)
+STEP_TIMEOUT_S = 30.0   # the scheduler's default --step-timeout
 
 
 def test_publishes_of_a_scheduler_that_lost_its_lease_write_nothing(redis_url: str) -> None:
@@ -102,7 +103,10 @@ def test_a_scheduler_paused_past_its_lease_stops_on_waking(services: Services) -
 
     try:
         streams_through(services, fault, max_tokens=160)
-        deadline = time.monotonic() + LEASE_MS / 1000 * 3   # it stops by itself on waking
+        # It stops by itself on waking: at its next lease renewal or publish, or, when it was
+        # paused with a step in flight, once that step's wait ends (the step timeout, 30 s by
+        # default: the process exits after its last worker call returns).
+        deadline = time.monotonic() + LEASE_MS / 1000 * 3 + STEP_TIMEOUT_S
         while paused.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
     finally:
