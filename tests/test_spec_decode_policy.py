@@ -34,6 +34,23 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def _copy_the_prompt(proposer: NgramProposer, req: Request, steps: int) -> list[int]:
+    """`steps` decode steps of a 'model' that copies the prompt (tokens 10..59) in a loop,
+    so the lookup's drafts are right; the draft length of each step."""
+    lengths = []
+    for _ in range(steps):
+        drafts = proposer.propose(req, 64, 100_000)
+        lengths.append(len(drafts))
+        last = req.all_token_ids[-1]
+        truth = [10 + (last - 10 + i) % 50 for i in range(1, len(drafts) + 2)]
+        accepted = _common_prefix(drafts, truth)
+        if drafts:
+            proposer.observe(req, len(drafts), accepted)
+        for t in truth[:accepted + 1]:
+            req.append_token(t)
+    return lengths
+
+
 def test_rejected_drafts_stop_then_probe_with_backoff_and_come_back_when_right():
     """Prompt lookup over a real sequence: while the 'model' never follows the drafts their
     length falls to 0 within a few steps, then one-token probes come at doubling intervals;
@@ -62,17 +79,7 @@ def test_rejected_drafts_stop_then_probe_with_backoff_and_come_back_when_right()
     assert gaps == expected and gaps[-1] == PROBE_MAX   # 4, 8, 16, 32, 32, ...
     assert proposer.stats.num_accepted_tokens == 0
     # Now the model copies the prompt in a loop: the lookup's drafts become right.
-    lengths = []
-    for _ in range(150):
-        drafts = proposer.propose(req, 64, 100_000)
-        lengths.append(len(drafts))
-        last = req.all_token_ids[-1]
-        truth = [10 + (last - 10 + i) % 50 for i in range(1, len(drafts) + 2)]
-        accepted = _common_prefix(drafts, truth)
-        if drafts:
-            proposer.observe(req, len(drafts), accepted)
-        for t in truth[:accepted + 1]:
-            req.append_token(t)
+    lengths = _copy_the_prompt(proposer, req, 150)
     assert lengths[-20:] == [K] * 20
     assert lengths.index(K) < PROBE_MAX + 8     # within one probe interval and a few steps
 
@@ -236,17 +243,7 @@ def test_a_stopped_sequence_comes_back_on_unsent_lookups_before_its_next_probe()
             proposer.observe(req, len(drafts), 0)
         req.append_token(rng.choice([t for t in prompt if not lookup or t != lookup[0]]))
     assert req.spec_acceptance.probe_every == PROBE_MAX
-    lengths = []
-    for _ in range(12):    # now the model emits exactly what the lookup proposes
-        drafts = proposer.propose(req, 64, 100_000)
-        lengths.append(len(drafts))
-        last = req.all_token_ids[-1]
-        truth = [10 + (last - 10 + i) % 50 for i in range(1, len(drafts) + 2)]
-        accepted = _common_prefix(drafts, truth)
-        if drafts:
-            proposer.observe(req, len(drafts), accepted)
-        for t in truth[:accepted + 1]:
-            req.append_token(t)
+    lengths = _copy_the_prompt(proposer, req, 12)   # the model now follows the lookup
     first = next(i for i, n in enumerate(lengths) if n)
     assert first <= 3 < PROBE_MAX, lengths
     assert lengths[-1] == K, lengths
