@@ -31,6 +31,8 @@ import torch
 from common.model_config import ModelConfig
 from benchmarks.phase_timer import PHASES
 from benchmarks.engine_meter import add_workload_arguments, model_or_bench
+from benchmarks.roofline import (StepRecorder, last_level_cache_bytes, read_bandwidth,
+                                 step_floor)
 from benchmarks.workload import peak_matmul_flops, run_hf_one_at_a_time, run_hf_padded, workload
 from tessera import LLM, SamplingParams
 
@@ -50,8 +52,18 @@ def workload_flops(cfg: ModelConfig, prompts: list[list[int]], out_len: int) -> 
     return total
 
 
-def run_tessera(llm, prompts, out_len: int, fast: bool) -> tuple[float, float, dict]:
-    """(tok/s, CPU seconds of this process, seconds per phase) of one engine run."""
+def memory_floor(llm, cfg: ModelConfig, steps, peak: float, bandwidth: float):
+    """The step-by-step roofline with memory traffic (benchmarks/roofline.py); None off CPU."""
+    if not bandwidth:
+        return None
+    runner = llm.engine.executor.worker.runner
+    weight_elem = torch.empty((), dtype=runner.dtype).element_size()
+    kv_elem = runner.kv_caches[0][0].element_size()
+    return step_floor(cfg, steps, peak, bandwidth, weight_elem, kv_elem)
+
+
+def run_tessera(llm, prompts, out_len: int, fast: bool) -> tuple[float, float, dict, list]:
+    """(tok/s, CPU seconds of this process, seconds per phase, the steps run) of one run."""
     from benchmarks.phase_timer import PhaseTimer
     from kernels import set_kernel_backend
 
@@ -59,19 +71,21 @@ def run_tessera(llm, prompts, out_len: int, fast: bool) -> tuple[float, float, d
     params = SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True)
     try:
         cpu = time.process_time()
-        with PhaseTimer(llm) as timer:
+        with PhaseTimer(llm) as timer, StepRecorder(llm) as steps:
             outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         cpu = time.process_time() - cpu
     finally:
         set_kernel_backend("auto")
     assert all(len(o.outputs[0].token_ids) == out_len for o in outs)
-    return len(prompts) * out_len / timer.wall, cpu, timer.seconds
+    return len(prompts) * out_len / timer.wall, cpu, timer.seconds, steps.steps
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", help="model directory (default: make the bench model in a temp dir)")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="auto (the model dtype), float32, "
+                    "float16 or bfloat16: the KV cache's storage (compute stays fp32)")
     add_workload_arguments(ap, num_requests=64, output_len=64)
     ap.add_argument("--max-num-batched-tokens", type=int, default=None,
                     help="the engine's token budget (default: LLM's default)")
@@ -88,13 +102,13 @@ def main() -> None:
     # after the first found the same prompts' blocks cached and skipped their prefill (how
     # the torch path once came out with a tenth of the fast path's prefill time).
     llm = LLM(model_dir, dtype=args.dtype, device=args.device, max_num_seqs=256,
-              enable_prefix_caching=False, **budget)
+              enable_prefix_caching=False, kv_cache_dtype=args.kv_cache_dtype, **budget)
     llm.generate([{"prompt_token_ids": p} for p in prompts[:4]],
                  SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     compute = llm.engine.executor.worker.runner.dtype
     configs = ["fast"] + ([] if args.skip_torch_path else ["torch path"])
     runs: dict[str, list] = {c: [] for c in configs}
-    peaks, singles, batches = [], [], []
+    peaks, bandwidths, singles, batches = [], [], [], []
     hf = None
     if not args.skip_hf:
         from transformers import AutoModelForCausalLM
@@ -102,6 +116,8 @@ def main() -> None:
         hf.generation_config.eos_token_id = None
     for _ in range(args.rounds):   # everything interleaved: the machine's load drifts
         peaks.append(peak_matmul_flops(compute, args.device))
+        if args.device == "cpu":
+            bandwidths.append(read_bandwidth())
         for c in configs:
             runs[c].append(run_tessera(llm, prompts, args.output_len, c == "fast"))
         if hf is not None:
@@ -124,13 +140,25 @@ def main() -> None:
           f"{peak / 1e9:.0f} GFLOP/s | roofline {roofline:.0f} tok/s")
     print(f"HF generate: one at a time {single:.1f} tok/s, padded batches of {args.hf_batch_size} "
           f"{batched:.1f} tok/s")
-    print(f"{'engine':11s} {'tok/s':>7s} {'roofline':>8s} {'x HF 1-by-1':>11s} {'x HF batch':>10s} "
-          f"{'tok/CPU-s':>9s} | seconds: " + " | ".join(PHASES))
+    print(f"{'engine':11s} {'tok/s':>7s} {'roofline':>8s} {'+memory':>7s} {'x HF 1-by-1':>11s} "
+          f"{'x HF batch':>10s} {'tok/CPU-s':>9s} | seconds: " + " | ".join(PHASES))
+    floors = {}
     for c, results in runs.items():
-        tps, cpu, phases = max(results, key=lambda r: r[0])
-        print(f"{c:11s} {tps:7.1f} {tps / roofline * 100:7.1f}% {tps / single:11.2f} "
+        tps, cpu, phases, steps = max(results, key=lambda r: r[0])
+        floors[c] = floor = memory_floor(llm, cfg, steps, peak, max(bandwidths, default=0.0))
+        # tok/s against the floor's tok/s: the fraction of the memory-aware roofline
+        with_memory = f"{tps * floor.floor_s / n_tokens * 100:6.1f}%" if floor else f"{'-':>7s}"
+        print(f"{c:11s} {tps:7.1f} {tps / roofline * 100:7.1f}% {with_memory} {tps / single:11.2f} "
               f"{tps / batched:10.2f} {n_tokens / cpu:9.1f} | "
               + " | ".join(f"{phases[p]:.2f}" for p in PHASES))
+    floor = floors["fast"]
+    if floor:
+        print(f"roofline with memory traffic (DRAM read {max(bandwidths) / 1e9:.1f} GB/s, best of "
+              f"{args.rounds}, over {4 * last_level_cache_bytes() >> 20} MiB; the fast run's "
+              f"{len(runs['fast'][0][3])} steps, {floor.memory_bound_steps} of them memory-bound, "
+              f"{floor.bytes_read / 1e9:.1f} GB read): floor {floor.floor_s:.2f} s = "
+              f"{n_tokens / floor.floor_s:.0f} tok/s (compute alone {floor.compute_s:.2f} s, "
+              f"bytes alone {floor.memory_s:.2f} s)")
     if len(runs) == 2:
         fast, base = (max(r[0] for r in runs[c]) for c in configs)
         print(f"fast path / torch path: {fast / base:.2f}x (best of {args.rounds} each, interleaved)")
