@@ -1,0 +1,70 @@
+"""The engine under other memory allocators: glibc malloc against tcmalloc and jemalloc.
+
+Runs benchmarks/offline_throughput.py (the bench workload, fast path only, no HF baselines) in
+a fresh process per run with each allocator preloaded (`LD_PRELOAD`), the allocators
+alternating for --rounds rounds (the machine is shared: its load drifts), and prints each
+run's tok/s and tokens per CPU-second and the median ratio of each allocator against glibc
+in the same rounds. An allocator whose library is not installed is skipped (Debian:
+`apt-get install libtcmalloc-minimal4 libjemalloc2`). Using one is an opt-in for any
+tessera process: `LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 tessera ...`.
+
+    python benchmarks/allocator.py [--rounds 2] [--num-requests 64] [--output-len 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+LIB = Path("/usr/lib/x86_64-linux-gnu")
+ALLOCATORS = {"glibc": None, "tcmalloc": LIB / "libtcmalloc_minimal.so.4",
+              "jemalloc": LIB / "libjemalloc.so.2"}
+SCRIPT = Path(__file__).resolve().parent / "offline_throughput.py"
+FAST = re.compile(r"^fast\s+([\d.]+)\s+.*?\s([\d.]+)\s+\|", re.M)
+
+
+def run(preload: Path | None, args) -> tuple[float, float]:
+    """(tok/s, tokens per CPU-second) of one offline_throughput run."""
+    env = dict(os.environ)
+    if preload is not None:
+        env["LD_PRELOAD"] = str(preload)
+    cmd = [sys.executable, str(SCRIPT), "--rounds", "1", "--skip-hf", "--skip-torch-path",
+           "--num-requests", str(args.num_requests), "--output-len", str(args.output_len)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    m = FAST.search(proc.stdout)
+    if m is None:
+        raise RuntimeError(f"no result line in offline_throughput's output:\n{proc.stdout}")
+    return float(m.group(1)), float(m.group(2))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--num-requests", type=int, default=64)
+    ap.add_argument("--output-len", type=int, default=64)
+    args = ap.parse_args()
+    names = [n for n, lib in ALLOCATORS.items() if lib is None or lib.exists()]
+    skipped = sorted(set(ALLOCATORS) - set(names))
+    results: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
+    for r in range(args.rounds):
+        for n in names:
+            results[n].append(run(ALLOCATORS[n], args))
+            tps, per_cpu = results[n][-1]
+            print(f"round {r + 1}: {n:9s} {tps:7.1f} tok/s {per_cpu:7.1f} tok/CPU-s "
+                  f"(load {os.getloadavg()[0]:.2f})", flush=True)
+    base = results["glibc"]
+    print(f"\n{'allocator':9s} {'median tok/s':>12s} {'vs glibc':>9s} {'tok/CPU-s vs glibc':>19s}"
+          + (f"   (not installed: {', '.join(skipped)})" if skipped else ""))
+    for n, rs in results.items():
+        speed = statistics.median(a[0] / b[0] for a, b in zip(rs, base))
+        per_cpu = statistics.median(a[1] / b[1] for a, b in zip(rs, base))
+        print(f"{n:9s} {statistics.median(x[0] for x in rs):12.1f} {speed:8.2f}x {per_cpu:18.2f}x")
+
+
+if __name__ == "__main__":
+    main()
