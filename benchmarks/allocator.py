@@ -8,7 +8,8 @@ in the same rounds. An allocator whose library is not installed is skipped (Debi
 `apt-get install libtcmalloc-minimal4 libjemalloc2`). Using one is an opt-in for any
 tessera process: `LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 tessera ...`.
 
-    python benchmarks/allocator.py [--rounds 2] [--num-requests 64] [--output-len 64]
+    python benchmarks/allocator.py [--rounds 2] [--allocators tcmalloc jemalloc]
+                                  [--num-requests 64] [--output-len 64]
 """
 
 from __future__ import annotations
@@ -47,9 +48,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--allocators", nargs="+", choices=list(ALLOCATORS)[1:],
+                    default=list(ALLOCATORS)[1:], help="compared against glibc")
     args = ap.parse_args()
-    names = [n for n, lib in ALLOCATORS.items() if lib is None or lib.exists()]
-    skipped = sorted(set(ALLOCATORS) - set(names))
+    names = ["glibc"] + [n for n in args.allocators if ALLOCATORS[n].exists()]
+    skipped = sorted(set(args.allocators) - set(names))
     results: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
     for r in range(args.rounds):
         for n in names:
