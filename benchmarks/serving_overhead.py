@@ -43,7 +43,6 @@ import argparse
 import asyncio
 import gc
 import os
-import pathlib
 import random
 import statistics
 import tempfile
@@ -57,6 +56,7 @@ from common.settings import add_arguments, from_args, pick, to_argv
 from common.model_config import ModelConfig
 from tessera import LLM, SamplingParams
 from tessera.bench_serve import sse_chunks
+from benchmarks.proc_cpu import diff, tree_cpu_by_role, tree_cpu_seconds
 from tessera.procs import TESSERA, Proc, free_port
 
 READY = "Ctrl-C stops everything."
@@ -157,13 +157,14 @@ async def stack_runs(args, base_url: str, name: str, prompts, ttft_prompts, warm
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
         # the same warm-up as the in-process side
         await asyncio.gather(*(stream_one(client, url, body(name, p, 4)) for p in warm_prompts))
-        t, stack0, client0 = time.perf_counter(), tree_cpu_seconds(pid) if pid else 0.0, \
+        t, stack0, client0 = time.perf_counter(), tree_cpu_by_role(pid) if pid else {}, \
             time.process_time()
         res = await asyncio.gather(*(stream_one(client, url, body(name, p, args.output_len))
                                      for p in prompts))
         elapsed = time.perf_counter() - t
         if cpu is not None and pid:
-            cpu["stack"] = tree_cpu_seconds(pid) - stack0
+            cpu["roles"] = diff(tree_cpu_by_role(pid), stack0)
+            cpu["stack"] = cpu["roles"]["total"]
             cpu["client"] = time.process_time() - client0
         tokens = sum(n for _, n in res)
         ttfts = []
@@ -196,28 +197,6 @@ class SpanSink:
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Service(), self.server)
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.server.start()
-
-
-def tree_cpu_seconds(root: int) -> float:
-    """CPU time (user + system) of a process and all its live descendants (Linux /proc): the
-    whole stack under `tessera serve`. CPU time, unlike wall time, barely moves with the load
-    that other programs put on the machine."""
-    procs: dict[int, tuple[int, int]] = {}   # pid -> (parent, ticks)
-    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue   # the process ended meanwhile
-        procs[int(stat.parent.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
-    children: dict[int, list[int]] = {}
-    for pid, (parent, _) in procs.items():
-        children.setdefault(parent, []).append(pid)
-    ticks, todo = 0, [root]
-    while todo:
-        pid = todo.pop()
-        ticks += procs.get(pid, (0, 0))[1]
-        todo.extend(children.get(pid, ()))
-    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def tracing_cost(args, model_dir: str, name: str, prompts, ttft_prompts, warm_prompts) -> None:
@@ -344,9 +323,24 @@ def main() -> None:
         elif target == "< 5 ms":
             met = "yes" if added < 5.0 else "no"
         print(f"{label:30s} {value:>10s} {target:>8s}  {met}")
+    print_cpu_table(rounds)
     print(f"{len(rounds)} round(s), stack / in-process per round: "
           + " ".join(f"{x * 100:.1f}%" for x in ratios)
           + f"; load average now {' '.join(open('/proc/loadavg').read().split()[:3])}")
+
+
+def print_cpu_table(rounds) -> None:
+    """CPU seconds over each round's batch: the in-process engine, and the stack per role."""
+    roles = [r for r in ("worker", "scheduler", "gateway", "redis-server", "serve", "other")
+             if any(r in x[4]["roles"] for x in rounds)]
+    print("\nCPU seconds over the throughput batch, per round (stack per process role):")
+    cols = ["in-process", *roles, "stack", "client"]
+    print(f"{'round':8s}" + "".join(f"{c:>13s}" for c in cols))
+    for r, x in enumerate(rounds):
+        cpu = x[4]
+        vals = [cpu["engine"], *(cpu["roles"].get(k, 0.0) for k in roles), cpu["stack"],
+                cpu["client"]]
+        print(f"{r + 1:<8d}" + "".join(f"{v:13.2f}" for v in vals))
 
 
 def measure(args, model_dir: str, name: str, vocab: int, warm_prompts):
@@ -378,7 +372,9 @@ def measure(args, model_dir: str, name: str, vocab: int, warm_prompts):
             (ltps, lttft), (stps, stokens, sttft) = got["in-process"], got["stack"]
             print(f"round {r + 1}: in-process {ltps:.1f} tok/s, stack {stps:.1f} tok/s "
                   f"({stps / ltps * 100:.1f}%); CPU s over the batch: in-process "
-                  f"{cpu['engine']:.1f}, stack {cpu['stack']:.1f} + client {cpu['client']:.1f}; "
+                  f"{cpu['engine']:.1f}, stack {cpu['stack']:.1f} ("
+                  + ", ".join(f"{k} {v:.1f}" for k, v in cpu["roles"].items() if k != "total")
+                  + f") + client {cpu['client']:.1f}; "
                   f"load {' '.join(open('/proc/loadavg').read().split()[:3])}", flush=True)
             rounds.append((ltps, stps, (lttft, sttft), stokens, cpu))
     finally:
