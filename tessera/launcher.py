@@ -49,20 +49,23 @@ _WAIT_POLICY_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
 def colocated_worker_env(num_workers: int) -> dict[str, str]:
-    """cpu_share's threads, and OpenMP threads that sleep when they wait.
+    """cpu_share's threads, and OpenMP threads that spin only briefly before they sleep.
 
     NOTE: the workers of `tessera serve` share the machine's cores with the gateway, the
-    scheduler, Redis and the clients. libgomp's default keeps an idle thread spinning for
+    scheduler, Redis and the clients. libgomp's default keeps a waiting thread spinning for
     300,000 rounds (milliseconds) after each parallel region: through every gap between two
     steps, while the scheduler and gateway need that core, and inside a step whenever one of
-    the team's threads is preempted. Measured on 2 cores (benchmarks/serving_overhead.py,
-    64 requests x 64 tokens, alternating stacks): the worker's CPU seconds over the batch fell
-    from 54.5 to 23.4 and the stack's throughput rose from 97 to 172 tok/s with
-    OMP_WAIT_POLICY=PASSIVE (GOMP_SPINCOUNT=20000: 26.7-30.7 CPU s, 142-171 tok/s). A
-    worker alone on its machine (compose, Kubernetes) keeps libgomp's default."""
+    the team's threads is preempted. Measured on 2 cores, 64 requests x 64 tokens through the
+    stack under a neighbour's load (alternating stacks): the worker's CPU seconds over the
+    batch were 54.5 with the default, 26.7-30.7 with GOMP_SPINCOUNT=20000 and 23.4 with
+    OMP_WAIT_POLICY=PASSIVE; throughput 97, 142-171 and 172 tok/s. But sleeping at once costs
+    a wake-up in every parallel region: a 64-token prefill (TTFT) took 49 ms passive against
+    41 ms by default and 42 ms at 20,000 rounds, which covers the gaps inside a step and not
+    those between steps. A worker alone on its machine (compose, Kubernetes) keeps libgomp's
+    default; a user's OMP_WAIT_POLICY or GOMP_SPINCOUNT wins."""
     env = cpu_share(num_workers)
     if not any(k in os.environ for k in _WAIT_POLICY_VARS):
-        env["OMP_WAIT_POLICY"] = "PASSIVE"
+        env["GOMP_SPINCOUNT"] = "20000"
     return env
 
 
