@@ -31,6 +31,15 @@ logger = logging.getLogger(__name__)
 MAX_BUFFERED = 256   # entries read ahead for one relay (also XREAD's COUNT per stream)
 
 
+if hasattr(asyncio, "timeout"):   # Python 3.11+: no task per wait (one per token per relay)
+    async def _wait(event: asyncio.Event, seconds: float) -> None:
+        async with asyncio.timeout(seconds):
+            await event.wait()
+else:
+    async def _wait(event: asyncio.Event, seconds: float) -> None:
+        await asyncio.wait_for(event.wait(), seconds)
+
+
 def _id(entry_id: str) -> tuple[int, int]:
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
@@ -53,7 +62,7 @@ class Subscription:
             self.reader._need(self)
             self.ready.clear()
             try:
-                await asyncio.wait_for(self.ready.wait(), timeout_ms / 1000)
+                await _wait(self.ready, timeout_ms / 1000)
             except asyncio.TimeoutError:
                 return []
         if self.error is not None:
