@@ -9,7 +9,8 @@ and KV budget (2 GiB), and are fed the exact same prompt token-id lists.
    to the stack's streaming /v1/completions. Output tok/s of each and the ratio.
 2. Low-load TTFT: N sequential requests (distinct prompts of 64 tokens). Stack: request sent ->
    first streamed chunk carrying a choice (a token that decodes to no text yet still counts).
-   In-process: wall time of `LLM.generate` with max_tokens=1 on the same prompt. Medians.
+   In-process: wall time of `LLM.generate` with max_tokens=1 on the same prompt. The TTFT
+   added is the median over rounds of each round's difference of medians.
 
 With ``--tracing-cost`` the baseline is the stack itself: the same workload runs through a stack
 with no OTEL_* exporter (tracing off: OpenTelemetry's no-op provider) and through one exporting
@@ -23,6 +24,12 @@ round on prompts of its own (the same for both sides), and reports the median of
 ratios: the machine is shared and its load drifts. The HTTP client runs in this process, on
 the same cores as the stack: that cost is part of what is measured. Timings are reported,
 never asserted.
+
+CPU seconds over each round's batch are reported too, per side and, for the stack, per process
+role (worker, scheduler: active and standby, gateway, redis-server, the `serve` supervisor;
+benchmarks/proc_cpu.py reads them from /proc by each child's command line), and the client's:
+unlike wall time they barely move with other programs' load, and on a 2-core machine every CPU
+second outside the worker is taken from the model.
 
     python benchmarks/serving_overhead.py [--model DIR | --preset bench] [--num-requests 128]
         [--output-len 128] [--ttft-requests 20] [--ttft-output-len 16]
@@ -43,7 +50,6 @@ import argparse
 import asyncio
 import gc
 import os
-import pathlib
 import random
 import statistics
 import tempfile
@@ -57,6 +63,7 @@ from common.settings import add_arguments, from_args, pick, to_argv
 from common.model_config import ModelConfig
 from tessera import LLM, SamplingParams
 from tessera.bench_serve import sse_chunks
+from benchmarks.proc_cpu import diff, tree_cpu_by_role, tree_cpu_seconds
 from tessera.procs import TESSERA, Proc, free_port
 
 READY = "Ctrl-C stops everything."
@@ -157,13 +164,14 @@ async def stack_runs(args, base_url: str, name: str, prompts, ttft_prompts, warm
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
         # the same warm-up as the in-process side
         await asyncio.gather(*(stream_one(client, url, body(name, p, 4)) for p in warm_prompts))
-        t, stack0, client0 = time.perf_counter(), tree_cpu_seconds(pid) if pid else 0.0, \
+        t, stack0, client0 = time.perf_counter(), tree_cpu_by_role(pid) if pid else {}, \
             time.process_time()
         res = await asyncio.gather(*(stream_one(client, url, body(name, p, args.output_len))
                                      for p in prompts))
         elapsed = time.perf_counter() - t
         if cpu is not None and pid:
-            cpu["stack"] = tree_cpu_seconds(pid) - stack0
+            cpu["roles"] = diff(tree_cpu_by_role(pid), stack0)
+            cpu["stack"] = cpu["roles"]["total"]
             cpu["client"] = time.process_time() - client0
         tokens = sum(n for _, n in res)
         ttfts = []
@@ -196,28 +204,6 @@ class SpanSink:
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Service(), self.server)
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.server.start()
-
-
-def tree_cpu_seconds(root: int) -> float:
-    """CPU time (user + system) of a process and all its live descendants (Linux /proc): the
-    whole stack under `tessera serve`. CPU time, unlike wall time, barely moves with the load
-    that other programs put on the machine."""
-    procs: dict[int, tuple[int, int]] = {}   # pid -> (parent, ticks)
-    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue   # the process ended meanwhile
-        procs[int(stat.parent.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
-    children: dict[int, list[int]] = {}
-    for pid, (parent, _) in procs.items():
-        children.setdefault(parent, []).append(pid)
-    ticks, todo = 0, [root]
-    while todo:
-        pid = todo.pop()
-        ticks += procs.get(pid, (0, 0))[1]
-        todo.extend(children.get(pid, ()))
-    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def tracing_cost(args, model_dir: str, name: str, prompts, ttft_prompts, warm_prompts) -> None:
@@ -320,7 +306,11 @@ def main() -> None:
     stack_ttfts = [t for x in rounds for t in x[2][1]]
     local_med = statistics.median(local_ttfts) * 1e3
     stack_med = statistics.median(stack_ttfts) * 1e3
-    added = stack_med - local_med
+    # Paired per round, as the throughput ratio: a burst of load in one round moves both
+    # sides of that round, not the comparison.
+    added_rounds = [(statistics.median(x[2][1]) - statistics.median(x[2][0])) * 1e3
+                    for x in rounds]
+    added = statistics.median(added_rounds)
     print(f"\nmodel {name} ({model_dir}), dtype {args.dtype}, max_num_seqs {args.max_num_seqs}, "
           f"max_num_batched_tokens {args.max_num_batched_tokens}, {os.cpu_count()} CPUs")
     print(f"throughput: {args.num_requests} requests, prompts U[16,512], {args.output_len} output "
@@ -334,7 +324,7 @@ def main() -> None:
         ("  the same, client counted", f"{cpu_ratio_client * 100:.1f}%", ""),
         ("in-process median TTFT (ms)", f"{local_med:.2f}", ""),
         ("stack median TTFT (ms)", f"{stack_med:.2f}", ""),
-        ("TTFT added by the stack (ms)", f"{added:+.2f}", "< 5 ms"),
+        ("TTFT added by the stack (ms)", f"{added:+.2f}", "< 5 ms"),   # median of rounds
     ]
     print(f"{'metric':30s} {'measured':>10s} {'target':>8s}  met")
     for label, value, target in rows:
@@ -344,9 +334,25 @@ def main() -> None:
         elif target == "< 5 ms":
             met = "yes" if added < 5.0 else "no"
         print(f"{label:30s} {value:>10s} {target:>8s}  {met}")
+    print_cpu_table(rounds)
     print(f"{len(rounds)} round(s), stack / in-process per round: "
           + " ".join(f"{x * 100:.1f}%" for x in ratios)
+          + "; TTFT added per round: " + " ".join(f"{x:+.1f} ms" for x in added_rounds)
           + f"; load average now {' '.join(open('/proc/loadavg').read().split()[:3])}")
+
+
+def print_cpu_table(rounds) -> None:
+    """CPU seconds over each round's batch: the in-process engine, and the stack per role."""
+    roles = [r for r in ("worker", "scheduler", "gateway", "redis-server", "serve", "other")
+             if any(r in x[4]["roles"] for x in rounds)]
+    print("\nCPU seconds over the throughput batch, per round (stack per process role):")
+    cols = ["in-process", *roles, "stack", "client"]
+    print(f"{'round':8s}" + "".join(f"{c:>13s}" for c in cols))
+    for r, x in enumerate(rounds):
+        cpu = x[4]
+        vals = [cpu["engine"], *(cpu["roles"].get(k, 0.0) for k in roles), cpu["stack"],
+                cpu["client"]]
+        print(f"{r + 1:<8d}" + "".join(f"{v:13.2f}" for v in vals))
 
 
 def measure(args, model_dir: str, name: str, vocab: int, warm_prompts):
@@ -378,7 +384,9 @@ def measure(args, model_dir: str, name: str, vocab: int, warm_prompts):
             (ltps, lttft), (stps, stokens, sttft) = got["in-process"], got["stack"]
             print(f"round {r + 1}: in-process {ltps:.1f} tok/s, stack {stps:.1f} tok/s "
                   f"({stps / ltps * 100:.1f}%); CPU s over the batch: in-process "
-                  f"{cpu['engine']:.1f}, stack {cpu['stack']:.1f} + client {cpu['client']:.1f}; "
+                  f"{cpu['engine']:.1f}, stack {cpu['stack']:.1f} ("
+                  + ", ".join(f"{k} {v:.1f}" for k, v in cpu["roles"].items() if k != "total")
+                  + f") + client {cpu['client']:.1f}; "
                   f"load {' '.join(open('/proc/loadavg').read().split()[:3])}", flush=True)
             rounds.append((ltps, stps, (lttft, sttft), stokens, cpu))
     finally:

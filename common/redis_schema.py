@@ -47,6 +47,12 @@ def output_stream(request_id: str) -> str:
     return f"{PREFIX}out:{request_id}"
 
 
+def gateway_wakeup(reader_id: str) -> str:
+    """Stream one gateway process's output-stream reader blocks on besides the output
+    streams: an entry wakes it to read a stream it did not read yet (gateway.stream_reader)."""
+    return f"{PREFIX}gwwake:{reader_id}"
+
+
 def request_record(request_id: str) -> str:
     """Hash: state, owner, model, tenant, n, cancelled, timestamps; expires (RedisLimits)."""
     return f"{PREFIX}req:{request_id}"

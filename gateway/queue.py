@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 
 from common import redis_schema as schema
 from common.redis_schema import OutputEvent, QueuedRequest, RedisLimits
+from gateway.stream_reader import StreamReader
 
 
 class RequestNotFound(KeyError):
@@ -57,6 +58,8 @@ class RequestSubmitter:
     def __init__(self, client: aioredis.Redis, limits: RedisLimits = RedisLimits()) -> None:
         self.redis = client
         self.limits = limits
+        # the blocking reads of every relay's stream, as one XREAD (gateway.stream_reader)
+        self.reader = StreamReader(client)
         self._submit = client.register_script(_SUBMIT)
         self._attach = client.register_script(_ATTACH)
 
@@ -98,37 +101,49 @@ class RequestSubmitter:
         block: int | None = None   # the first read does not block: it answers "is it there?"
         over = False
         task = asyncio.current_task()
-        while True:
-            # NOTE: asyncio.wait_for before Python 3.12 can swallow a cancellation (CPython
-            # gh-86296) and redis-py sends through it; the task then stays "cancelling" and,
-            # without this check, would go on reading a stream its client has left.
-            if task is not None and getattr(task, "cancelling", lambda: 0)():
-                raise asyncio.CancelledError
-            reply = await self.redis.xread({out: f"0-{seen + 1}"}, count=256, block=block)
-            entries = reply[0][1] if reply else []
-            for _, fields in entries:
-                ev = OutputEvent.from_fields(fields)
-                if ev.index <= seen:
-                    continue   # a duplicate (cannot happen with index ids; cheap to be sure)
-                if ev.index != seen + 1:
-                    raise EventsLost(f"request {request_id}: expected event {seen + 1}, "
-                                     f"got {ev.index}")
-                seen = ev.index
-                yield ev
-                if ev.final or ev.error is not None:
-                    return
-            if entries:
+        sub = None   # blocking reads go through the gateway's one XREAD (self.reader)
+        try:
+            while True:
+                # NOTE: asyncio.wait_for before Python 3.12 can swallow a cancellation (CPython
+                # gh-86296) and redis-py sends through it; the task then stays "cancelling"
+                # and, without this check, would go on reading a stream its client has left.
+                if task is not None and getattr(task, "cancelling", lambda: 0)():
+                    raise asyncio.CancelledError
+                if block is None:
+                    reply = await self.redis.xread({out: f"0-{seen + 1}"}, count=256)
+                    entries = reply[0][1] if reply else []
+                else:
+                    if sub is None:
+                        sub = self.reader.subscribe(out, f"0-{seen + 1}")
+                    else:
+                        sub.skip_to(f"0-{seen + 1}")
+                    entries = await sub.read(block)
+                for _, fields in entries:
+                    ev = OutputEvent.from_fields(fields)
+                    if ev.index <= seen:
+                        continue   # a duplicate (the direct and the shared reads overlap)
+                    if ev.index != seen + 1:
+                        raise EventsLost(f"request {request_id}: expected event {seen + 1}, "
+                                         f"got {ev.index}")
+                    seen = ev.index
+                    yield ev
+                    if ev.final or ev.error is not None:
+                        return
+                if entries:
+                    block = None if over else block_ms
+                    continue
+                if over:
+                    return   # over, and nothing after ``seen`` is left (expired or trimmed)
+                state = await self.redis.hget(rec, "state")
+                if state is None:
+                    raise RequestNotFound(request_id)
+                # The final XADD precedes the state change in the scheduler's pipeline: once
+                # the state is terminal, one more non-blocking read sees all there will be.
+                over = schema.text(state) in schema.TERMINAL_STATES
                 block = None if over else block_ms
-                continue
-            if over:
-                return   # over, and nothing after ``seen`` is left (expired or trimmed)
-            state = await self.redis.hget(rec, "state")
-            if state is None:
-                raise RequestNotFound(request_id)
-            # The final XADD precedes the state change in the scheduler's pipeline: once the
-            # state is terminal, one more non-blocking read sees everything there will be.
-            over = schema.text(state) in schema.TERMINAL_STATES
-            block = None if over else block_ms
+        finally:
+            if sub is not None:
+                sub.close()
 
     async def record(self, request_id: str) -> dict[str, str]:
         """The request's record (state, model, relay fields...); RequestNotFound if gone."""

@@ -70,6 +70,9 @@ class EngineLoop:
         self.max_waiting_requests = max_waiting_requests
         self.alone = group is None
         self.group = group
+        # The exchange that publishes the last step's events, started as soon as they were
+        # staged; its reply (new requests, cancels) is taken while the next step runs.
+        self._exchanging: asyncio.Task | None = None
 
     # ---- the loop -----------------------------------------------------------------------
     async def run(self) -> None:
@@ -80,11 +83,13 @@ class EngineLoop:
                  if self.max_waiting_requests and self.group is not None else None)
         try:
             while not self.stopped.is_set():
-                idle = not self.core.has_unfinished and not self._pending
-                await self._exchange(self.idle_block_ms if idle else None)
                 if not self.core.has_unfinished and not self._pending:
-                    await self._canary()
-                    continue
+                    await self._exchanged()   # its reply may bring requests
+                    if not self.core.has_unfinished:
+                        await self._exchange(self.idle_block_ms)   # idle: wait for requests
+                    if not self.core.has_unfinished:
+                        await self._canary()
+                        continue
                 try:
                     await self.step()
                 except (WorkerMismatch, WorkerUnavailable, Fenced, RedisError, OSError):
@@ -101,6 +106,13 @@ class EngineLoop:
                 claims.cancel()
             if peers is not None:
                 peers.cancel()
+            try:
+                await self._exchanged()
+            except Fenced as e:
+                logger.error("%s: stopping without writing another event", e)
+                fenced = True
+            except (RedisError, OSError) as e:
+                logger.error("could not publish a step's events: %s", e)
             if (self._out or self._acks) and not fenced:
                 try:
                     await self.queue.publish(self._out, acks=self._acks, stats=self._stats())
@@ -109,9 +121,20 @@ class EngineLoop:
 
     async def step(self) -> None:
         """Plan up to the pipeline's depth, wait for the oldest step, apply it; its events go
-        out with the next exchange."""
-        if not self._fill_pipeline():
+        out at once, in an exchange whose reply is taken while the next step runs.
+
+        NOTE: the workers never wait on Redis. Publishing a step's events, reading new
+        requests and cancels used to sit between two steps, with the workers idle (on 2
+        cores at 128 running requests, the worker was idle 1.9 s of a 46 s batch of 82
+        steps, while Redis woke every stream reader). Now the exchange's commands are written
+        before the next step is planned, and its reply is awaited once that step is sent:
+        the events still go out first (a token's latency is unchanged), and requests read
+        in the reply join the step after (which they could not have joined anyway)."""
+        if not self._fill_pipeline():   # nothing runs: Redis still brings cancels, requests
+            await self._exchanged()
+            await self._exchange(None)
             await self._nothing_to_run()
+        await self._exchanged()
         if not self._pending:
             return
         plan, handle, started, sent = self._pending.popleft()
@@ -127,6 +150,14 @@ class EngineLoop:
         events = self.core.update(plan, output)
         self.obs.step_finished(plan, output, started)
         self._stage(events)
+        self._exchanging = asyncio.ensure_future(self._exchange(None))
+        await asyncio.sleep(0)   # it writes its commands now, before the next step is planned
+
+    async def _exchanged(self) -> None:
+        """Take the reply of the exchange step() started (raising what it raised)."""
+        task, self._exchanging = self._exchanging, None
+        if task is not None:
+            await task
 
     # ---- Redis --------------------------------------------------------------------------
     def _admission_room(self) -> int:

@@ -44,6 +44,33 @@ end
 return lost
 """
 
+# KEYS[1] the stream, KEYS[2..] the records of the entries ARGV[7..] (one each); ARGV: group,
+# consumer, now, record TTL (ms), the terminal states joined by ',', the running state. Per
+# entry: a finished record acks it ('done'), a cancelled one is left to the caller
+# ('cancelled'), the others are marked running under this consumer ('ok'). Returns Redis's
+# TIME, then the statuses.
+_ADMIT = """
+local terminal = {}
+for s in string.gmatch(ARGV[5], '[^,]+') do terminal[s] = true end
+local out = redis.call('TIME')
+for i = 2, #KEYS do
+  local state = redis.call('HGET', KEYS[i], 'state')
+  local entry = ARGV[5 + i]
+  if state and terminal[state] then
+    redis.call('XACK', KEYS[1], ARGV[1], entry)
+    redis.call('XDEL', KEYS[1], entry)
+    out[#out + 1] = 'done'
+  elseif redis.call('HGET', KEYS[i], 'cancelled') then
+    out[#out + 1] = 'cancelled'
+  else
+    redis.call('HSET', KEYS[i], 'state', ARGV[6], 'owner', ARGV[2], 'started_at', ARGV[3])
+    redis.call('PEXPIRE', KEYS[i], ARGV[4])
+    out[#out + 1] = 'ok'
+  end
+end
+return out
+"""
+
 
 @dataclass(frozen=True)
 class GroupStats:
@@ -208,37 +235,27 @@ class RequestQueue:
                 logger.warning("malformed request entry %s: %s", entry_id, e)
                 doomed.append((entry_id, e.request_id or "", None, str(e)))
         if good:
-            # Read the records before claiming them: a claimed request may have finished
-            # already (its scheduler died between the final event and the ack).
-            pipe = self.redis.pipeline(transaction=False)
-            for _, q in good:
-                pipe.hmget(schema.request_record(q.request_id), ["cancelled", "state"])
-            pipe.time()
-            *records, (secs, usecs) = await pipe.execute()
+            # One script: a record is read before its request is claimed (a claimed request
+            # may have finished already: its scheduler died between the final event and the
+            # ack), and marked running in the same step, with no round trip in between.
+            reply = await self.redis.eval(
+                _ADMIT, 1 + len(good), self.stream,
+                *(schema.request_record(q.request_id) for _, q in good),
+                self.group, self.consumer, time.time(), self.limits.record_ttl_ms,
+                ",".join(sorted(schema.TERMINAL_STATES)), schema.STATE_RUNNING,
+                *(entry_id for entry_id, _ in good))
+            secs, usecs, *statuses = reply
             # Redis's clock now: with the entry ids (Redis's clock at XADD) it gives the time a
             # request waited in the stream without comparing two machines' clocks.
             self.admitted_at = int(secs) + int(usecs) / 1e6
-            kept, done = [], []
-            for (entry_id, q), (cancelled, state) in zip(good, records):
-                if state is not None and schema.text(state) in schema.TERMINAL_STATES:
-                    done.append(entry_id)
-                elif cancelled:
+            kept = []
+            for (entry_id, q), status in zip(good, statuses):
+                status = schema.text(status)
+                if status == "cancelled":
                     doomed.append((entry_id, q.request_id, "abort", None))
-                else:
+                elif status == "ok":
                     kept.append((entry_id, q))
             good = kept
-            now = time.time()
-            pipe = self.redis.pipeline(transaction=False)
-            for _, q in good:
-                rec = schema.request_record(q.request_id)
-                pipe.hset(rec, mapping={"state": schema.STATE_RUNNING, "owner": self.consumer,
-                                        "started_at": now})
-                pipe.pexpire(rec, self.limits.record_ttl_ms)
-            if done:
-                pipe.xack(self.stream, self.group, *done)
-                pipe.xdel(self.stream, *done)
-            if good or done:
-                await pipe.execute()
         if doomed:
             await self._terminate(doomed)
         return good

@@ -12,29 +12,33 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-
 from common import gguf_config
 from common.gguf_file import open_gguf
 from common.gguf_tokenizer import build_gguf_tokenizer
-from worker.gguf_loader import iter_gguf
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# NOTE: torch and the worker's loader are imported inside convert(): the CLI builds its
+# parser (add_arguments) in every process it starts, and the gateway, scheduler and serve
+# processes must not pay torch's import (seconds, hundreds of MB) for it.
+DTYPES = ("bfloat16", "float16", "float32")
 
 
 def convert(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float32") -> Path:
     """Write the HF directory for `gguf_path` into `out_dir` (created); returns it."""
     if dtype not in DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    import torch
+    from safetensors.torch import save_file
+
+    from worker.gguf_loader import iter_gguf
+
     f = open_gguf(gguf_path)
     config = {**gguf_config.hf_config(f), "torch_dtype": dtype}
     tokenizer = build_gguf_tokenizer(f)
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, "torch.Tensor"] = {}
     for name, lazy in iter_gguf(str(gguf_path)):
         if name == "lm_head.weight" and config["tie_word_embeddings"]:
             continue
-        tensors[name] = lazy.materialize().to(DTYPES[dtype]).contiguous()
+        tensors[name] = lazy.materialize().to(getattr(torch, dtype)).contiguous()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})

@@ -67,15 +67,21 @@ class Narrative:
 
     def __init__(self, loop: EngineLoop) -> None:
         self.loop, self.steps, self.first = loop, 0, {}
+        stage = loop._stage
+
+        def staged(events) -> None:   # a step's events, as the loop stages them
+            for req, ev in events:
+                if ev.index == 0 and ev.token_ids:
+                    self.first.setdefault(req.request_id.split("-", 1)[0], self.steps)
+            stage(events)
+        loop._stage = staged
 
     async def step(self) -> None:
-        await self.loop._exchange(None)   # publish the last step's events, read requests
+        await self.loop._exchanged()      # the exchange the last step started
+        await self.loop._exchange(None)   # and one now: requests submitted since are read
         self.steps += 1
         if self.loop.core.has_unfinished:
             await self.loop.step()
-        for rid, ev in self.loop._out:
-            if ev.index == 0 and ev.token_ids:
-                self.first.setdefault(rid.split("-", 1)[0], self.steps)
 
 
 async def _submit(sub: RequestSubmitter, model: str, tenant: str, n: int, start: int = 0):
@@ -116,6 +122,7 @@ def _first_token_steps(redis_url: str, executor, max_waiting: int) -> tuple[dict
                                     .waiting_for_blocks else window)
         while len(story.first) < FLOOD + LATER and story.steps < 1000:
             await story.step()
+        await loop._exchanged()
         await loop._exchange(None)
         await client.aclose()
         return story.first, arrived, seen
@@ -161,6 +168,7 @@ def test_requests_read_but_not_started_survive_their_scheduler(redis_url, execut
         story = Narrative(first)
         for _ in range(3):
             await story.step()
+        await first._exchanged()
         await first._exchange(None)   # what it computed is out; it dies holding the rest
         held = len(first.core.requests)
         started = sum(1 for r in first.core.requests.values() if r.next_index > 0)
@@ -170,6 +178,7 @@ def test_requests_read_but_not_started_survive_their_scheduler(redis_url, execut
         story = Narrative(second)
         while second.core.has_unfinished and story.steps < 1000:
             await story.step()
+        await second._exchanged()
         await second._exchange(None)
         events = {r: [e async for e in sub.events(r, block_ms=200)] for r in ids}
         await client.aclose()
