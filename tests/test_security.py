@@ -187,7 +187,9 @@ def test_concurrent_requests_are_capped_per_tenant(replicas) -> None:
             body = {"prompt": "hi", "max_tokens": 200, "stream": True}
             with http.stream("POST", f"{gateways[0].base_url}/v1/completions", json=body) as s1:
                 assert s1.status_code == 200
-                next(s1.iter_lines())   # running
+                # kept: a line iterator dropped at once closes the connection (a disconnect)
+                lines = s1.iter_lines()
+                next(lines)   # running
                 second = http.post(f"{gateways[1].base_url}/v1/completions",
                                    json={"prompt": "hi", "max_tokens": 2})
                 assert second.status_code == 429 and "concurrent" in second.json()["error"]["message"]

@@ -107,7 +107,9 @@ def test_a_finished_request_is_fetched_and_a_running_one_is_202(stack, replica) 
             with c.stream("POST", gateway.base_url + "/v1/completions", json={
                     "prompt": "x", "max_tokens": 300, "stream": True}) as s:
                 rid = s.headers["x-request-id"]
-                next(s.iter_lines())
+                # kept: a line iterator dropped at once closes the connection (a disconnect)
+                lines = s.iter_lines()
+                next(lines)
                 running = c.get(f"{replica.base_url}/v1/requests/{rid}")
                 assert running.status_code == 202 and running.json()["status"] == "running"
         finally:
