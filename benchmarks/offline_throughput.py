@@ -33,7 +33,8 @@ from benchmarks.phase_timer import PHASES
 from benchmarks.engine_meter import add_workload_arguments, model_or_bench
 from benchmarks.roofline import (StepRecorder, last_level_cache_bytes, read_bandwidth,
                                  step_floor)
-from benchmarks.workload import peak_matmul_flops, run_hf_one_at_a_time, run_hf_padded, workload
+from benchmarks.workload import (layer_params, peak_matmul_flops, run_hf_one_at_a_time,
+                                 run_hf_padded, workload)
 from tessera import LLM, SamplingParams
 
 
@@ -42,8 +43,7 @@ def workload_flops(cfg: ModelConfig, prompts: list[list[int]], out_len: int) -> 
     causal attention (QK and PV over the position's keys), the LM head only for the positions
     whose token is sampled (one per output token)."""
     h, q = cfg.hidden_size, cfg.num_heads * cfg.head_dim
-    kv = cfg.num_kv_heads * cfg.head_dim
-    layer = 2 * cfg.num_layers * (h * (q + 2 * kv) + q * h + 3 * h * cfg.intermediate_size)
+    layer = 2 * cfg.num_layers * layer_params(cfg)
     total = 0.0
     for p in prompts:
         n = len(p) + out_len - 1                    # positions computed

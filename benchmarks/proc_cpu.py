@@ -74,33 +74,7 @@ def tree_cpu_seconds(root: int) -> float:
     return tree_cpu_by_role(root)["total"]
 
 
-def role_pids(root: int) -> dict[str, list[int]]:
-    """The live processes under `root` that have a role, per role (for py-spy and the like)."""
-    procs = _snapshot()
-    children: dict[int, list[int]] = {}
-    for pid, (parent, _, _) in procs.items():
-        children.setdefault(parent, []).append(pid)
-    out: dict[str, list[int]] = {}
-    todo = [root]
-    while todo:
-        pid = todo.pop()
-        if pid in procs:
-            role = _role(pid, procs[pid][2])
-            if role:
-                out.setdefault(role, []).append(pid)
-            todo.extend(children.get(pid, ()))
-    return out
-
-
 def diff(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
     """Per-role CPU seconds between two tree_cpu_by_role snapshots (a role that appeared
     between them counts from zero)."""
     return {k: v - before.get(k, 0.0) for k, v in after.items()}
-
-
-def threads(pid: int) -> int:
-    """Number of threads of a process (0 if it ended)."""
-    try:
-        return len(os.listdir(f"/proc/{pid}/task"))
-    except OSError:
-        return 0

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.workload import layer_params
 from common.model_config import ModelConfig
 
 
@@ -102,8 +103,8 @@ def step_floor(cfg: ModelConfig, steps: list[Step], peak_flops: float, bandwidth
     + every scheduled sequence's K/V (its cached and new positions) in every layer."""
     h, q = cfg.hidden_size, cfg.num_heads * cfg.head_dim
     kv = cfg.num_kv_heads * cfg.head_dim
-    layer_params = h * (q + 2 * kv) + q * h + 3 * h * cfg.intermediate_size
-    layer_flops = 2 * cfg.num_layers * layer_params
+    params = layer_params(cfg)
+    layer_flops = 2 * cfg.num_layers * params
     head_params = h * cfg.vocab_size
     kv_bytes_per_pos = cfg.num_layers * 2 * kv * kv_elem
     compute = memory = floor = 0.0
@@ -113,7 +114,7 @@ def step_floor(cfg: ModelConfig, steps: list[Step], peak_flops: float, bandwidth
         flops = tokens * layer_flops + st.sampled * 2 * head_params
         # query i of a chunk after c cached tokens sees c + i + 1 keys
         flops += sum(cfg.num_layers * 4 * q * (n * c + n * (n + 1) / 2) for c, n in st.seqs)
-        nbytes = (cfg.num_layers * layer_params + (head_params if st.sampled else 0)) * weight_elem
+        nbytes = (cfg.num_layers * params + (head_params if st.sampled else 0)) * weight_elem
         nbytes += sum((c + n) * kv_bytes_per_pos for c, n in st.seqs)
         tc, tm = flops / peak_flops, nbytes / bandwidth
         compute, memory, floor = compute + tc, memory + tm, floor + max(tc, tm)

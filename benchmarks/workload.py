@@ -36,12 +36,17 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def flops_per_token(cfg: ModelConfig, context: float) -> float:
-    """Matmul FLOPs of one token: weights (2 per parameter) plus attention over `context`."""
+def layer_params(cfg: ModelConfig) -> int:
+    """Matmul weights of one decoder layer: QKV, O, gate + up, down (norms and biases aside)."""
     h, kv = cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim
     q = cfg.num_heads * cfg.head_dim
-    per_layer = h * (q + 2 * kv) + q * h + 3 * h * cfg.intermediate_size
-    weights = cfg.num_layers * per_layer + h * cfg.vocab_size
+    return h * (q + 2 * kv) + q * h + 3 * h * cfg.intermediate_size
+
+
+def flops_per_token(cfg: ModelConfig, context: float) -> float:
+    """Matmul FLOPs of one token: weights (2 per parameter) plus attention over `context`."""
+    h, q = cfg.hidden_size, cfg.num_heads * cfg.head_dim
+    weights = cfg.num_layers * layer_params(cfg) + h * cfg.vocab_size
     attention = cfg.num_layers * 2 * q * context
     return 2 * weights + 2 * attention
 
