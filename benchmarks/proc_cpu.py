@@ -46,15 +46,13 @@ def _role(pid: int, name: str) -> str | None:
     return None
 
 
-def tree_cpu_by_role(root: int) -> dict[str, float]:
-    """CPU seconds of `root` and its live descendants, summed per role (ROLES, or "other"),
-    and in total under "total"."""
+def _tree(root: int):
+    """(pid, role, CPU ticks) of `root` and its live descendants; a child without a role of
+    its own takes its parent's."""
     procs = _snapshot()
     children: dict[int, list[int]] = {}
     for pid, (parent, _, _) in procs.items():
         children.setdefault(parent, []).append(pid)
-    tick = os.sysconf("SC_CLK_TCK")
-    out: dict[str, float] = {}
     todo = [(root, "other")]
     while todo:
         pid, inherited = todo.pop()
@@ -62,10 +60,24 @@ def tree_cpu_by_role(root: int) -> dict[str, float]:
             continue
         _, ticks, name = procs[pid]
         role = _role(pid, name) or inherited
-        out[role] = out.get(role, 0.0) + ticks / tick
+        yield pid, role, ticks
         todo.extend((c, role) for c in children.get(pid, ()))
+
+
+def tree_cpu_by_role(root: int) -> dict[str, float]:
+    """CPU seconds of `root` and its live descendants, summed per role (ROLES, or "other"),
+    and in total under "total"."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for _, role, ticks in _tree(root):
+        out[role] = out.get(role, 0.0) + ticks / tick
     out["total"] = sum(out.values())
     return out
+
+
+def role_pids(root: int, role: str) -> list[int]:
+    """The pids of `root`'s tree that have `role`."""
+    return [pid for pid, r, _ in _tree(root) if r == role]
 
 
 def tree_cpu_seconds(root: int) -> float:

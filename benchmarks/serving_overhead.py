@@ -18,6 +18,10 @@ every span over OTLP/gRPC to a receiver in this process (which counts and drops 
 stacks run at once and the rounds alternate between them (the machine's load drifts); the
 receiver shares the machine's cores, which a real collector would not.
 
+Both sides run on the same allocator: `tessera serve` preloads tcmalloc into its CPU workers
+(tessera.launcher), so the script runs itself again under it for the in-process engine; a
+user's LD_PRELOAD (`LD_PRELOAD=`: glibc's malloc) applies to both sides instead.
+
 The stack is started by this script (`python -m tessera.cli serve`) next to the in-process
 engine, and always stopped with SIGTERM. `--rounds N` alternates the two sides N times, each
 round on prompts of its own (the same for both sides), and reports the median of the per-round
@@ -63,10 +67,35 @@ from common.settings import add_arguments, from_args, pick, to_argv
 from common.model_config import ModelConfig
 from tessera import LLM, SamplingParams
 from tessera.bench_serve import sse_chunks
-from benchmarks.proc_cpu import diff, tree_cpu_by_role, tree_cpu_seconds
+from benchmarks.proc_cpu import diff, role_pids, tree_cpu_by_role, tree_cpu_seconds
+from tessera.launcher import cpu_allocator_env
 from tessera.procs import TESSERA, Proc, free_port
 
 READY = "Ctrl-C stops everything."
+# Set when this script runs again under the allocator `tessera serve` preloads into its CPU
+# workers (see same_allocator), so that the in-process engine has it too.
+SAME_ALLOCATOR = "TESSERA_BENCH_SAME_ALLOCATOR"
+
+
+def same_allocator() -> dict[str, str | None] | None:
+    """Like for like: `tessera serve` preloads tcmalloc into its CPU workers
+    (tessera.launcher.cpu_allocator_env), so this script runs itself again under it, for the
+    in-process engine. The stack is then started without it in its environment (the launcher
+    gives it to the workers only, as shipped): the environment to start it with. A user's
+    LD_PRELOAD (`LD_PRELOAD=` for glibc) applies to both sides unchanged: None."""
+    if SAME_ALLOCATOR in os.environ:
+        return {k: None for k in (SAME_ALLOCATOR, "LD_PRELOAD",
+                                  "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD")}
+    env = cpu_allocator_env()
+    if env:
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **env,
+                                                                SAME_ALLOCATOR: "1"})
+    return None
+
+
+def allocator_of(pid: int | str = "self") -> str:
+    maps = open(f"/proc/{pid}/maps").read()
+    return next((n for n in ("tcmalloc", "jemalloc") if f"lib{n}" in maps), "glibc")
 
 
 def workload(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -211,6 +240,7 @@ def tracing_cost(args, model_dir: str, name: str, prompts, ttft_prompts, warm_pr
     alternate between them, so that a change in the machine's background load hits both."""
     plain = {k: None for k in os.environ if k.startswith("OTEL_")}   # unset in the stack
     sink = SpanSink()
+    plain = {**plain, **(args.stack_env or {})}
     traced = {**plain, "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink.port}",
               "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}
     labels = ("no exporter", "OTLP exporter")
@@ -273,6 +303,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3,
                     help="alternating rounds of in-process and stack; the ratio is their median")
     args = ap.parse_args()
+    args.stack_env = same_allocator()
 
     model_dir = args.model
     if model_dir is None:
@@ -312,7 +343,9 @@ def main() -> None:
                     for x in rounds]
     added = statistics.median(added_rounds)
     print(f"\nmodel {name} ({model_dir}), dtype {args.dtype}, max_num_seqs {args.max_num_seqs}, "
-          f"max_num_batched_tokens {args.max_num_batched_tokens}, {os.cpu_count()} CPUs")
+          f"max_num_batched_tokens {args.max_num_batched_tokens}, {os.cpu_count()} CPUs; "
+          f"allocator: {allocator_of()} in process, {args.worker_allocator} in the stack's "
+          "workers")
     print(f"throughput: {args.num_requests} requests, prompts U[16,512], {args.output_len} output "
           f"tokens, all at once; TTFT: {args.ttft_requests} sequential requests, "
           f"{args.ttft_prompt_len}-token prompts")
@@ -365,7 +398,8 @@ def measure(args, model_dir: str, name: str, vocab: int, warm_prompts):
     print("in-process engine: starting ...", flush=True)
     llm = make_llm(args, model_dir, warm_prompts)
     print("starting the stack ...", flush=True)
-    proc, base_url = start_stack(args, model_dir)
+    proc, base_url = start_stack(args, model_dir, args.stack_env)
+    args.worker_allocator = ",".join(sorted({allocator_of(p) for p in role_pids(proc.pid, "worker")}))
     rounds = []
     try:
         for r in range(args.rounds):

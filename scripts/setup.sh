@@ -69,6 +69,10 @@ command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 # g++ and ninja build the C++ CPU kernels (kernels/csrc/); without them the torch path runs
 command -v g++ >/dev/null 2>&1 || missing+=(g++)
 command -v ninja >/dev/null 2>&1 || missing+=(ninja-build)
+# tcmalloc, which `tessera serve` preloads into its CPU workers (tessera/launcher.py); without
+# it they run on glibc's malloc
+{ /sbin/ldconfig -p 2>/dev/null || ldconfig -p 2>/dev/null; } | grep -q libtcmalloc_minimal.so.4 \
+    || missing+=(libtcmalloc-minimal4)
 if [ -n "$EXTRAS" ] && ! command -v docker-compose >/dev/null 2>&1; then
     missing+=(docker-compose)
 fi

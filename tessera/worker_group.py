@@ -14,7 +14,7 @@ import weakref
 from common.config import EngineConfig, WorkerConfig
 from common.settings import pick
 from scheduler.executor import GrpcExecutor
-from tessera.launcher import cpu_share, worker_procs
+from tessera.launcher import cpu_allocator_env, cpu_share, worker_procs
 from tessera.procs import ProcessGroup
 
 
@@ -28,7 +28,8 @@ class LocalWorkerGroup:
         try:
             worker = pick(WorkerConfig, config, metrics_port=0)
             workers = worker_procs(worker, [f"worker.{rank}" for rank in range(config.world_size)],
-                                   cpu_share(config.world_size) if config.device == "cpu" else None)
+                                   {**cpu_share(config.world_size), **cpu_allocator_env()}
+                                   if config.device == "cpu" else None)
             for proc, _, _ in workers:
                 self.procs.add(proc).start()
             for proc, _, _ in workers:

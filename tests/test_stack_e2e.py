@@ -4,6 +4,7 @@ processes, driven over HTTP (the official `openai` package) and gRPC (our client
 from __future__ import annotations
 
 import asyncio
+import ctypes.util
 import os
 import re
 import signal
@@ -158,3 +159,32 @@ def test_every_service_of_serve_answers_metrics_and_probes(served):
         base = url.removesuffix("/metrics")
         assert httpx.get(base + "/health", timeout=10).status_code == 200
         assert httpx.get(base + "/ready", timeout=10).status_code == 200, service
+
+
+def _processes_of(model_dir: str) -> dict[str, list[int]]:
+    """pids of this stack's processes, by role (the word after tessera.cli)."""
+    roles: dict[str, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = open(f"/proc/{entry}/cmdline", "rb").read().decode().split("\0")
+        except OSError:
+            continue
+        if "tessera.cli" in argv and model_dir in argv:
+            roles.setdefault(argv[argv.index("tessera.cli") + 1], []).append(int(entry))
+    return roles
+
+
+@pytest.mark.skipif(ctypes.util.find_library("tcmalloc_minimal") is None or
+                    "LD_PRELOAD" in os.environ, reason="libtcmalloc-minimal4 not installed, "
+                    "or LD_PRELOAD set by the user (which wins)")
+def test_serve_runs_its_cpu_workers_on_tcmalloc(served):
+    roles = _processes_of(served[0])
+    assert set(roles) >= {"worker", "scheduler", "gateway"}, roles
+
+    def mapped(pid: int) -> bool:
+        return "libtcmalloc_minimal" in open(f"/proc/{pid}/maps").read()
+
+    assert all(mapped(pid) for pid in roles["worker"])
+    assert not any(mapped(pid) for pid in roles["gateway"] + roles["scheduler"])
