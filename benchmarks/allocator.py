@@ -5,8 +5,12 @@ a fresh process per run with each allocator preloaded (`LD_PRELOAD`), the alloca
 alternating for --rounds rounds (the machine is shared: its load drifts), and prints each
 run's tok/s and tokens per CPU-second and the median ratio of each allocator against glibc
 in the same rounds. An allocator whose library is not installed is skipped (Debian:
-`apt-get install libtcmalloc-minimal4 libjemalloc2`). Using one is an opt-in for any
-tessera process: `LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 tessera ...`.
+`apt-get install libtcmalloc-minimal4 libjemalloc2`). `tessera serve` preloads tcmalloc
+into its CPU workers (tessera.launcher.cpu_allocator_env); any other tessera process can
+have it with `LD_PRELOAD=libtcmalloc_minimal.so.4 tessera ...`.
+
+`as_served()` is how the other benchmarks run the in-process engine on the allocator serve's
+workers have: offline_throughput.py and serving_overhead.py run themselves again under it.
 
     python benchmarks/allocator.py [--rounds 2] [--allocators tcmalloc jemalloc]
                                   [--num-requests 64] [--output-len 64]
@@ -22,6 +26,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+if __name__ == "__main__" and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from tessera.launcher import cpu_allocator_env
+
 LIB = Path("/usr/lib/x86_64-linux-gnu")
 ALLOCATORS = {"glibc": None, "tcmalloc": LIB / "libtcmalloc_minimal.so.4",
               "jemalloc": LIB / "libjemalloc.so.2"}
@@ -29,11 +38,33 @@ SCRIPT = Path(__file__).resolve().parent / "offline_throughput.py"
 FAST = re.compile(r"^fast\s+([\d.]+)\s+.*?\s([\d.]+)\s+\|", re.M)
 
 
+# Set in a benchmark that as_served() ran again under the allocator of serve's workers.
+SERVED_ALLOCATOR = "TESSERA_BENCH_SERVED_ALLOCATOR"
+
+
+def as_served() -> bool:
+    """Run this script again (exec) under the allocator `tessera serve` preloads into its CPU
+    workers, unless it already runs under it or the user set LD_PRELOAD (`LD_PRELOAD=`:
+    glibc's malloc), which is kept. True in the process that was run again."""
+    if SERVED_ALLOCATOR in os.environ:
+        return True
+    env = cpu_allocator_env()
+    if env:
+        os.execve(sys.executable, [sys.executable, *sys.argv],
+                  {**os.environ, **env, SERVED_ALLOCATOR: "1"})
+    return False
+
+
+def allocator_of(pid: int | str = "self") -> str:
+    """The allocator a process has mapped: tcmalloc, jemalloc or glibc."""
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    return next((n for n in ("tcmalloc", "jemalloc") if f"lib{n}" in maps), "glibc")
+
+
 def run(preload: Path | None, args) -> tuple[float, float]:
     """(tok/s, tokens per CPU-second) of one offline_throughput run."""
     env = dict(os.environ)
-    if preload is not None:
-        env["LD_PRELOAD"] = str(preload)
+    env["LD_PRELOAD"] = "" if preload is None else str(preload)   # empty: glibc (as_served)
     cmd = [sys.executable, str(SCRIPT), "--rounds", "1", "--skip-hf", "--skip-torch-path",
            "--num-requests", str(args.num_requests), "--output-len", str(args.output_len)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)

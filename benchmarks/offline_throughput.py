@@ -7,7 +7,10 @@ oneDNN-prepacked weights) and of the same engine on the plain torch path (`TESSE
 torch`: what the engine did before them), the workload's useful FLOPs, the fp32 GEMM peak
 measured in the same run, the roofline fraction (useful FLOPs at that peak vs the wall time),
 per-phase time, and HF `generate` one request at a time and on left-padded batches. All runs
-are interleaved (--rounds) and each one's best is kept: the machine is shared.
+are interleaved (--rounds) and each one's best is kept: the machine is shared. The script runs
+itself again under tcmalloc, the allocator `tessera serve` preloads into its CPU workers
+(benchmarks/allocator.py `as_served`; `LD_PRELOAD=` keeps glibc's malloc): every number of a
+run, HF's included, comes from the same allocator.
 
     python benchmarks/offline_throughput.py [--num-requests 64] [--output-len 64] [--rounds 2]
                                             [--model DIR] [--max-num-batched-tokens N]
@@ -29,6 +32,7 @@ import time
 import torch
 
 from common.model_config import ModelConfig
+from benchmarks.allocator import allocator_of, as_served
 from benchmarks.phase_timer import PHASES
 from benchmarks.engine_meter import add_workload_arguments, model_or_bench
 from benchmarks.roofline import (StepRecorder, last_level_cache_bytes, read_bandwidth,
@@ -92,6 +96,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of fast / torch path")
     ap.add_argument("--skip-torch-path", action="store_true", help="only the fast path")
     args = ap.parse_args()
+    as_served()   # the allocator `tessera serve` gives its CPU workers, as they run the model
     torch.manual_seed(0)
     model_dir = model_or_bench(args.model)
     cfg = ModelConfig.from_dir(model_dir)
@@ -134,7 +139,7 @@ def main() -> None:
     batched = max(batches, default=float("nan"))
     print(f"\nworkload: {args.num_requests} requests, prompts U[16,512], {args.output_len} output "
           f"tokens, {args.dtype} (computes in {str(compute)[6:]}), device {args.device}, "
-          f"torch threads {torch.get_num_threads()}, token budget "
+          f"torch threads {torch.get_num_threads()}, allocator {allocator_of()}, token budget "
           f"{getattr(getattr(llm.engine.scheduler, 'config', None), 'max_num_batched_tokens', '?')}")
     print(f"useful FLOPs {flops / 1e12:.3f} TFLOP | GEMM peak (2048^3, best of {args.rounds}) "
           f"{peak / 1e9:.0f} GFLOP/s | roofline {roofline:.0f} tok/s")

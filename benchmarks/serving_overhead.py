@@ -67,35 +67,11 @@ from common.settings import add_arguments, from_args, pick, to_argv
 from common.model_config import ModelConfig
 from tessera import LLM, SamplingParams
 from tessera.bench_serve import sse_chunks
+from benchmarks.allocator import SERVED_ALLOCATOR, allocator_of, as_served
 from benchmarks.proc_cpu import diff, role_pids, tree_cpu_by_role, tree_cpu_seconds
-from tessera.launcher import cpu_allocator_env
 from tessera.procs import TESSERA, Proc, free_port
 
 READY = "Ctrl-C stops everything."
-# Set when this script runs again under the allocator `tessera serve` preloads into its CPU
-# workers (see same_allocator), so that the in-process engine has it too.
-SAME_ALLOCATOR = "TESSERA_BENCH_SAME_ALLOCATOR"
-
-
-def same_allocator() -> dict[str, str | None] | None:
-    """Like for like: `tessera serve` preloads tcmalloc into its CPU workers
-    (tessera.launcher.cpu_allocator_env), so this script runs itself again under it, for the
-    in-process engine. The stack is then started without it in its environment (the launcher
-    gives it to the workers only, as shipped): the environment to start it with. A user's
-    LD_PRELOAD (`LD_PRELOAD=` for glibc) applies to both sides unchanged: None."""
-    if SAME_ALLOCATOR in os.environ:
-        return {k: None for k in (SAME_ALLOCATOR, "LD_PRELOAD",
-                                  "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD")}
-    env = cpu_allocator_env()
-    if env:
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **env,
-                                                                SAME_ALLOCATOR: "1"})
-    return None
-
-
-def allocator_of(pid: int | str = "self") -> str:
-    maps = open(f"/proc/{pid}/maps").read()
-    return next((n for n in ("tcmalloc", "jemalloc") if f"lib{n}" in maps), "glibc")
 
 
 def workload(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -107,7 +83,6 @@ def workload(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
 def fixed_prompts(n: int, length: int, vocab: int, seed: int = 1) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(vocab) for _ in range(length)] for _ in range(n)]
-
 
 # ---------------------------------------------------------------------------- in-process
 
@@ -303,7 +278,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3,
                     help="alternating rounds of in-process and stack; the ratio is their median")
     args = ap.parse_args()
-    args.stack_env = same_allocator()
+    # the in-process side under the allocator serve gives its workers (benchmarks.allocator);
+    # then the stack starts without it in its environment: the launcher gives it to the
+    # workers only, as shipped
+    args.stack_env = ({k: None for k in (SERVED_ALLOCATOR, "LD_PRELOAD",
+                                         "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD")}
+                      if as_served() else None)
 
     model_dir = args.model
     if model_dir is None:
