@@ -84,6 +84,7 @@ def fixed_prompts(n: int, length: int, vocab: int, seed: int = 1) -> list[list[i
     rng = random.Random(seed)
     return [[rng.randrange(vocab) for _ in range(length)] for _ in range(n)]
 
+
 # ---------------------------------------------------------------------------- in-process
 
 def engine_config(args, model_dir: str) -> EngineConfig:
