@@ -19,6 +19,7 @@ workers have: offline_throughput.py and serving_overhead.py run themselves again
 from __future__ import annotations
 
 import argparse
+import ctypes.util
 import os
 import re
 import statistics
@@ -31,9 +32,9 @@ if __name__ == "__main__" and Path(sys.path[0]).resolve() == Path(__file__).reso
 
 from tessera.launcher import cpu_allocator_env
 
-LIB = Path("/usr/lib/x86_64-linux-gnu")
-ALLOCATORS = {"glibc": None, "tcmalloc": LIB / "libtcmalloc_minimal.so.4",
-              "jemalloc": LIB / "libjemalloc.so.2"}
+# found as the launcher finds tcmalloc (ctypes.util.find_library: a soname, or None)
+ALLOCATORS = {"glibc": None, "tcmalloc": ctypes.util.find_library("tcmalloc_minimal"),
+              "jemalloc": ctypes.util.find_library("jemalloc")}
 SCRIPT = Path(__file__).resolve().parent / "offline_throughput.py"
 FAST = re.compile(r"^fast\s+([\d.]+)\s+.*?\s([\d.]+)\s+\|", re.M)
 
@@ -61,10 +62,10 @@ def allocator_of(pid: int | str = "self") -> str:
     return next((n for n in ("tcmalloc", "jemalloc") if f"lib{n}" in maps), "glibc")
 
 
-def run(preload: Path | None, args) -> tuple[float, float]:
+def run(preload: str | None, args) -> tuple[float, float]:
     """(tok/s, tokens per CPU-second) of one offline_throughput run."""
     env = dict(os.environ)
-    env["LD_PRELOAD"] = "" if preload is None else str(preload)   # empty: glibc (as_served)
+    env["LD_PRELOAD"] = preload or ""   # empty: glibc (as_served)
     cmd = [sys.executable, str(SCRIPT), "--rounds", "1", "--skip-hf", "--skip-torch-path",
            "--num-requests", str(args.num_requests), "--output-len", str(args.output_len)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
@@ -82,7 +83,7 @@ def main() -> None:
     ap.add_argument("--allocators", nargs="+", choices=list(ALLOCATORS)[1:],
                     default=list(ALLOCATORS)[1:], help="compared against glibc")
     args = ap.parse_args()
-    names = ["glibc"] + [n for n in args.allocators if ALLOCATORS[n].exists()]
+    names = ["glibc"] + [n for n in args.allocators if ALLOCATORS[n] is not None]
     skipped = sorted(set(args.allocators) - set(names))
     results: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
     for r in range(args.rounds):

@@ -140,14 +140,15 @@ def test_a_flooding_tenant_does_not_starve_another_through_the_stack(tmp_path, t
                            "--max-num-batched-tokens", "16"])
     url = f"http://127.0.0.1:{http}/v1/completions"
     prompt = list(range(5, 305))   # 300 token ids: ~19 steps of 16 tokens each, one prompt at a time
+    body = {"prompt": prompt, "max_tokens": 2, "temperature": 0, "ignore_eos": True,
+            "stream": True}
 
     async def one(client: httpx.AsyncClient, tenant: str) -> tuple[float, float, str]:
         """(sent, first token, request id)"""
         t0 = time.monotonic()
         first = None
         async with client.stream("POST", url, headers={"Authorization": f"Bearer {keys[tenant]}"},
-                                 json={"prompt": prompt, "max_tokens": 2, "temperature": 0,
-                                       "ignore_eos": True, "stream": True}) as r:
+                                 json=body) as r:
             assert r.status_code == 200
             rid = r.headers["x-request-id"]
             async for line in r.aiter_lines():
@@ -161,8 +162,6 @@ def test_a_flooding_tenant_does_not_starve_another_through_the_stack(tmp_path, t
         # B comes from a process of its own once (nearly) the whole flood is in Redis, behind
         # it in the stream: this one's event loop, busy with the flood's 200 streams, took
         # seconds to send B under load
-        body = {"prompt": prompt, "max_tokens": 2, "temperature": 0, "ignore_eos": True,
-                "stream": True}
         sender = await asyncio.create_subprocess_exec(
             sys.executable, "-c", B_SENDER, url, keys["B"], schema.requests_stream(model.name),
             json.dumps(body), listed(lines, "Redis"), stdout=asyncio.subprocess.PIPE)
