@@ -26,7 +26,9 @@ The stack is started by this script (`python -m tessera.cli serve`) next to the 
 engine, and always stopped with SIGTERM. `--rounds N` alternates the two sides N times, each
 round on prompts of its own (the same for both sides), and reports the median of the per-round
 ratios: the machine is shared and its load drifts. The HTTP client runs in this process, on
-the same cores as the stack: that cost is part of what is measured. Timings are reported,
+the same cores as the stack: that cost is part of what is measured. It is the lean raw-socket
+client of benchmarks/sse_client.py (~0.3 CPU-s over 128 x 64 tokens); `--client httpx` runs
+the httpx client used before (~1.5 CPU-s, as much as the gateway). Timings are reported,
 never asserted.
 
 CPU seconds over each round's batch are reported too, per side and, for the stack, per process
@@ -37,7 +39,7 @@ second outside the worker is taken from the model.
 
     python benchmarks/serving_overhead.py [--model DIR | --preset bench] [--num-requests 128]
         [--output-len 128] [--ttft-requests 20] [--ttft-output-len 16]
-        [--rounds 3] [--tracing-cost [--repeats 3]]
+        [--rounds 3] [--client raw|httpx] [--tracing-cost [--repeats 3]]
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ from tessera import LLM, SamplingParams
 from tessera.bench_serve import sse_chunks
 from benchmarks.allocator import SERVED_ALLOCATOR, allocator_of, as_served
 from benchmarks.proc_cpu import diff, role_pids, tree_cpu_by_role, tree_cpu_seconds
+from benchmarks.sse_client import stream_completion
 from tessera.procs import TESSERA, Proc, free_port
 
 READY = "Ctrl-C stops everything."
@@ -137,8 +140,12 @@ def stop_stack(proc: Proc) -> None:
     proc.stop(timeout=30)        # serve stops its children on SIGTERM; then its whole session
 
 
-async def stream_one(client: httpx.AsyncClient, url: str, body: dict) -> tuple[float, int]:
-    """Returns (seconds to the first chunk with a choice, completion tokens from usage)."""
+async def stream_one(client: httpx.AsyncClient | float, url: str, body: dict
+                     ) -> tuple[float, int]:
+    """Returns (seconds to the first chunk with a choice, completion tokens from usage).
+    ``client`` a timeout in seconds instead: the lean client of benchmarks/sse_client.py."""
+    if not isinstance(client, httpx.AsyncClient):
+        return await stream_completion(url.removesuffix("/v1/completions"), body, client)
     start = time.perf_counter()
     ttft, tokens = None, 0
     async with client.stream("POST", url, json=body) as resp:
@@ -166,7 +173,8 @@ async def stack_runs(args, base_url: str, name: str, prompts, ttft_prompts, warm
     url = base_url + "/v1/completions"
     timeout = httpx.Timeout(args.timeout, connect=10.0)
     limits = httpx.Limits(max_connections=len(prompts) + 1, max_keepalive_connections=len(prompts) + 1)
-    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
+        client = http if args.client == "httpx" else args.timeout
         # the same warm-up as the in-process side
         await asyncio.gather(*(stream_one(client, url, body(name, p, 4)) for p in warm_prompts))
         t, stack0, client0 = time.perf_counter(), tree_cpu_by_role(pid) if pid else {}, \
@@ -273,6 +281,9 @@ def main() -> None:
     ap.add_argument("--ttft-output-len", type=int, default=16, help="max_tokens of stack TTFT requests")
     ap.add_argument("--start-timeout", type=float, default=300.0, help="seconds for the stack to start")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per HTTP request")
+    ap.add_argument("--client", choices=("raw", "httpx"), default="raw",
+                    help="the load generator: the lean raw-socket client of "
+                         "benchmarks/sse_client.py, or httpx (the client before round 3)")
     ap.add_argument("--tracing-cost", action="store_true",
                     help="compare the stack without and with an OTLP span exporter instead")
     ap.add_argument("--repeats", type=int, default=3, help="alternating rounds (--tracing-cost)")
@@ -326,7 +337,7 @@ def main() -> None:
     print(f"\nmodel {name} ({model_dir}), dtype {args.dtype}, max_num_seqs {args.max_num_seqs}, "
           f"max_num_batched_tokens {args.max_num_batched_tokens}, {os.cpu_count()} CPUs; "
           f"allocator: {allocator_of()} in process, {args.worker_allocator} in the stack's "
-          "workers")
+          f"workers; client: {args.client}")
     print(f"throughput: {args.num_requests} requests, prompts U[16,512], {args.output_len} output "
           f"tokens, all at once; TTFT: {args.ttft_requests} sequential requests, "
           f"{args.ttft_prompt_len}-token prompts")

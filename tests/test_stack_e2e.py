@@ -188,3 +188,24 @@ def test_serve_runs_its_cpu_workers_on_tcmalloc(served):
 
     assert all(mapped(pid) for pid in roles["worker"])
     assert not any(mapped(pid) for pid in roles["gateway"] + roles["scheduler"])
+
+
+def test_the_benchmarks_lean_client_reads_the_stack_as_httpx_does(served):
+    """benchmarks/sse_client.py (serving_overhead's load generator) against the real gateway:
+    the same completion tokens as the usage httpx reads, and the gateway's error bodies."""
+    from benchmarks.serving_overhead import body, stream_one
+    from benchmarks.sse_client import stream_completion
+
+    _, name, base, *_ = served
+    url = base + "/v1/completions"
+
+    async def both():
+        async with httpx.AsyncClient(timeout=60) as client:
+            return [await stream_one(c, url, body(name, [5, 6, 7, 8], MAX_TOKENS))
+                    for c in (client, 60.0)]
+
+    (ttft_httpx, n_httpx), (ttft_raw, n_raw) = asyncio.run(both())
+    assert n_httpx == n_raw == MAX_TOKENS
+    assert 0 < ttft_raw < 60 and 0 < ttft_httpx < 60
+    with pytest.raises(RuntimeError, match=r"HTTP 400: .*max_tokens"):
+        asyncio.run(stream_completion(base, body(name, [5, 6], -1), 60))
