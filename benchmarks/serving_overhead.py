@@ -140,12 +140,8 @@ def stop_stack(proc: Proc) -> None:
     proc.stop(timeout=30)        # serve stops its children on SIGTERM; then its whole session
 
 
-async def stream_one(client: httpx.AsyncClient | float, url: str, body: dict
-                     ) -> tuple[float, int]:
-    """Returns (seconds to the first chunk with a choice, completion tokens from usage).
-    ``client`` a timeout in seconds instead: the lean client of benchmarks/sse_client.py."""
-    if not isinstance(client, httpx.AsyncClient):
-        return await stream_completion(url.removesuffix("/v1/completions"), body, client)
+async def stream_one(client: httpx.AsyncClient, url: str, body: dict) -> tuple[float, int]:
+    """Returns (seconds to the first chunk with a choice, completion tokens from usage)."""
     start = time.perf_counter()
     ttft, tokens = None, 0
     async with client.stream("POST", url, json=body) as resp:
@@ -173,14 +169,16 @@ async def stack_runs(args, base_url: str, name: str, prompts, ttft_prompts, warm
     url = base_url + "/v1/completions"
     timeout = httpx.Timeout(args.timeout, connect=10.0)
     limits = httpx.Limits(max_connections=len(prompts) + 1, max_keepalive_connections=len(prompts) + 1)
-    async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
-        client = http if args.client == "httpx" else args.timeout
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+        def one(b: dict):   # the load generator (--client)
+            return (stream_one(client, url, b) if args.client == "httpx"
+                    else stream_completion(base_url, b, args.timeout))
+
         # the same warm-up as the in-process side
-        await asyncio.gather(*(stream_one(client, url, body(name, p, 4)) for p in warm_prompts))
+        await asyncio.gather(*(one(body(name, p, 4)) for p in warm_prompts))
         t, stack0, client0 = time.perf_counter(), tree_cpu_by_role(pid) if pid else {}, \
             time.process_time()
-        res = await asyncio.gather(*(stream_one(client, url, body(name, p, args.output_len))
-                                     for p in prompts))
+        res = await asyncio.gather(*(one(body(name, p, args.output_len)) for p in prompts))
         elapsed = time.perf_counter() - t
         if cpu is not None and pid:
             cpu["roles"] = diff(tree_cpu_by_role(pid), stack0)
@@ -189,7 +187,7 @@ async def stack_runs(args, base_url: str, name: str, prompts, ttft_prompts, warm
         tokens = sum(n for _, n in res)
         ttfts = []
         for p in ttft_prompts:
-            ttft, _ = await stream_one(client, url, body(name, p, args.ttft_output_len))
+            ttft, _ = await one(body(name, p, args.ttft_output_len))
             ttfts.append(ttft)
     return tokens / elapsed, tokens, ttfts
 
@@ -283,7 +281,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per HTTP request")
     ap.add_argument("--client", choices=("raw", "httpx"), default="raw",
                     help="the load generator: the lean raw-socket client of "
-                         "benchmarks/sse_client.py, or httpx (the client before round 3)")
+                         "benchmarks/sse_client.py, or httpx (the one it replaced)")
     ap.add_argument("--tracing-cost", action="store_true",
                     help="compare the stack without and with an OTLP span exporter instead")
     ap.add_argument("--repeats", type=int, default=3, help="alternating rounds (--tracing-cost)")

@@ -8,7 +8,9 @@ client parses the chunked body and the SSE framing with bytes operations in the 
 data callback, decodes only the chunks it needs (those up to the first one with a choice, for TTFT, and
 the usage chunk), and takes no task switch per event.
 
-It is an instrument, not an OpenAI client: the tests use the official `openai` package.
+One connection per request (`Connection: close`), so a TTFT includes the TCP connect (~0.1 ms
+on loopback). It is an instrument, not an OpenAI client: the tests use the official `openai`
+package.
 """
 
 from __future__ import annotations

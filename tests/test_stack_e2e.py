@@ -200,9 +200,10 @@ def test_the_benchmarks_lean_client_reads_the_stack_as_httpx_does(served):
     url = base + "/v1/completions"
 
     async def both():
+        request = body(name, [5, 6, 7, 8], MAX_TOKENS)
         async with httpx.AsyncClient(timeout=60) as client:
-            return [await stream_one(c, url, body(name, [5, 6, 7, 8], MAX_TOKENS))
-                    for c in (client, 60.0)]
+            return [await stream_one(client, url, request),
+                    await stream_completion(base, request, 60)]
 
     (ttft_httpx, n_httpx), (ttft_raw, n_raw) = asyncio.run(both())
     assert n_httpx == n_raw == MAX_TOKENS
