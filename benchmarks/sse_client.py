@@ -5,8 +5,9 @@ CPU time is taken from the model as the gateway's is. httpx (pure-Python h11 par
 switch and a JSON decode per event) spent ~190 us per streamed token there, about as much as
 the gateway itself: as much noise in the measurement as the overhead being measured. This
 client parses the chunked body and the SSE framing with bytes operations in the protocol's
-data callback, decodes only the chunks it needs (those up to the first one with a choice, for TTFT, and
-the usage chunk), and takes no task switch per event.
+data callback, decodes only the chunks it needs (those up to the first one with a choice, for
+TTFT, and the usage chunk), and takes no task switch per event. (tessera/sse.py's SseReader,
+which the tests and `tessera bench serve` use, decodes every event's JSON: the cost avoided.)
 
 One connection per request (`Connection: close`), so a TTFT includes the TCP connect (~0.1 ms
 on loopback). It is an instrument, not an OpenAI client: the tests use the official `openai`

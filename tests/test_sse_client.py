@@ -50,6 +50,7 @@ def test_every_split_of_a_stream_gives_the_first_token_and_the_usage(size):
 
 def test_an_error_status_keeps_its_body():
     body = b'{"error": {"message": "max_tokens must be at least 1"}}'
+
     async def run():
         proto = _Stream(start=0.0)
         proto.data_received(b"HTTP/1.1 400 Bad Request\r\ncontent-length: %d\r\n\r\n" % len(body))
