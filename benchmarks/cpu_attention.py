@@ -34,6 +34,7 @@ import time
 import torch
 
 from benchmarks.roofline import last_level_cache_bytes, read_bandwidth
+from benchmarks.workload import peak_matmul_flops
 from kernels.paged_attention import paged_attention_prefill_ref
 from kernels.paged_attention_cpu import (cpu_attention_available, paged_attention_cpu,
                                          paged_attention_decode_cpu)
@@ -61,7 +62,7 @@ def paged(num_seqs: int, tokens: int, args, gen: torch.Generator, layers: int = 
     shape = (num_blocks, bs, args.kv_heads, args.head_dim)
     def kv(dt):
         return tuple(torch.randn(shape, generator=gen).to(dt) for _ in range(2))
-    caches = {dt: kv(dt) if layers == 1 else [kv(dt) for _ in range(layers)] for dt in DTYPES}
+    caches = {dt: [kv(dt) for _ in range(layers)] for dt in DTYPES}   # per dtype, one (K, V) a layer
     return tables, caches
 
 
@@ -117,9 +118,8 @@ def decode_rows(args, rounds: int, gen: torch.Generator) -> None:
 
 
 def gemm_flops(reps: int) -> float:
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    a @ b
-    return 2 * 2048 ** 3 / (best_ms(lambda: a @ b, reps) / 1e3)
+    """The fp32 GEMM peak (benchmarks/workload.py: torch's matmul or oneDNN's, the better)."""
+    return max(peak_matmul_flops(torch.float32, "cpu") for _ in range(max(1, reps // 5)))
 
 
 def prefill_rows(args, rounds: int, gen: torch.Generator) -> None:
@@ -141,12 +141,12 @@ def prefill_rows(args, rounds: int, gen: torch.Generator) -> None:
     peaks = []
     for _ in range(rounds):
         peaks.append(gemm_flops(args.reps))
-        for dt, (k, v) in caches.items():
+        for dt, [(k, v)] in caches.items():
             kern = best_ms(lambda: paged_attention_cpu(q, k, v, tables, seq_lens,
                                                        torch.tensor(starts), scale, out=out),
                            args.reps)
             rows.setdefault(dt, []).append(kern)
-        k, v = caches[torch.float32]
+        [(k, v)] = caches[torch.float32]
         rows.setdefault("ref", []).append(best_ms(lambda: paged_attention_prefill_ref(
             q, k, v, tables, starts, lens, scale), max(1, args.reps // 4)))
     peak = max(peaks)
@@ -154,7 +154,7 @@ def prefill_rows(args, rounds: int, gen: torch.Generator) -> None:
     print(f"prompt chunks {chunks} after a cached prefix of {prefix}, {args.heads} heads / "
           f"{args.kv_heads} KV heads of {args.head_dim}, block {args.block_size}, "
           f"{args.threads} threads: {flops / 1e9:.2f} useful GFLOP per call")
-    print(f"fp32 GEMM peak (2048^3): {peak / 1e9:.0f} GFLOP/s; torch reference {ref:.2f} ms "
+    print(f"fp32 GEMM peak (2048^3, torch or oneDNN): {peak / 1e9:.0f} GFLOP/s; torch reference {ref:.2f} ms "
           f"(fp32 cache)")
     print(f"{'cache':9s} {'kernel ms':>9s} {'GFLOP/s':>9s} {'of GEMM peak':>12s} {'vs ref':>7s}")
     for dt, results in rows.items():

@@ -141,7 +141,7 @@ def main() -> None:
           f"tokens, {args.dtype} (computes in {str(compute)[6:]}), device {args.device}, "
           f"torch threads {torch.get_num_threads()}, allocator {allocator_of()}, token budget "
           f"{getattr(getattr(llm.engine.scheduler, 'config', None), 'max_num_batched_tokens', '?')}")
-    print(f"useful FLOPs {flops / 1e12:.3f} TFLOP | GEMM peak (2048^3, best of {args.rounds}) "
+    print(f"useful FLOPs {flops / 1e12:.3f} TFLOP | GEMM peak (2048^3, torch or oneDNN, best of {args.rounds}) "
           f"{peak / 1e9:.0f} GFLOP/s | roofline {roofline:.0f} tok/s")
     print(f"HF generate: one at a time {single:.1f} tok/s, padded batches of {args.hf_batch_size} "
           f"{batched:.1f} tok/s")

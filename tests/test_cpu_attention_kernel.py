@@ -102,6 +102,28 @@ def test_cpu_kernel_long_chunks(dtype, group, head_dim, block_size, window):
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
 
 
+# Enough decodes that every item keeps all its KV heads (the decode path then takes four
+# heads' dot products at a time when a KV head has one query row), six KV heads (four at a
+# time, then two), contexts either side of the 64-key span; a prompt chunk closes the batch.
+MANY = [(1, n) for n in (1, 3, 16, 17, 31, 64, 65, 90, 128, 129, 150, 200)] + [(20, 70)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group", [1, 2])
+@pytest.mark.parametrize("head_dim", [64, 80, 128])
+@pytest.mark.parametrize("window", [None, 33])
+def test_cpu_kernel_decodes_with_many_kv_heads(dtype, group, head_dim, window):
+    kv_heads = 6
+    q, k, v, tables, starts = _case(dtype, kv_heads * group, kv_heads, head_dim, 16, seed=6,
+                                    batch=MANY)
+    scale = head_dim ** -0.5
+    out = torch.full(q.shape, float("nan"))
+    paged_attention_cpu(q, k, v, tables, torch.tensor([n for _, n in MANY]),
+                        torch.tensor(starts), scale, window, out=out)
+    ref = _reference(q, k, v, tables, starts, scale, window, batch=MANY)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
 def test_cpu_kernel_long_chunks_ignore_unused_slots():
     """NaN in every slot no sequence uses, with long chunks (the prompt path reads fp32 rows
     in place and pads spans with zero keys): nothing of them may leak."""

@@ -11,7 +11,8 @@
 //   softmax runs down the columns with no horizontal reductions, and O += P V broadcasts
 //   P^T's entries against V's rows. Both products are register-blocked micro-kernels.
 // - decodes (a few rows, bound by reading K/V once): one dot product per key and row over K
-//   as stored, all KV heads of a block in one pass front to back, the next span prefetched.
+//   as stored (four KV heads' at once when each has one query row: independent sums, one
+//   reduction), all KV heads of a block in one pass front to back, the next span prefetched.
 // Half-precision caches (fp16/bf16) are converted to float32 as they are loaded (the prompt
 // path converts each span once into a scratch copy). Masking is by index ranges (causal
 // within the chunk, full over the prefix, sliding window) and lane selects, so no -inf is
@@ -70,6 +71,7 @@ struct Scratch {
   std::vector<float> q, kc, vc, s, o, m, l, corr, zero;
   std::vector<int32_t> qpos;
   std::vector<const float*> kp, vp;
+  std::vector<int64_t> off;   // a decode span's row offsets into the cache
 };
 
 // Where the keys base .. base + n - 1 of head h live as float32 rows: straight into the cache
@@ -278,12 +280,36 @@ void decode_item(const Item& it, Scratch& sc, const float* query, int64_t q_stri
         __builtin_prefetch(nv + b);
       }
     }
-    // scores s[r][k]
+    // the span's rows: one division per key
+    int64_t* off = sc.off.data();
     for (int64_t k = 0; k < n; ++k) {
       const int64_t pos = base + k;
-      const int64_t row_off = table[pos / sh.bs] * sh.block_elems + (pos % sh.bs) * sh.row_elems;
-      for (int64_t hh = 0; hh < nheads; ++hh) {
-        const cache_t* kr = kc + row_off + (it.h_begin + hh) * d;
+      off[k] = table[pos / sh.bs] * sh.block_elems + (pos % sh.bs) * sh.row_elems;
+    }
+    // scores s[r][k]: K read front to back as stored, one key's row (all its heads) at a
+    // time; with one row per KV head, four heads' dot products at once (independent sums,
+    // one reduction)
+    for (int64_t k = 0; k < n; ++k) {
+      const cache_t* krow = kc + off[k] + it.h_begin * d;
+      int64_t hh = 0;
+      if (rows_h == 1 && d % kW == 0) {
+        for (; hh + 4 <= nheads; hh += 4) {
+          const cache_t *k0 = krow + hh * d, *k1 = k0 + d, *k2 = k1 + d, *k3 = k2 + d;
+          const float *q0 = q + hh * dp, *q1 = q0 + dp, *q2 = q1 + dp, *q3 = q2 + dp;
+          vf a0 = vf{}, a1 = vf{}, a2 = vf{}, a3 = vf{};
+          for (int64_t i = 0; i < d; i += kW) {
+            a0 += tvec::loadu(q0 + i) * tvec::loadv(k0 + i);
+            a1 += tvec::loadu(q1 + i) * tvec::loadv(k1 + i);
+            a2 += tvec::loadu(q2 + i) * tvec::loadv(k2 + i);
+            a3 += tvec::loadu(q3 + i) * tvec::loadv(k3 + i);
+          }
+          float dots[4];
+          tvec::hsum4(a0, a1, a2, a3, dots);
+          for (int j = 0; j < 4; ++j) s[(hh + j) * sp + k] = dots[j];
+        }
+      }
+      for (; hh < nheads; ++hh) {
+        const cache_t* kr = krow + hh * d;
         for (int64_t rr = 0; rr < rows_h; ++rr) {
           const int64_t r = hh * rows_h + rr;
           const float* qr = q + r * dp;
@@ -328,12 +354,11 @@ void decode_item(const Item& it, Scratch& sc, const float* query, int64_t q_stri
       const vf cv = tvec::splat(c);
       for (int64_t i = 0; i < dp; i += kW) tvec::storeu(orow + i, tvec::loadu(orow + i) * cv);
     }
-    // O += P V, V rows read once per key for all heads
+    // O += P V, V rows read once per key for all heads, front to back
     for (int64_t k = 0; k < n; ++k) {
-      const int64_t pos = base + k;
-      const int64_t row_off = table[pos / sh.bs] * sh.block_elems + (pos % sh.bs) * sh.row_elems;
+      const cache_t* vrow = vc + off[k] + it.h_begin * d;
       for (int64_t hh = 0; hh < nheads; ++hh) {
-        const cache_t* vr = vc + row_off + (it.h_begin + hh) * d;
+        const cache_t* vr = vrow + hh * d;
         for (int64_t rr = 0; rr < rows_h; ++rr) {
           const int64_t r = hh * rows_h + rr;
           const vf p = tvec::splat(s[r * sp + k]);
@@ -438,7 +463,7 @@ void paged_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& 
       sc.qpos.resize(rows_max);
       sc.kc.resize(sh.span * sh.dp); sc.vc.resize(sh.span * sh.dp);
       sc.zero.assign(sh.dp, 0.f);
-      sc.kp.resize(round_up(sh.span, kMK)); sc.vp.resize(sh.span);
+      sc.kp.resize(round_up(sh.span, kMK)); sc.vp.resize(sh.span); sc.off.resize(sh.span);
       for (int64_t i = next++; i < static_cast<int64_t>(items.size()); i = next++) {
         const Item& it = items[i];
         const int64_t q_len = qsl[it.seq + 1] - qsl[it.seq];

@@ -58,6 +58,17 @@ inline float hsum(vf v) {
 #endif
 }
 
+// the horizontal sums of four vectors, into out[0..3]
+inline void hsum4(vf a, vf b, vf c, vf d, float* out) {
+#if defined(__AVX__) && !defined(__AVX512F__)
+  const __m256 ab = _mm256_hadd_ps(a, b), cd = _mm256_hadd_ps(c, d);
+  const __m256 abcd = _mm256_hadd_ps(ab, cd);   // per 128-bit half: partial sums of a, b, c, d
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1)));
+#else
+  out[0] = hsum(a); out[1] = hsum(b); out[2] = hsum(c); out[3] = hsum(d);
+#endif
+}
+
 inline float hmax(vf v) {
   float m = v[0];
   for (int i = 1; i < kW; ++i) m = v[i] > m ? v[i] : m;
