@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from common.model_config import ModelConfig
+from worker.hugepages import huge_page_zeros
 from worker.parallel import get_pp_stage, get_tp_group
 
 
@@ -40,5 +41,9 @@ def allocate_kv_cache(cfg: ModelConfig, num_blocks: int, block_size: int, dtype:
                       device: torch.device | str = "cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
     """[(k_cache, v_cache)] per layer of this stage, each [num_blocks, block_size, kv_heads, head_dim]."""
     shape = (num_blocks, block_size, local_kv_heads(cfg), cfg.head_dim)
-    return [(torch.zeros(shape, dtype=dtype, device=device),
-             torch.zeros(shape, dtype=dtype, device=device)) for _ in range(local_num_layers(cfg))]
+
+    def zeros() -> torch.Tensor:   # on CPU on huge pages: decode reads it all, every step
+        if torch.device(device).type == "cpu":
+            return huge_page_zeros(shape, dtype)
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return [(zeros(), zeros()) for _ in range(local_num_layers(cfg))]
