@@ -78,27 +78,24 @@ def _grid(windows: list[int | None]):
 
 @_grid(windows=[None, 7, 33])
 def test_cpu_kernel_matches_reference(dtype, group, head_dim, block_size, window):
-    kv_heads = 2
-    q, k, v, tables, starts = _case(dtype, kv_heads * group, kv_heads, head_dim, block_size)
-    scale = head_dim ** -0.5
-    out = torch.full(q.shape, float("nan"))
-    paged_attention_cpu(q, k, v, tables, torch.tensor([n for _, n in BATCH]),
-                        torch.tensor(starts), scale, window, out=out)
-    ref = _reference(q, k, v, tables, starts, scale, window)
-    # the cache values are the same numbers in both (the ref upcasts them): fp32 tolerance
-    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    _check_against_reference(dtype, group, 2, head_dim, block_size, window, seed=0, batch=BATCH)
 
 
 @_grid(windows=[None, 33, 100])
 def test_cpu_kernel_long_chunks(dtype, group, head_dim, block_size, window):
-    kv_heads = 2
+    _check_against_reference(dtype, group, 2, head_dim, block_size, window, seed=4, batch=LONG)
+
+
+def _check_against_reference(dtype, group, kv_heads, head_dim, block_size, window, seed, batch):
+    """The kernel's output, poisoned with NaN first, against the references, every element."""
     q, k, v, tables, starts = _case(dtype, kv_heads * group, kv_heads, head_dim, block_size,
-                                    seed=4, batch=LONG)
+                                    seed=seed, batch=batch)
     scale = head_dim ** -0.5
     out = torch.full(q.shape, float("nan"))
-    paged_attention_cpu(q, k, v, tables, torch.tensor([n for _, n in LONG]),
+    paged_attention_cpu(q, k, v, tables, torch.tensor([n for _, n in batch]),
                         torch.tensor(starts), scale, window, out=out)
-    ref = _reference(q, k, v, tables, starts, scale, window, batch=LONG)
+    ref = _reference(q, k, v, tables, starts, scale, window, batch=batch)
+    # the cache values are the same numbers in both (the ref upcasts them): fp32 tolerance
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
 
 
@@ -113,15 +110,7 @@ MANY = [(1, n) for n in (1, 3, 16, 17, 31, 64, 65, 90, 128, 129, 150, 200)] + [(
 @pytest.mark.parametrize("head_dim", [64, 80, 128])
 @pytest.mark.parametrize("window", [None, 33])
 def test_cpu_kernel_decodes_with_many_kv_heads(dtype, group, head_dim, window):
-    kv_heads = 6
-    q, k, v, tables, starts = _case(dtype, kv_heads * group, kv_heads, head_dim, 16, seed=6,
-                                    batch=MANY)
-    scale = head_dim ** -0.5
-    out = torch.full(q.shape, float("nan"))
-    paged_attention_cpu(q, k, v, tables, torch.tensor([n for _, n in MANY]),
-                        torch.tensor(starts), scale, window, out=out)
-    ref = _reference(q, k, v, tables, starts, scale, window, batch=MANY)
-    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    _check_against_reference(dtype, group, 6, head_dim, 16, window, seed=6, batch=MANY)
 
 
 def test_cpu_kernel_long_chunks_ignore_unused_slots():

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import math
 import os
 import sys
 
@@ -50,10 +51,7 @@ def _madvise_huge(addr: int, length: int) -> bool:
 
 def huge_page_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A zeroed contiguous CPU tensor whose 2 MiB-aligned whole pages were advised huge."""
-    numel = 1
-    for n in shape:
-        numel *= n
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     if not hugepages_wanted() or nbytes < 2 * HUGE_PAGE:
         return torch.zeros(shape, dtype=dtype)
     raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
