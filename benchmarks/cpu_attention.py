@@ -117,11 +117,6 @@ def decode_rows(args, rounds: int, gen: torch.Generator) -> None:
               f"{bw / read_bw * 100:9.0f}% {ref:13.2f} {ref / kern:7.1f}x")
 
 
-def gemm_flops(reps: int) -> float:
-    """The fp32 GEMM peak (benchmarks/workload.py: torch's matmul or oneDNN's, the better)."""
-    return max(peak_matmul_flops(torch.float32, "cpu") for _ in range(max(1, reps // 5)))
-
-
 def prefill_rows(args, rounds: int, gen: torch.Generator) -> None:
     chunks, prefix = args.chunks, args.prefix
     s = len(chunks)
@@ -140,7 +135,7 @@ def prefill_rows(args, rounds: int, gen: torch.Generator) -> None:
     rows: dict = {}
     peaks = []
     for _ in range(rounds):
-        peaks.append(gemm_flops(args.reps))
+        peaks.append(peak_matmul_flops(torch.float32, "cpu"))   # torch's matmul or oneDNN's
         for dt, [(k, v)] in caches.items():
             kern = best_ms(lambda: paged_attention_cpu(q, k, v, tables, seq_lens,
                                                        torch.tensor(starts), scale, out=out),
