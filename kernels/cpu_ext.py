@@ -27,7 +27,8 @@ logger = logging.getLogger(__name__)
 _SOURCES = [Path(__file__).parent / "csrc" / name
             for name in ("paged_attention_cpu.cpp", "elementwise_cpu.cpp")]
 # headers the sources include: part of the build's name, so an edit to one rebuilds
-_HEADERS = [Path(__file__).parent / "csrc" / "vec.h"]
+_HEADERS = [Path(__file__).parent / "csrc" / name
+            for name in ("vec.h", "attention_chunk.h")]
 # -fopenmp: at::parallel_for is a header template, OpenMP-backed only when compiled so (the
 # libgomp torch loads is the one the extension then uses: one thread team per process)
 _CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp"]
