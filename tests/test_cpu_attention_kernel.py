@@ -1,6 +1,6 @@
 """The C++ CPU paged-attention kernel against the torch references, every element.
 
-Grid: fp32/fp16/bf16 caches, GQA 1/2/4, head sizes 64/80/128, block sizes 16/32, with and
+Grid: fp32/fp16/bf16 caches, GQA 1/2/3/4, head sizes 64/80/128, block sizes 16/32, with and
 without a sliding window, scattered blocks, a batch mixing decodes with prompt chunks of
 several lengths (some with a cached prefix), and an output poisoned with NaN first so an
 element the kernel forgets to write fails.
@@ -64,7 +64,7 @@ def _reference(q, k, v, tables, starts, scale, window, batch=BATCH):
 def _grid(windows: list[int | None]):
     """The issue's grid: cache dtype x GQA group x head size x block size x window."""
     marks = [pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16]),
-             pytest.mark.parametrize("group", [1, 2, 4]),
+             pytest.mark.parametrize("group", [1, 2, 3, 4]),   # 3: SmolLM2
              pytest.mark.parametrize("head_dim", [64, 80, 128]),
              pytest.mark.parametrize("block_size", [16, 32]),
              pytest.mark.parametrize("window", windows)]

@@ -12,8 +12,9 @@
 //   P^T's entries against V's rows. Both products are register-blocked micro-kernels.
 // - decodes (a few rows, bound by reading K/V once): one dot product per key and row over K
 //   as stored (four KV heads' at once when each has one query row: independent sums, one
-//   reduction), all KV heads of a block in one pass front to back, rows prefetched a few
-//   keys ahead.
+//   reduction), all KV heads of a block in one pass front to back; then O += P V per span with
+//   a few heads' accumulators held in registers over its keys (each V row loaded once for the
+//   rows of its head). K rows are prefetched a few keys ahead, V rows during the K pass.
 // Half-precision caches (fp16/bf16) are converted to float32 as they are loaded (the prompt
 // path converts each span once into a scratch copy). Masking is by index ranges (causal
 // within the chunk, full over the prefix, sliding window) and lane selects, so no -inf is
@@ -45,6 +46,85 @@ namespace {
 
 using namespace tattn;
 
+#if defined(__AVX512F__)
+constexpr int kAccRegs = 16;   // accumulator vectors P V keeps in registers (of 32)
+#else
+constexpr int kAccRegs = 8;    // of 16
+#endif
+
+// O += P V over a span's keys 0 .. n - 1 for HP consecutive KV heads of R rows each, d = VPH
+// vectors (o: their rows, contiguous; s: their scores, row stride sp; V rows at off[k] + h0):
+// the accumulators stay in registers across the keys and each V row is loaded once for its R
+// rows. The caller has asked for the V rows during the K pass.
+template <int VPH, int HP, int R, typename cache_t>
+inline void pv_heads(float* o, const float* s, int64_t sp, const cache_t* vc, const int64_t* off,
+                     int64_t h0, int64_t n) {
+  constexpr int NV = VPH * HP * R;
+  vf acc[NV];
+#pragma GCC unroll 16
+  for (int v = 0; v < NV; ++v) acc[v] = tvec::loadu(o + v * kW);
+  for (int64_t k = 0; k < n; ++k) {
+    const cache_t* vr = vc + off[k] + h0;
+#pragma GCC unroll 4
+    for (int h = 0; h < HP; ++h) {
+      vf p[R];
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) p[r] = tvec::splat(s[(h * R + r) * sp + k]);
+#pragma GCC unroll 16
+      for (int v = 0; v < VPH; ++v) {
+        const vf x = tvec::loadv(vr + (h * VPH + v) * kW);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) acc[(h * R + r) * VPH + v] += p[r] * x;
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int v = 0; v < NV; ++v) tvec::storeu(o + v * kW, acc[v]);
+}
+
+// pv_heads over an item's heads, as many at a time as kAccRegs holds; false when R rows of d
+// do not fit (the caller's loop runs)
+template <int VPH, int R, typename cache_t>
+bool pv_rows(float* o, const float* s, int64_t sp, const cache_t* vc, const int64_t* off,
+             int64_t h_begin, int64_t nheads, int64_t n) {
+  if constexpr (VPH * R > kAccRegs) {
+    return false;
+  } else {
+    constexpr int HP = kAccRegs / (VPH * R), d = VPH * kW;
+    int64_t hh = 0;
+    for (; hh + HP <= nheads; hh += HP)
+      pv_heads<VPH, HP, R>(o + hh * R * d, s + hh * R * sp, sp, vc, off, (h_begin + hh) * d, n);
+    for (; hh < nheads; ++hh)
+      pv_heads<VPH, 1, R>(o + hh * R * d, s + hh * R * sp, sp, vc, off, (h_begin + hh) * d, n);
+    return true;
+  }
+}
+
+template <int VPH, typename cache_t>
+bool pv_rows_any(int64_t rows_h, float* o, const float* s, int64_t sp, const cache_t* vc,
+                 const int64_t* off, int64_t h_begin, int64_t nheads, int64_t n) {
+  switch (rows_h) {
+    case 1: return pv_rows<VPH, 1>(o, s, sp, vc, off, h_begin, nheads, n);
+    case 2: return pv_rows<VPH, 2>(o, s, sp, vc, off, h_begin, nheads, n);
+    case 3: return pv_rows<VPH, 3>(o, s, sp, vc, off, h_begin, nheads, n);
+    case 4: return pv_rows<VPH, 4>(o, s, sp, vc, off, h_begin, nheads, n);
+    default: return false;
+  }
+}
+
+// the register-blocked P V when d is 4, 5 or 8 vectors; false: the caller's loop runs
+template <typename cache_t>
+bool pv_blocked(int64_t rows_h, float* o, const float* s, int64_t sp, const cache_t* vc,
+                const int64_t* off, int64_t h_begin, int64_t nheads, int64_t d, int64_t n) {
+  if (d % kW != 0) return false;
+  switch (d / kW) {
+    case 4: return pv_rows_any<4>(rows_h, o, s, sp, vc, off, h_begin, nheads, n);
+    case 5: return pv_rows_any<5>(rows_h, o, s, sp, vc, off, h_begin, nheads, n);
+    case 8: return pv_rows_any<8>(rows_h, o, s, sp, vc, off, h_begin, nheads, n);
+    default: return false;
+  }
+}
+
 // A decode item (or a short chunk): all its KV heads per block, one dot product per key and row.
 template <typename cache_t>
 void decode_item(const Item& it, Scratch& sc, const float* query, int64_t q_stride_t,
@@ -71,9 +151,10 @@ void decode_item(const Item& it, Scratch& sc, const float* query, int64_t q_stri
   std::fill(o, o + rows * dp, 0.f);
   const int64_t key_lo = sh.window > 0 ? std::max<int64_t>(0, first_pos - sh.window + 1) : 0;
   const int64_t key_hi = first_pos + ntok;
-  // the item's K (V) row a few keys ahead is asked for while this key's is read: 1.03-1.08x
-  // (fp32 cache, against no hint) and 1.14-1.21x (fp16/bf16, against a hint for the whole next
-  // span) at 64 x 296..1024 on a Xeon; 4 keys ahead beat 2, 8 and 16
+  // while the K pass reads a key's row it asks for the K row kAhead keys on and the key's V
+  // row (the P V pass, after the softmax, finds the span's V in cache). Against a hint for the
+  // whole next span, with P V in registers: 1.15-1.25x (fp32 cache), 1.2-1.36x (fp16) at 64 x
+  // 296..1024 on a Xeon; 4 keys ahead beat 2, 8 and 16
   constexpr int64_t kAhead = 4;
   const int64_t row_bytes = nheads * d * static_cast<int64_t>(sizeof(cache_t));
   auto prefetch_row = [row_bytes, h0 = it.h_begin * d](const cache_t* cache, int64_t row_off) {
@@ -95,6 +176,7 @@ void decode_item(const Item& it, Scratch& sc, const float* query, int64_t q_stri
     for (int64_t k = 0; k < n; ++k) {
       const cache_t* krow = kc + off[k] + it.h_begin * d;
       if (k + kAhead < n) prefetch_row(kc, off[k + kAhead]);
+      prefetch_row(vc, off[k]);   // for the P V pass below
       int64_t hh = 0;
       if (rows_h == 1 && d % kW == 0) {
         for (; hh + 4 <= nheads; hh += 4) {
@@ -158,10 +240,11 @@ void decode_item(const Item& it, Scratch& sc, const float* query, int64_t q_stri
       const vf cv = tvec::splat(c);
       for (int64_t i = 0; i < dp; i += kW) tvec::storeu(orow + i, tvec::loadu(orow + i) * cv);
     }
-    // O += P V, V rows read once per key for all heads, front to back
+    // O += P V: a few heads' accumulators in registers over the span's keys; else (d does
+    // not fit) V rows read once per key for all heads, front to back
+    if (pv_blocked(rows_h, o, s, sp, vc, off, it.h_begin, nheads, d, n)) continue;
     for (int64_t k = 0; k < n; ++k) {
       const cache_t* vrow = vc + off[k] + it.h_begin * d;
-      if (k + kAhead < n) prefetch_row(vc, off[k + kAhead]);
       for (int64_t hh = 0; hh < nheads; ++hh) {
         const cache_t* vr = vrow + hh * d;
         for (int64_t rr = 0; rr < rows_h; ++rr) {
