@@ -87,7 +87,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if use_triton(x):
         return silu_and_mul_triton(x)
     if x.dim() == 2 and x.stride(-1) == 1 and x.shape[1] % 2 == 0 and use_cpu_kernels(x):
-        out = torch.empty(x.shape[0], x.shape[1] // 2)
+        out = torch.empty(x.shape[0], x.shape[1] // 2, dtype=x.dtype)
         cpu_ops().silu_and_mul(out, x)   # one pass (kernels/csrc/elementwise_cpu.cpp)
         return out
     return silu_and_mul_ref(x)

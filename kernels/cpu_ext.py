@@ -94,8 +94,14 @@ def cpu_ops():
         return None
 
 
+CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def use_cpu_kernels(*tensors: torch.Tensor) -> bool:
-    """Whether an op on these tensors runs its C++ CPU kernel: all float32 on the CPU, the
-    `auto` kernel backend (`torch` keeps the references) and an extension that built."""
-    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+    """Whether an op on these tensors runs its C++ CPU kernel: all on the CPU in one dtype of
+    float32, bfloat16 or float16 (the kernels compute in float32 and round where the torch
+    references do), the `auto` kernel backend (`torch` keeps the references) and an extension
+    that built."""
+    return (all(t.device.type == "cpu" and t.dtype == tensors[0].dtype for t in tensors)
+            and tensors[0].dtype in CPU_KERNEL_DTYPES
             and kernel_backend() == "auto" and cpu_ops() is not None)

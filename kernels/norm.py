@@ -136,7 +136,7 @@ def fused_add_layer_norm_triton(x: torch.Tensor, residual: torch.Tensor, weight:
 
 
 def _cpu_rows(*tensors: torch.Tensor) -> bool:
-    """2-D float32 CPU tensors with dense rows: the C++ kernel's layout."""
+    """2-D CPU tensors with dense rows: the C++ kernel's layout."""
     return all(t.dim() == 2 and t.stride(-1) == 1 for t in tensors) and use_cpu_kernels(*tensors)
 
 
@@ -144,8 +144,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x: [T, H], weight: [H] -> [T, H] in x's dtype."""
     if use_triton(x):
         return rms_norm_triton(x, weight, eps)
-    if _cpu_rows(x) and use_cpu_kernels(weight):
-        out = torch.empty(x.shape)
+    if _cpu_rows(x) and use_cpu_kernels(x, weight):
+        out = torch.empty(x.shape, dtype=x.dtype)
         cpu_ops().rms_norm(out, out, x, None, weight.contiguous(), eps)
         return out
     return rms_norm_ref(x, weight, eps)
@@ -156,8 +156,8 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     """residual <- x + residual; returns (rms_norm(residual), residual). Inputs are not modified."""
     if use_triton(x):
         return fused_add_rms_norm_triton(x, residual, weight, eps)
-    if _cpu_rows(x, residual) and use_cpu_kernels(weight) and x.shape == residual.shape:
-        out, res_out = torch.empty(x.shape), torch.empty(x.shape)
+    if _cpu_rows(x, residual) and use_cpu_kernels(x, weight) and x.shape == residual.shape:
+        out, res_out = (torch.empty(x.shape, dtype=x.dtype) for _ in range(2))
         cpu_ops().rms_norm(out, res_out, x, residual, weight.contiguous(), eps)
         return out, res_out
     return fused_add_rms_norm_ref(x, residual, weight, eps)

@@ -82,8 +82,9 @@ def cpu_attention_available() -> bool:
 
 
 def use_cpu_attention(query: torch.Tensor) -> bool:
-    """Whether attention on `query` runs the C++ kernel: a float32 CPU query, the `auto`
-    kernel backend (`torch` keeps the references) and an extension that built."""
+    """Whether attention on `query` runs the C++ kernel: a CPU query in float32 (or bfloat16 /
+    float16, which the attention layer converts to float32 and back around the kernel), the
+    `auto` kernel backend (`torch` keeps the references) and an extension that built."""
     return use_cpu_kernels(query)
 
 

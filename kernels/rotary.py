@@ -134,7 +134,8 @@ def apply_rotary(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
     the float32 [max_positions, D] cos|sin table of `build_cos_sin_cache`."""
     if use_triton(query):
         apply_rotary_triton(positions, query, key, cos_sin_cache)
-    elif (use_cpu_kernels(query, key, cos_sin_cache) and positions.dtype == torch.int64
+    elif (use_cpu_kernels(query, key) and cos_sin_cache.dtype == torch.float32
+          and cos_sin_cache.device.type == "cpu" and positions.dtype == torch.int64
           and positions.device.type == "cpu"):
         cpu_ops().rotary(query, key, positions.contiguous(), cos_sin_cache)  # in place, one pass
     else:

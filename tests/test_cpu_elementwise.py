@@ -21,7 +21,9 @@ pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c+
 
 def test_cpu_kernels_are_used():
     assert cpu_ops() is not None and use_cpu_kernels(torch.zeros(1))
-    assert not use_cpu_kernels(torch.zeros(1, dtype=torch.bfloat16))
+    assert use_cpu_kernels(torch.zeros(1, dtype=torch.bfloat16))   # tests/test_cpu_half_compute.py
+    assert not use_cpu_kernels(torch.zeros(1), torch.zeros(1, dtype=torch.bfloat16))   # mixed
+    assert not use_cpu_kernels(torch.zeros(1, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("rows", [1, 7, 100])

@@ -127,6 +127,79 @@ inline vf loadv(const at::Half* p) {
 #endif
 }
 
+// float32 -> T, rounded to nearest even (at::BFloat16's and at::Half's own conversions: NaN
+// stays NaN), one element or kW consecutive ones; and `round_to<T>`: a float32 value rounded
+// to T's precision and kept in float32 (the model dtype's rounding points, as torch's ops).
+inline void store(float* p, float x) { *p = x; }
+inline void store(at::BFloat16* p, float x) { *p = at::BFloat16(x); }
+inline void store(at::Half* p, float x) { *p = at::Half(x); }
+
+typedef uint32_t vu __attribute__((vector_size(kW * 4)));
+typedef uint16_t vh __attribute__((vector_size(kW * 2)));
+
+// the bf16 bits of each lane in the low half of a 32-bit lane
+inline vu bf16_bits(vf v) {
+  vu b;
+  std::memcpy(&b, &v, sizeof(b));
+  const vu rounded = (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
+  return ((b & 0x7fffffffu) > 0x7f800000u) ? vu{} + 0x7fc0u : rounded;
+}
+
+inline void storev(float* p, vf v) { storeu(p, v); }
+inline void storev(at::BFloat16* p, vf v) {
+  const vh h = __builtin_convertvector(bf16_bits(v), vh);
+  std::memcpy(p, &h, sizeof(h));
+}
+inline void storev(at::Half* p, vf v) {
+#if defined(__AVX512F__)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#elif defined(__AVX__) && defined(__F16C__)
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#else
+  for (int i = 0; i < kW; ++i) store(p + i, v[i]);
+#endif
+}
+
+template <typename T> inline float round_to(float x) {
+  T t;
+  store(&t, x);
+  return load(&t);
+}
+template <> inline float round_to<float>(float x) { return x; }
+
+template <typename T> inline vf round_to(vf v) {
+  T t[kW];
+  storev(t, v);
+  return loadv(t);
+}
+template <> inline vf round_to<float>(vf v) { return v; }
+template <> inline vf round_to<at::BFloat16>(vf v) {
+  vu b = bf16_bits(v) << 16;
+  vf f;
+  std::memcpy(&f, &b, sizeof(f));
+  return f;
+}
+
+// 1 / x lane-wise: the approximate reciprocal refined by one Newton step (within ~2 ulp of
+// the quotient; vdivps costs 10-16 cycles a vector, this three instructions). Where the
+// approximation is exactly 0 or inf (x = +-inf, +-0) it is kept: the Newton step would make
+// NaN of inf * 0 there.
+inline vf vrcp(vf x) {
+#if defined(__AVX512F__)
+  const vf r = _mm512_rcp14_ps(x);
+#elif defined(__AVX__)
+  const vf r = _mm256_rcp_ps(x);
+#else
+  return 1.f / x;
+#endif
+#if defined(__AVX512F__) || defined(__AVX__)
+  const vf y = r * (2.f - x * r);
+  return select((r == 0.f) | (x == 0.f), r, y);
+#endif
+}
+
 // exp(x) lane-wise, Cephes' expf: x = n ln2 + r with |r| <= ln2 / 2, e^r by a degree-7
 // polynomial, 2^n put in the exponent bits (about 1 ulp over the clamped range; below -87.3
 // the result is ~1e-38 rather than a subnormal, which softmax and silu never notice; above

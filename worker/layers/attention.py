@@ -35,12 +35,18 @@ class Attention(nn.Module):
         k_cache, v_cache = kv_cache
         write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
         if use_cpu_attention(q):
-            # one C++ call for decodes and prompt chunks alike; the output buffer is shared
-            # by the layers (each o_proj reads it before the next layer writes it)
+            # one C++ call for decodes and prompt chunks alike, in float32 (a half-precision
+            # model's queries and outputs are converted around it: T x Hq x D elements, next
+            # to the cache it reads); the buffers are shared by the layers (each o_proj reads
+            # its input before the next layer writes it)
             out = scratch_buffer("attention_out", tuple(q.shape), torch.float32)
-            paged_attention_cpu(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
+            q32 = q if q.dtype == torch.float32 else \
+                scratch_buffer("attention_q", tuple(q.shape), torch.float32).copy_(q)
+            paged_attention_cpu(q32, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                 meta.query_start_loc_tensor, self.scale, self.sliding_window,
                                 out=out)
+            if q.dtype != torch.float32:
+                out = scratch_buffer("attention_out_half", tuple(q.shape), q.dtype).copy_(out)
             return out.view(t, -1)
         nd = meta.num_decode_tokens
         if nd == t:

@@ -53,7 +53,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.tied = False
 
     def prepack(self) -> bool:
-        """Make the oneDNN-packed copy of the loaded weight (CPU float32); True if made. An
+        """Make the oneDNN-packed copy of the loaded weight (CPU float32 or bf16); True if made. An
         untied head frees its plain copy; a tied one shares it with the embedding, which
         reads it."""
         if self.packed_weight is not None:

@@ -58,7 +58,7 @@ class _Linear(nn.Module):
         self.packed_weight: torch.Tensor | None = None   # see worker/layers/cpu_linear.py
 
     def prepack(self) -> bool:
-        """Make the oneDNN-packed copy of the loaded weight (CPU float32) and free the plain
+        """Make the oneDNN-packed copy of the loaded weight (CPU float32 or bf16) and free the plain
         one (restored on demand, worker/layers/cpu_linear.py); True if packed."""
         if self.packed_weight is not None:
             return True   # already packed (the plain copy may be gone)
