@@ -113,7 +113,8 @@ class BlockConfig(Settings):
 class CacheConfig(BlockConfig):
     kv_cache_dtype: str = setting(
         "auto", "KV cache storage dtype; auto: the compute dtype. A half type halves the bytes "
-        "attention reads (computed in float32 on CPU)", choices=("auto", *DTYPES))
+        "attention reads, fp8 (= fp8_e4m3; CPU only) quarters them (computed in float32 on CPU)",
+        choices=("auto", *DTYPES, "fp8", "fp8_e4m3", "fp8_e5m2"))
     kv_cache_memory_gb: float = setting(2.0, "KV cache budget on CPU, in GiB", min=1e-6,
                                         max=1 << 20)
     gpu_memory_utilization: float = setting(

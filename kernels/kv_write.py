@@ -18,6 +18,10 @@ def write_kv_cache_ref(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Te
     """
     flat_k = k_cache.view(-1, *k_cache.shape[2:])
     flat_v = v_cache.view(-1, *v_cache.shape[2:])
+    if k_cache.element_size() == 1:   # fp8: torch's index_copy_ has no fp8 kernel, bytes do
+        flat_k.view(torch.uint8).index_copy_(0, slot_mapping, key.to(k_cache.dtype).view(torch.uint8))
+        flat_v.view(torch.uint8).index_copy_(0, slot_mapping, value.to(v_cache.dtype).view(torch.uint8))
+        return
     flat_k.index_copy_(0, slot_mapping, key.to(k_cache.dtype))
     flat_v.index_copy_(0, slot_mapping, value.to(v_cache.dtype))
 

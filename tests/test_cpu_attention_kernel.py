@@ -1,6 +1,6 @@
 """The C++ CPU paged-attention kernel against the torch references, every element.
 
-Grid: fp32/fp16/bf16 caches, GQA 1/2/3/4, head sizes 64/80/128, block sizes 16/32, with and
+Grid: fp32/fp16/bf16/fp8 (e4m3fn, e5m2) caches, GQA 1/2/3/4, head sizes 64/80/128, block sizes 16/32, with and
 without a sliding window, scattered blocks, a batch mixing decodes with prompt chunks of
 several lengths (some with a cached prefix), and an output poisoned with NaN first so an
 element the kernel forgets to write fails.
@@ -19,6 +19,9 @@ from kernels.paged_attention_cpu import cpu_attention_available, paged_attention
 # Without a compiler the engine runs the torch path (and says so); with one, the build must work.
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                                 reason="no C++ compiler: the engine falls back to the torch path")
+
+
+CACHE_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2]
 
 
 def test_cpu_kernel_builds():
@@ -63,7 +66,7 @@ def _reference(q, k, v, tables, starts, scale, window, batch=BATCH):
 
 def _grid(windows: list[int | None]):
     """The issue's grid: cache dtype x GQA group x head size x block size x window."""
-    marks = [pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16]),
+    marks = [pytest.mark.parametrize("dtype", CACHE_DTYPES),
              pytest.mark.parametrize("group", [1, 2, 3, 4]),   # 3: SmolLM2
              pytest.mark.parametrize("head_dim", [64, 80, 128]),
              pytest.mark.parametrize("block_size", [16, 32]),
@@ -105,7 +108,7 @@ def _check_against_reference(dtype, group, kv_heads, head_dim, block_size, windo
 MANY = [(1, n) for n in (1, 3, 16, 17, 31, 64, 65, 90, 128, 129, 150, 200)] + [(20, 70)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", CACHE_DTYPES)
 @pytest.mark.parametrize("group", [1, 2])
 @pytest.mark.parametrize("head_dim", [64, 80, 128])
 @pytest.mark.parametrize("window", [None, 33])
@@ -179,3 +182,21 @@ def test_cpu_kernel_fp16_cache_extremes():
                               torch.tensor(starts), 0.125)
     ref = _reference(q, k, v, tables, starts, 0.125, None)
     torch.testing.assert_close(out, ref, atol=1e-2, rtol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("head_dim", [64, 68])   # 68: a scalar tail after the vectors
+def test_cpu_kernel_reads_every_fp8_value(dtype, head_dim):
+    """One key per sequence: the output is its V row, so every one of the 256 fp8 bit
+    patterns (NaNs, infinities, subnormals, both zeros) must come out as torch converts it."""
+    heads = 256 // head_dim + 1
+    v = torch.zeros(1, 16, heads, head_dim, dtype=torch.uint8)
+    v.view(-1)[:256] = torch.arange(256, dtype=torch.uint8)
+    v = v.view(dtype)
+    k = torch.zeros_like(v)
+    q = torch.randn(1, heads, head_dim)
+    out = paged_attention_cpu(q, k, v, torch.zeros(1, 1, dtype=torch.int64), torch.tensor([1]),
+                              torch.tensor([0, 1]), 0.125)
+    expect = v[0, 0].float()
+    assert torch.equal(out[0].isnan(), expect.isnan())
+    assert torch.equal(out[0].nan_to_num(), expect.nan_to_num())

@@ -20,15 +20,27 @@ def local_num_layers(cfg: ModelConfig) -> int:
     return end - start
 
 
-KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
+KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2")
+# vLLM's names: `fp8` is e4m3 (the "fn" variant: no infinities, max 448), stored unscaled
+_FP8 = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn,
+        "fp8_e5m2": torch.float8_e5m2}
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
-def resolve_kv_cache_dtype(name: str, compute_dtype: torch.dtype) -> torch.dtype:
+def resolve_kv_cache_dtype(name: str, compute_dtype: torch.dtype,
+                           device: torch.device | str = "cpu") -> torch.dtype:
     """The cache's storage dtype for `--kv-cache-dtype` (vLLM's flag): `auto` stores what the
-    model computes in; a half type halves the bytes attention reads, and the CPU kernel
-    converts on load and computes in float32."""
+    model computes in; a half type halves the bytes attention reads, fp8 quarters them (of
+    float32), and the CPU kernel converts on load and computes in float32. fp8 values are
+    stored without a scale (vLLM's default k/v scale of 1.0: e4m3 saturates at +-448, e5m2
+    keeps 2 mantissa bits); the Triton kernels do not read fp8 yet, so it is CPU only."""
     if name not in KV_CACHE_DTYPES:
         raise ValueError(f"kv cache dtype must be one of {KV_CACHE_DTYPES}, not {name!r}")
+    if name in _FP8:
+        if torch.device(device).type != "cpu":
+            raise ValueError(f"kv cache dtype {name!r} is CPU only for now (the Triton "
+                             "attention kernels read float32, float16 or bfloat16 caches)")
+        return _FP8[name]
     return compute_dtype if name == "auto" else getattr(torch, name)
 
 

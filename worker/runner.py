@@ -95,7 +95,7 @@ class ModelRunner:
         self.device = torch.device(device)
         self.requested_dtype = parse_dtype(dtype)
         self.dtype = compute_dtype(self.requested_dtype, self.device)
-        self.kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, self.dtype)
+        self.kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, self.dtype, self.device)
         self.block_size = block_size
         self.pp = get_pp_stage()
         self.graphs = None

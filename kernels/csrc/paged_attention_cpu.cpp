@@ -367,7 +367,13 @@ void paged_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& 
     case at::kHalf: launch(k_cache.const_data_ptr<at::Half>(), v_cache.const_data_ptr<at::Half>()); break;
     case at::kBFloat16:
       launch(k_cache.const_data_ptr<at::BFloat16>(), v_cache.const_data_ptr<at::BFloat16>()); break;
-    default: TORCH_CHECK(false, "the KV cache must be float32, float16 or bfloat16");
+    case at::kFloat8_e4m3fn:
+      launch(k_cache.const_data_ptr<c10::Float8_e4m3fn>(), v_cache.const_data_ptr<c10::Float8_e4m3fn>());
+      break;
+    case at::kFloat8_e5m2:
+      launch(k_cache.const_data_ptr<c10::Float8_e5m2>(), v_cache.const_data_ptr<c10::Float8_e5m2>());
+      break;
+    default: TORCH_CHECK(false, "the KV cache must be float32, float16, bfloat16 or fp8 (e4m3fn, e5m2)");
   }
 }
 

@@ -100,6 +100,26 @@ inline float load(const at::Half* p) {
   return f;
 }
 
+// fp8 -> fp32, exactly. e4m3fn (vLLM's `fp8`): exponent and mantissa shifted into float32's
+// places and rescaled by 2^120 (normals and subnormals alike, as the fp16 load above), with
+// 0x7f / 0xff NaN (the format has no infinities). e5m2: the top byte of an fp16.
+inline float load(const c10::Float8_e4m3fn* p) {
+  const uint32_t b = *reinterpret_cast<const uint8_t*>(p);
+  const uint32_t em = b & 0x7fu;
+  uint32_t bits = em << 20;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  f *= 0x1p120f;
+  std::memcpy(&bits, &f, sizeof(f));
+  bits |= (b & 0x80u) << 24;
+  std::memcpy(&f, &bits, sizeof(f));
+  return em == 0x7fu ? __builtin_nanf("") : f;
+}
+inline float load(const c10::Float8_e5m2* p) {
+  const uint16_t h = static_cast<uint16_t>(*reinterpret_cast<const uint8_t*>(p) << 8);
+  return load(reinterpret_cast<const at::Half*>(&h));
+}
+
 // kW consecutive cache elements as a float32 vector
 inline vf loadv(const float* p) { return loadu(p); }
 inline vf loadv(const at::BFloat16* p) {
@@ -127,6 +147,39 @@ inline vf loadv(const at::Half* p) {
 #endif
 }
 
+typedef uint32_t vu __attribute__((vector_size(kW * 4)));
+
+// kW bytes zero-extended into 32-bit lanes
+inline vu widen_bytes(const void* p) {
+  vu v;
+#if defined(__AVX512F__)
+  const __m512i w = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  std::memcpy(&v, &w, sizeof(v));
+#elif defined(__AVX2__)
+  const __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  std::memcpy(&v, &w, sizeof(v));
+#else
+  for (int i = 0; i < kW; ++i) v[i] = static_cast<const uint8_t*>(p)[i];
+#endif
+  return v;
+}
+inline vf bits_as_float(vu v) { vf f; std::memcpy(&f, &v, sizeof(f)); return f; }
+inline vu float_as_bits(vf v) { vu u; std::memcpy(&u, &v, sizeof(u)); return u; }
+
+inline vf loadv(const c10::Float8_e4m3fn* p) {
+  const vu b = widen_bytes(p);
+  const vu em = b & 0x7fu;
+  const vu bits = float_as_bits(bits_as_float(em << 20) * 0x1p120f) | ((b & 0x80u) << 24);
+  return (em == 0x7fu) ? splat(__builtin_nanf("")) : bits_as_float(bits);
+}
+inline vf loadv(const c10::Float8_e5m2* p) {
+  const vu b = widen_bytes(p);
+  const vu em = (b & 0x7fu) << 8;   // the fp16's exponent and mantissa
+  vu bits = float_as_bits(bits_as_float(em << 13) * 0x1p112f);
+  bits = (em >= 0x7c00u) ? ((em << 13) | 0x7f800000u) : bits;
+  return bits_as_float(bits | ((b & 0x80u) << 24));
+}
+
 // float32 -> T, rounded to nearest even (at::BFloat16's and at::Half's own conversions: NaN
 // stays NaN), one element or kW consecutive ones; and `round_to<T>`: a float32 value rounded
 // to T's precision and kept in float32 (the model dtype's rounding points, as torch's ops).
@@ -134,7 +187,6 @@ inline void store(float* p, float x) { *p = x; }
 inline void store(at::BFloat16* p, float x) { *p = at::BFloat16(x); }
 inline void store(at::Half* p, float x) { *p = at::Half(x); }
 
-typedef uint32_t vu __attribute__((vector_size(kW * 4)));
 typedef uint16_t vh __attribute__((vector_size(kW * 2)));
 
 // the bf16 bits of each lane in the low half of a 32-bit lane
@@ -147,7 +199,11 @@ inline vu bf16_bits(vf v) {
 
 inline void storev(float* p, vf v) { storeu(p, v); }
 inline void storev(at::BFloat16* p, vf v) {
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+  const __m256bh h = _mm512_cvtneps_pbh(v);   // one instruction (denormal inputs become 0)
+#else
   const vh h = __builtin_convertvector(bf16_bits(v), vh);
+#endif
   std::memcpy(p, &h, sizeof(h));
 }
 inline void storev(at::Half* p, vf v) {
@@ -176,6 +232,12 @@ template <typename T> inline vf round_to(vf v) {
 }
 template <> inline vf round_to<float>(vf v) { return v; }
 template <> inline vf round_to<at::BFloat16>(vf v) {
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+  const __m256bh h = _mm512_cvtneps_pbh(v);
+  __m256i hi;
+  std::memcpy(&hi, &h, sizeof(hi));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
+#endif
   vu b = bf16_bits(v) << 16;
   vf f;
   std::memcpy(&f, &b, sizeof(f));
