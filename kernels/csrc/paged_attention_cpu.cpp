@@ -342,6 +342,7 @@ void paged_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& 
   auto launch = [&](auto* kc, auto* vc) {
     using cache_t = std::remove_const_t<std::remove_pointer_t<decltype(kc)>>;
     at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) {
+      const tvec::FlushToZero ftz;
       Scratch sc;
       const int64_t sp = round_up(sh.span, kW);
       sc.q.resize(std::max(d * rows_max, rows_max * sh.dp));
