@@ -169,12 +169,32 @@ inline vf bits_as_float(vu v) { vf f; std::memcpy(&f, &v, sizeof(f)); return f; 
 inline vu float_as_bits(vf v) { vu u; std::memcpy(&u, &v, sizeof(u)); return u; }
 
 inline vf loadv(const c10::Float8_e4m3fn* p) {
+#if (defined(__AVX512F__) || defined(__AVX2__)) && defined(__F16C__)
+  // as an fp16 of 2^-8 the value: s eeee mmm -> s 0eeee mmm0000000 (the byte in the high
+  // half, an arithmetic shift by one, the sign's copy cleared), which the hardware converter
+  // takes, subnormals included; e4m3's NaN (em 0x7f) becomes 1.875 * 2^8 = 480, a value no
+  // finite e4m3 has (its largest is 448)
+#if defined(__AVX512F__)
+  const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256i h = _mm256_and_si256(_mm256_srai_epi16(_mm256_slli_epi16(w, 8), 1),
+                                     _mm256_set1_epi16(static_cast<short>(0xbfff)));
+  const vf f = _mm512_cvtph_ps(h) * 256.f;
+#else
+  const __m128i w = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  const __m128i h = _mm_and_si128(_mm_srai_epi16(_mm_slli_epi16(w, 8), 1),
+                                  _mm_set1_epi16(static_cast<short>(0xbfff)));
+  const vf f = _mm256_cvtph_ps(h) * 256.f;
+#endif
+  const vu mag = float_as_bits(f) & 0x7fffffffu;
+  return (mag == 0x43f00000u) ? splat(__builtin_nanf("")) : f;   // |f| == 480
+#else
   const vu b = widen_bytes(p);
   const vu em = b & 0x7fu;
   const vf sub = __builtin_convertvector(em, vf) * 0x1p-9f;
   const vu mag = (em >= 8u) ? (em << 20) + (120u << 23) : float_as_bits(sub);
   const vu bits = mag | ((b & 0x80u) << 24);
   return (em == 0x7fu) ? splat(__builtin_nanf("")) : bits_as_float(bits);
+#endif
 }
 inline vf loadv(const c10::Float8_e5m2* p) {
 #if defined(__AVX512F__)
@@ -253,24 +273,6 @@ template <> inline vf round_to<at::BFloat16>(vf v) {
   vf f;
   std::memcpy(&f, &b, sizeof(f));
   return f;
-}
-
-// 1 / x lane-wise: the approximate reciprocal refined by one Newton step (within ~2 ulp of
-// the quotient; vdivps costs 10-16 cycles a vector, this three instructions). Where the
-// approximation is exactly 0 or inf (x = +-inf, +-0) it is kept: the Newton step would make
-// NaN of inf * 0 there.
-inline vf vrcp(vf x) {
-#if defined(__AVX512F__)
-  const vf r = _mm512_rcp14_ps(x);
-#elif defined(__AVX__)
-  const vf r = _mm256_rcp_ps(x);
-#else
-  return 1.f / x;
-#endif
-#if defined(__AVX512F__) || defined(__AVX__)
-  const vf y = r * (2.f - x * r);
-  return select((r == 0.f) | (x == 0.f), r, y);
-#endif
 }
 
 // Flush-to-zero for this thread while in scope (MXCSR.FTZ; restored after): a result that
