@@ -24,7 +24,6 @@ KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16", "fp8", "fp8_e4m3", 
 # vLLM's names: `fp8` is e4m3 (the "fn" variant: no infinities, max 448), stored unscaled
 _FP8 = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn,
         "fp8_e5m2": torch.float8_e5m2}
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def resolve_kv_cache_dtype(name: str, compute_dtype: torch.dtype,
