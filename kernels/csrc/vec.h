@@ -16,6 +16,14 @@
 
 namespace tvec {
 
+// the bits of `from` read as a `To` of the same size (vectors or scalars; compiles to nothing)
+template <typename To, typename From> inline To bit_cast(const From& from) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast between types of different sizes");
+  To to;
+  std::memcpy(&to, &from, sizeof(to));
+  return to;
+}
+
 #if defined(__AVX512F__)
 constexpr int kW = 16;
 #elif defined(__AVX__)
@@ -26,13 +34,12 @@ constexpr int kW = 4;
 
 typedef float vf __attribute__((vector_size(kW * 4)));
 typedef int32_t vi __attribute__((vector_size(kW * 4)));
+typedef uint32_t vu __attribute__((vector_size(kW * 4)));
 
 inline vf loadu(const float* p) { vf v; std::memcpy(&v, p, sizeof(v)); return v; }
 inline void storeu(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
 inline vf splat(float x) { return vf{} + x; }
 inline vi splati(int32_t x) { return vi{} + x; }
-inline vf bits_to_float(vi v) { vf f; std::memcpy(&f, &v, sizeof(f)); return f; }
-inline vi float_to_bits(vf v) { vi i; std::memcpy(&i, &v, sizeof(i)); return i; }
 inline vf vmax(vf a, vf b) { return a > b ? a : b; }
 inline vf select(vi mask, vf a, vf b) { return mask ? a : b; }   // lane-wise mask ? a : b
 
@@ -78,10 +85,7 @@ inline float hmax(vf v) {
 // scalar loads of one cache element as float32
 inline float load(const float* p) { return *p; }
 inline float load(const at::BFloat16* p) {
-  uint32_t bits = static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(p)) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
+  return bit_cast<float>(static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(p)) << 16);
 }
 // fp16 -> fp32 with integer ops only (exact for normals and subnormals: the exponent and
 // mantissa shifted into place and rescaled by 2^112); infinities and NaNs keep an all-ones
@@ -89,15 +93,9 @@ inline float load(const at::BFloat16* p) {
 inline float load(const at::Half* p) {
   const uint32_t h = *reinterpret_cast<const uint16_t*>(p);
   const uint32_t em = h & 0x7fffu;
-  uint32_t bits = em << 13;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  f *= 0x1p112f;
-  std::memcpy(&bits, &f, sizeof(f));
+  uint32_t bits = bit_cast<uint32_t>(bit_cast<float>(em << 13) * 0x1p112f);
   bits = em >= 0x7c00u ? ((em << 13) | 0x7f800000u) : bits;
-  bits |= (h & 0x8000u) << 16;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
+  return bit_cast<float>(bits | ((h & 0x8000u) << 16));
 }
 
 // fp8 -> fp32, exactly. e4m3fn (vLLM's `fp8`): a normal's exponent and mantissa shifted into
@@ -110,10 +108,7 @@ inline float load(const c10::Float8_e4m3fn* p) {
   const uint32_t b = *reinterpret_cast<const uint8_t*>(p);
   const uint32_t em = b & 0x7fu;
   float f = static_cast<float>(em) * 0x1p-9f;   // subnormal (and zero)
-  if (em >= 8u) {
-    const uint32_t bits = (em << 20) + (120u << 23);
-    std::memcpy(&f, &bits, sizeof(f));
-  }
+  if (em >= 8u) f = bit_cast<float>((em << 20) + (120u << 23));
   f = (b & 0x80u) ? -f : f;
   return em == 0x7fu ? __builtin_nanf("") : f;
 }
@@ -149,24 +144,18 @@ inline vf loadv(const at::Half* p) {
 #endif
 }
 
-typedef uint32_t vu __attribute__((vector_size(kW * 4)));
-
 // kW bytes zero-extended into 32-bit lanes
 inline vu widen_bytes(const void* p) {
   vu v;
 #if defined(__AVX512F__)
-  const __m512i w = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  std::memcpy(&v, &w, sizeof(v));
+  v = bit_cast<vu>(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 #elif defined(__AVX2__)
-  const __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-  std::memcpy(&v, &w, sizeof(v));
+  v = bit_cast<vu>(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 #else
   for (int i = 0; i < kW; ++i) v[i] = static_cast<const uint8_t*>(p)[i];
 #endif
   return v;
 }
-inline vf bits_as_float(vu v) { vf f; std::memcpy(&f, &v, sizeof(f)); return f; }
-inline vu float_as_bits(vf v) { vu u; std::memcpy(&u, &v, sizeof(u)); return u; }
 
 inline vf loadv(const c10::Float8_e4m3fn* p) {
 #if (defined(__AVX512F__) || defined(__AVX2__)) && defined(__F16C__)
@@ -185,15 +174,15 @@ inline vf loadv(const c10::Float8_e4m3fn* p) {
                                   _mm_set1_epi16(static_cast<short>(0xbfff)));
   const vf f = _mm256_cvtph_ps(h) * 256.f;
 #endif
-  const vu mag = float_as_bits(f) & 0x7fffffffu;
+  const vu mag = bit_cast<vu>(f) & 0x7fffffffu;
   return (mag == 0x43f00000u) ? splat(__builtin_nanf("")) : f;   // |f| == 480
 #else
   const vu b = widen_bytes(p);
   const vu em = b & 0x7fu;
   const vf sub = __builtin_convertvector(em, vf) * 0x1p-9f;
-  const vu mag = (em >= 8u) ? (em << 20) + (120u << 23) : float_as_bits(sub);
+  const vu mag = (em >= 8u) ? (em << 20) + (120u << 23) : bit_cast<vu>(sub);
   const vu bits = mag | ((b & 0x80u) << 24);
-  return (em == 0x7fu) ? splat(__builtin_nanf("")) : bits_as_float(bits);
+  return (em == 0x7fu) ? splat(__builtin_nanf("")) : bit_cast<vf>(bits);
 #endif
 }
 inline vf loadv(const c10::Float8_e5m2* p) {
@@ -203,12 +192,13 @@ inline vf loadv(const c10::Float8_e5m2* p) {
 #elif defined(__AVX2__) && defined(__F16C__)
   const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
   return _mm256_cvtph_ps(_mm_slli_epi16(_mm_cvtepu8_epi16(bytes), 8));
-#endif
+#else
   const vu b = widen_bytes(p);
   const vu em = (b & 0x7fu) << 8;   // the fp16's exponent and mantissa
-  vu bits = float_as_bits(bits_as_float(em << 13) * 0x1p112f);
+  vu bits = bit_cast<vu>(bit_cast<vf>(em << 13) * 0x1p112f);
   bits = (em >= 0x7c00u) ? ((em << 13) | 0x7f800000u) : bits;
-  return bits_as_float(bits | ((b & 0x80u) << 24));
+  return bit_cast<vf>(bits | ((b & 0x80u) << 24));
+#endif
 }
 
 // float32 -> T, rounded to nearest even (at::BFloat16's and at::Half's own conversions: NaN
@@ -222,8 +212,7 @@ typedef uint16_t vh __attribute__((vector_size(kW * 2)));
 
 // the bf16 bits of each lane in the low half of a 32-bit lane
 inline vu bf16_bits(vf v) {
-  vu b;
-  std::memcpy(&b, &v, sizeof(b));
+  const vu b = bit_cast<vu>(v);
   const vu rounded = (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
   return ((b & 0x7fffffffu) > 0x7f800000u) ? vu{} + 0x7fc0u : rounded;
 }
@@ -264,15 +253,11 @@ template <typename T> inline vf round_to(vf v) {
 template <> inline vf round_to<float>(vf v) { return v; }
 template <> inline vf round_to<at::BFloat16>(vf v) {
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
-  const __m256bh h = _mm512_cvtneps_pbh(v);
-  __m256i hi;
-  std::memcpy(&hi, &h, sizeof(hi));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
+  const __m256i h = bit_cast<__m256i>(_mm512_cvtneps_pbh(v));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+#else
+  return bit_cast<vf>(bf16_bits(v) << 16);
 #endif
-  vu b = bf16_bits(v) << 16;
-  vf f;
-  std::memcpy(&f, &b, sizeof(f));
-  return f;
 }
 
 // Flush-to-zero for this thread while in scope (MXCSR.FTZ; restored after): a result that
@@ -310,7 +295,7 @@ inline vf vexp(vf x) {
   y = y * r + 1.6666665459e-1f;
   y = y * r + 5.0000001201e-1f;
   y = y * r * r + r + 1.f;
-  return overflow ? splat(__builtin_inff()) : y * bits_to_float((n + 127) << 23);
+  return overflow ? splat(__builtin_inff()) : y * bit_cast<vf>((n + 127) << 23);
 }
 
 }  // namespace tvec
