@@ -25,7 +25,7 @@ from kernels._triton import kernel_backend
 logger = logging.getLogger(__name__)
 
 _SOURCES = [Path(__file__).parent / "csrc" / name
-            for name in ("paged_attention_cpu.cpp", "elementwise_cpu.cpp")]
+            for name in ("paged_attention_cpu.cpp", "elementwise_cpu.cpp", "kv_write_cpu.cpp")]
 # headers the sources include: part of the build's name, so an edit to one rebuilds
 _HEADERS = [Path(__file__).parent / "csrc" / name
             for name in ("vec.h", "attention_chunk.h")]

@@ -6,6 +6,10 @@ import torch
 
 from kernels._triton import (check, check_device, check_float, check_index, check_rows, pow2, tl,
                              triton, use_triton)
+from kernels.cpu_ext import cpu_ops, use_cpu_kernels
+
+_CPU_CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn,
+                     torch.float8_e5m2)
 
 
 def write_kv_cache_ref(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
@@ -83,5 +87,18 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor
     caches; slot = block_id * block_size + offset in block."""
     if use_triton(k_cache):
         write_kv_cache_triton(key, value, k_cache, v_cache, slot_mapping)
+    elif _cpu_kernel_applies(key, value, k_cache, v_cache, slot_mapping):
+        # one pass, converting on the way (kernels/csrc/kv_write_cpu.cpp; the same bits)
+        cpu_ops().write_kv_cache(key, value, k_cache, v_cache, slot_mapping)
     else:
         write_kv_cache_ref(key, value, k_cache, v_cache, slot_mapping)
+
+
+def _cpu_kernel_applies(key, value, k_cache, v_cache, slot_mapping) -> bool:
+    return (use_cpu_kernels(key, value) and k_cache.device.type == "cpu"
+            and k_cache.dtype in _CPU_CACHE_DTYPES and v_cache.dtype == k_cache.dtype
+            and k_cache.dim() == 4 and k_cache.is_contiguous() and v_cache.is_contiguous()
+            and v_cache.shape == k_cache.shape and key.dim() == 3 and slot_mapping.dim() == 1
+            and key.shape == value.shape == (slot_mapping.shape[0], *k_cache.shape[2:])
+            and all(x.stride(2) == 1 and x.stride(1) == x.shape[2] for x in (key, value))
+            and slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous() and slot_mapping.device.type == "cpu")

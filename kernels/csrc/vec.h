@@ -206,7 +206,28 @@ inline vf loadv(const c10::Float8_e5m2* p) {
 // to T's precision and kept in float32 (the model dtype's rounding points, as torch's ops).
 inline void store(float* p, float x) { *p = x; }
 inline void store(at::BFloat16* p, float x) { *p = at::BFloat16(x); }
-inline void store(at::Half* p, float x) { *p = at::Half(x); }
+// float32 -> fp16 bits with integer ops only, IEEE round to nearest even (subnormals, overflow
+// to infinity, NaN stays NaN): c10's software conversion, used where the CPU has no F16C,
+// relies on float arithmetic that the build's -ffast-math does not keep exact.
+inline uint16_t half_bits(float f) {
+  uint32_t x = bit_cast<uint32_t>(f);
+  const uint32_t sign = (x >> 16) & 0x8000u;
+  x &= 0x7fffffffu;
+  if (x > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);   // NaN
+  if (x >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // >= 65520: infinity
+  if (x >= 0x38800000u) {                                              // a normal half
+    x += 0xfffu + ((x >> 13) & 1u);
+    return static_cast<uint16_t>(sign | ((x - 0x38000000u) >> 13));
+  }
+  if (x < 0x33000000u) return static_cast<uint16_t>(sign);             // below half of 2^-24
+  const uint32_t shift = 126u - (x >> 23);                             // 14 .. 24
+  const uint32_t m = (x & 0x7fffffu) | 0x800000u;
+  uint32_t r = m >> shift;
+  const uint32_t rem = m & ((1u << shift) - 1u), half = 1u << (shift - 1u);
+  r += (rem > half || (rem == half && (r & 1u))) ? 1u : 0u;            // may carry to 2^-14
+  return static_cast<uint16_t>(sign | r);
+}
+inline void store(at::Half* p, float x) { *p = at::Half(half_bits(x), at::Half::from_bits()); }
 
 typedef uint16_t vh __attribute__((vector_size(kW * 2)));
 
@@ -236,6 +257,22 @@ inline void storev(at::Half* p, vf v) {
 #else
   for (int i = 0; i < kW; ++i) store(p + i, v[i]);
 #endif
+}
+
+// float32 -> e5m2, kW lanes: c10's conversion (round to nearest even; at least 65536 is
+// infinity, NaN stays NaN; below 2^-14 by one float add that rounds the subnormal into place),
+// in integer lanes instead of its branches: ~7x faster than the scalar one per element
+typedef uint8_t vb __attribute__((vector_size(kW)));
+inline void storev(c10::Float8_e5m2* p, vf v) {
+  vu b = bit_cast<vu>(v);
+  const vu sign = b & 0x80000000u;
+  b ^= sign;
+  const vu big = (b > 0x7f800000u) ? vu{} + 0x7fu : vu{} + 0x7cu;
+  const vu den = bit_cast<vu>(bit_cast<vf>(b) + bit_cast<vf>(vu{} + (134u << 23))) - (134u << 23);
+  const vu nor = (b + (static_cast<uint32_t>(15 - 127) << 23) + 0xfffffu + ((b >> 21) & 1u)) >> 21;
+  const vu r = ((b >= (143u << 23)) ? big : ((b < (113u << 23)) ? den : nor)) | (sign >> 24);
+  const vb bytes = __builtin_convertvector(r, vb);
+  std::memcpy(p, &bytes, sizeof(bytes));
 }
 
 template <typename T> inline float round_to(float x) {
