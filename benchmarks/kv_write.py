@@ -20,24 +20,12 @@ if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
-import time
 
 import torch
 
+from benchmarks.cpu_attention import DTYPES, best_ms
 from kernels.cpu_ext import cpu_ops
 from kernels.kv_write import write_kv_cache_ref
-
-DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2)
-
-
-def best_us(fn, reps: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best * 1e6
 
 
 def main() -> None:
@@ -72,7 +60,7 @@ def main() -> None:
                          ("kern", lambda: cpu_ops().write_kv_cache(key, value, k_cache, v_cache,
                                                                    slots))]
                 for name, fn in (calls if r % 2 == 0 else calls[::-1]):
-                    us = best_us(fn, args.reps)
+                    us = best_ms(fn, args.reps) * 1e3
                     ref, kern = (min(ref, us), kern) if name == "ref" else (ref, min(kern, us))
             moved = 2 * t * hkv * d * (4 + k_cache.element_size())   # read fp32, write the cache
             print(f"{str(dt).removeprefix('torch.'):>14} {t:>6} {ref:>9.1f} {kern:>9.1f} "
