@@ -275,6 +275,22 @@ inline void storev(c10::Float8_e5m2* p, vf v) {
   std::memcpy(p, &bytes, sizeof(bytes));
 }
 
+// float32 -> e4m3fn, kW lanes, likewise c10's conversion (below 2^-6 by the float add; from
+// 464 up, infinity included, `overflow`: c10's own result there, NaN in older torch versions
+// and 448 in newer ones, which the caller reads once from c10)
+inline void storev(c10::Float8_e4m3fn* p, vf v, uint32_t overflow) {
+  vu b = bit_cast<vu>(v);
+  const vu sign = b & 0x80000000u;
+  b ^= sign;
+  const vu big = (b > 0x7f800000u) ? vu{} + 0x7fu : vu{} + overflow;
+  const vu den = bit_cast<vu>(bit_cast<vf>(b) + bit_cast<vf>(vu{} + (141u << 23))) - (141u << 23);
+  vu nor = (b + (static_cast<uint32_t>(7 - 127) << 23) + 0x7ffffu + ((b >> 20) & 1u)) >> 20;
+  nor = (nor == 0x7fu) ? vu{} + overflow : nor;   // rounded up into NaN's pattern (464..480)
+  const vu r = ((b >= (1087u << 20)) ? big : ((b < (121u << 23)) ? den : nor)) | (sign >> 24);
+  const vb bytes = __builtin_convertvector(r, vb);
+  std::memcpy(p, &bytes, sizeof(bytes));
+}
+
 template <typename T> inline float round_to(float x) {
   T t;
   store(&t, x);
