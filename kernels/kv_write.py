@@ -6,10 +6,9 @@ import torch
 
 from kernels._triton import (check, check_device, check_float, check_index, check_rows, pow2, tl,
                              triton, use_triton)
-from kernels.cpu_ext import cpu_ops, use_cpu_kernels
+from kernels.cpu_ext import CPU_KERNEL_DTYPES, cpu_ops, use_cpu_kernels
 
-_CPU_CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn,
-                     torch.float8_e5m2)
+_CPU_CACHE_DTYPES = CPU_KERNEL_DTYPES + (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def write_kv_cache_ref(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
@@ -101,4 +100,5 @@ def _cpu_kernel_applies(key, value, k_cache, v_cache, slot_mapping) -> bool:
             and v_cache.shape == k_cache.shape and key.dim() == 3 and slot_mapping.dim() == 1
             and key.shape == value.shape == (slot_mapping.shape[0], *k_cache.shape[2:])
             and all(x.stride(2) == 1 and x.stride(1) == x.shape[2] for x in (key, value))
-            and slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous() and slot_mapping.device.type == "cpu")
+            and slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous()
+            and slot_mapping.device.type == "cpu")

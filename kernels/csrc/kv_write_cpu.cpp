@@ -35,19 +35,15 @@ void convert_row(C* dst, const S* src, int64_t n) {
       for (; i + tvec::kW <= n; i += tvec::kW) tvec::storev(dst + i, tvec::loadv(src + i));
     } else if constexpr (std::is_same_v<C, c10::Float8_e4m3fn>) {
       static const uint32_t overflow = c10::Float8_e4m3fn(1e6f).x & 0x7fu;
-      for (; i + tvec::kW <= n; i += tvec::kW) tvec::storev(dst + i, tvec::loadv(src + i), overflow);
+      for (; i + tvec::kW <= n; i += tvec::kW)
+        tvec::storev(dst + i, tvec::loadv(src + i), overflow);
     } else if constexpr (std::is_same_v<C, at::BFloat16>) {
       for (; i + tvec::kW <= n; i += tvec::kW) {
         const tvec::vh h = __builtin_convertvector(tvec::bf16_bits(tvec::loadv(src + i)), tvec::vh);
         std::memcpy(dst + i, &h, sizeof(h));
       }
     }
-    if constexpr (std::is_same_v<C, float> || std::is_same_v<C, at::Half> ||
-                  std::is_same_v<C, at::BFloat16>) {
-      for (; i < n; ++i) tvec::store(dst + i, tvec::load(src + i));
-    } else {
-      for (; i < n; ++i) dst[i] = C(tvec::load(src + i));   // fp8: c10's scalar conversion
-    }
+    for (; i < n; ++i) tvec::store(dst + i, tvec::load(src + i));
   }
 }
 

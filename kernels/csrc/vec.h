@@ -206,6 +206,8 @@ inline vf loadv(const c10::Float8_e5m2* p) {
 // to T's precision and kept in float32 (the model dtype's rounding points, as torch's ops).
 inline void store(float* p, float x) { *p = x; }
 inline void store(at::BFloat16* p, float x) { *p = at::BFloat16(x); }
+inline void store(c10::Float8_e4m3fn* p, float x) { *p = c10::Float8_e4m3fn(x); }   // c10's
+inline void store(c10::Float8_e5m2* p, float x) { *p = c10::Float8_e5m2(x); }
 // float32 -> fp16 bits with integer ops only, IEEE round to nearest even (subnormals, overflow
 // to infinity, NaN stays NaN): c10's software conversion, used where the CPU has no F16C,
 // relies on float arithmetic that the build's -ffast-math does not keep exact.
