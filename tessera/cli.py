@@ -251,10 +251,32 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _foreign_kernels_package() -> str | None:
+    """Where ``import kernels`` would load another project's package from, if it would.
+
+    Hugging Face's ``kernels`` distribution (which transformers >= 5.25 requires) installs a
+    top-level package with our kernels/'s name; the worker would then fail on its first import.
+    """
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("kernels")
+    ours = Path(__file__).resolve().parents[1] / "kernels" / "__init__.py"
+    if spec is None or spec.origin is None or Path(spec.origin).resolve() == ours:
+        return None
+    return spec.origin
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tessera`` console script; returns the process exit status."""
     parser = _build_parser()
     args = parser.parse_args(argv)
+    foreign = _foreign_kernels_package()
+    if foreign is not None:
+        print(f"tessera {args.command}: error: `import kernels` loads {foreign}, not tessera's "
+              "kernels/ (`pip uninstall kernels`: Hugging Face's package has the same name)",
+              file=sys.stderr)
+        return 2
     try:
         return int(args.handler(args) or 0)
     except (ValueError, FileNotFoundError, OSError) as exc:

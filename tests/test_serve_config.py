@@ -178,3 +178,28 @@ def test_a_setting_out_of_range_is_refused_naming_its_flag(setting, value):
     except SystemExit as e:   # argparse refuses a choice itself
         code = e.code
     assert code == 2
+
+
+def test_a_foreign_kernels_package_is_named_instead_of_failing_in_the_worker(tmp_path):
+    """Hugging Face's `kernels` distribution has our kernels/'s import name: with it ahead on
+    the path every subcommand refuses to start and says which file shadows ours."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("CUDAProperties = object\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(repo)]))
+    run = subprocess.run([sys.executable, "-m", "tessera.cli", "worker", "--model", "m"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert str(tmp_path / "kernels" / "__init__.py") in run.stderr
+    assert "pip uninstall kernels" in run.stderr and "Traceback" not in run.stderr
+    # the same command finds ours without the shadow (and fails later, on the model path)
+    env["PYTHONPATH"] = str(repo)
+    (tmp_path / "elsewhere").mkdir()
+    run = subprocess.run([sys.executable, "-m", "tessera.cli", "worker", "--model", "m"],
+                         cwd=tmp_path / "elsewhere", env=env, capture_output=True, text=True, timeout=120)
+    assert "kernels" not in run.stderr and run.returncode != 0
