@@ -10,6 +10,20 @@ import pytest
 TinyModelFactory = Callable[..., pathlib.Path]
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Refuse to run next to Hugging Face's `kernels` distribution (transformers >= 5.25
+    requires it): transformers would import our kernels/ as that package, and every oracle
+    test would fail on an ImportError instead of saying why."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        return
+    pytest.exit("the 'kernels' distribution is installed; its import name is tessera's "
+                "kernels/ package: `pip uninstall kernels` (scripts/setup.sh does)", returncode=2)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModelFactory:
     """Factory ``tiny_model(arch, preset="tiny", dtype="float32", seed=0) -> Path``.
