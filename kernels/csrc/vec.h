@@ -241,13 +241,20 @@ inline vu bf16_bits(vf v) {
 }
 
 inline void storev(float* p, vf v) { storeu(p, v); }
+// bf16 as at::BFloat16 rounds: to nearest even, subnormals kept (the KV cache's store)
+inline void storev_exact(at::BFloat16* p, vf v) {
+  const vh h = __builtin_convertvector(bf16_bits(v), vh);
+  std::memcpy(p, &h, sizeof(h));
+}
+// the same, except that with AVX512-BF16 one instruction does it and flushes subnormal
+// inputs to zero (activations, whose subnormals do not matter)
 inline void storev(at::BFloat16* p, vf v) {
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
-  const __m256bh h = _mm512_cvtneps_pbh(v);   // one instruction (denormal inputs become 0)
-#else
-  const vh h = __builtin_convertvector(bf16_bits(v), vh);
-#endif
+  const __m256bh h = _mm512_cvtneps_pbh(v);
   std::memcpy(p, &h, sizeof(h));
+#else
+  storev_exact(p, v);
+#endif
 }
 inline void storev(at::Half* p, vf v) {
 #if defined(__AVX512F__)
