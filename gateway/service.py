@@ -17,7 +17,6 @@ import redis.asyncio as aioredis
 import uvicorn
 
 from common.config import GatewayConfig
-from common.heap import freeze_startup_heap
 from common.redis_client import connect
 from gateway.auth import Tenants
 from gateway.state import GatewayState
@@ -69,7 +68,6 @@ async def serve(config: GatewayConfig) -> None:
             await asyncio.sleep(0.02)
         http_port = http.servers[0].sockets[0].getsockname()[1]
         scheme = "https" if tls else "http"
-        freeze_startup_heap()   # the tokenizer and the apps: never scanned again
         print(f"gateway ready {scheme}://{config.host}:{http_port} grpc {config.host}:{grpc_port}",
               flush=True)
         logger.info("serving model %s", config.model_name)

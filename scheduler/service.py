@@ -19,7 +19,6 @@ import redis.asyncio as aioredis
 
 from common import redis_schema as schema
 from common.config import SchedulerServiceConfig, resolve_max_model_len
-from common.heap import freeze_startup_heap
 from common.redis_client import connect
 from common.model_config import ModelConfig
 from common.tls import channel_credentials
@@ -85,7 +84,6 @@ async def serve(config: SchedulerServiceConfig) -> None:
                           max_waiting_requests=(config.max_waiting_requests
                                                 if config.data_parallel_size == 1 else 0))
         obs.start(client, queue, held=lambda: loop.held)
-        freeze_startup_heap()
         print(f"scheduler ready: model {config.model_name}, group {config.group}, "
               f"{num_blocks} KV blocks, {tp}x{pp} (TP x PP) workers {','.join(config.workers)}",
               flush=True)

@@ -28,7 +28,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.config import SchedulingConfig, WorkerConfig
 from common.convert import step_output_to_proto, step_plan_from_proto
-from common.heap import freeze_startup_heap
 from common.step import FENCED_DETAIL
 from common.http_probe import start_probe
 from common.model_config import ModelConfig
@@ -234,7 +233,6 @@ async def serve(config: WorkerConfig, ready: asyncio.Event | None = None) -> Non
                 " (mutual TLS)" if tls else "")
     shard = (f" (group {config.group}, rank {config.rank}: tp {servicer.tp.rank}/{servicer.tp.size}"
              f", pp {servicer.pp.rank}/{servicer.pp.size})" if config.world_size > 1 else "")
-    freeze_startup_heap()   # the model's modules and tables: never scanned again
     print(f"worker ready on {address}{shard}", flush=True)
     if ready is not None:
         ready.set()
