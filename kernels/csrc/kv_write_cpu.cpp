@@ -26,19 +26,15 @@ void convert_row(C* dst, const S* src, int64_t n) {
   if constexpr (std::is_same_v<S, C>) {
     std::memcpy(dst, src, n * sizeof(C));
   } else {
+    // float32 stores as is; the half store is the F16C conversion, IEEE round to nearest even
+    // with subnormals; fp8 is c10's conversion in vector lanes (vec.h); bf16 by storev_exact
+    // (storev's AVX512-BF16 instruction flushes subnormals)
     int64_t i = 0;
-    if constexpr (std::is_same_v<C, float> || std::is_same_v<C, at::Half> ||
-                  std::is_same_v<C, c10::Float8_e5m2>) {
-      // float32 stores as is; the half store is the F16C conversion, IEEE round to nearest
-      // even with subnormals; fp8 is c10's conversion in vector lanes (vec.h), e4m3 with
-      // c10's overflow result; bf16 by storev_exact (storev's AVX512-BF16 flushes subnormals)
-      for (; i + tvec::kW <= n; i += tvec::kW) tvec::storev(dst + i, tvec::loadv(src + i));
-    } else if constexpr (std::is_same_v<C, c10::Float8_e4m3fn>) {
-      static const uint32_t overflow = c10::Float8_e4m3fn(1e6f).x & 0x7fu;
-      for (; i + tvec::kW <= n; i += tvec::kW)
-        tvec::storev(dst + i, tvec::loadv(src + i), overflow);
-    } else if constexpr (std::is_same_v<C, at::BFloat16>) {
-      for (; i + tvec::kW <= n; i += tvec::kW) tvec::storev_exact(dst + i, tvec::loadv(src + i));
+    for (; i + tvec::kW <= n; i += tvec::kW) {
+      if constexpr (std::is_same_v<C, at::BFloat16>)
+        tvec::storev_exact(dst + i, tvec::loadv(src + i));
+      else
+        tvec::storev(dst + i, tvec::loadv(src + i));
     }
     for (; i < n; ++i) tvec::store(dst + i, tvec::load(src + i));
   }

@@ -291,10 +291,11 @@ inline void store_fp8(void* p, vf v, uint32_t limit, uint32_t big) {
 }
 // e5m2: from 65536 up infinity (rounding never reaches 0x7f)
 inline void storev(c10::Float8_e5m2* p, vf v) { store_fp8<2, 15>(p, v, 143u << 23, 0x7cu); }
-// e4m3fn: from 464 up (480 and infinity included) `overflow`, c10's own result there: NaN in
-// older torch versions, 448 in newer ones (the caller reads it once from c10)
-inline void storev(c10::Float8_e4m3fn* p, vf v, uint32_t overflow) {
-  store_fp8<3, 7>(p, v, 1087u << 20, overflow);
+// e4m3fn: from 464 up (480 and infinity included) c10's own result there: NaN in older torch
+// versions, 448 in newer ones, read from the c10 this is built against once, at load
+inline const uint32_t kE4m3Overflow = c10::Float8_e4m3fn(1e6f).x & 0x7fu;
+inline void storev(c10::Float8_e4m3fn* p, vf v) {
+  store_fp8<3, 7>(p, v, 1087u << 20, kE4m3Overflow);
 }
 
 template <typename T> inline float round_to(float x) {
