@@ -125,6 +125,10 @@ class GrammarCompiler:
                                                          cache_enabled=False)
         return self._compiler
 
+    def prepare(self) -> None:
+        """Import xgrammar and build the tokenizer's tables (what a first compile would)."""
+        self._ensure()
+
     def compile(self, spec: StructuredOutputs) -> Any:
         """The xgrammar CompiledGrammar of a spec. Raises GrammarError (a bad spec) or
         StructuredOutputUnavailable."""

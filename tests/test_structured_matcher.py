@@ -138,3 +138,41 @@ def test_json_strings_admit_no_control_characters_or_special_tokens(model) -> No
                 if tok.convert_ids_to_tokens(i) in tok.special_tokens_map.values()}
     assert letter in allowed and control is not None and control not in allowed
     assert specials and not specials & allowed
+
+
+def test_prewarm_builds_the_tables_before_any_structured_sequence(model, caplog) -> None:
+    path, config, _ = model
+    backend = GrammarBackend(path, config.vocab_size, config.eos_token_ids)
+    assert backend._compiler is None
+    backend.prewarm().result(timeout=120)
+    assert backend._compiler is not None and backend._compiler._compiler is not None
+    # The first matcher then only compiles its spec: it constrains as a lazy backend's would.
+    g = backend.matcher(StructuredOutputs(choice=tuple(CHOICES)))
+    assert _allowed(g, config.vocab_size)
+    # Without a tokenizer prewarm only logs: the sequence that asks meets the error alone.
+    bare = GrammarBackend(None, config.vocab_size, config.eos_token_ids)
+    with caplog.at_level("WARNING", logger="worker.structured"):
+        assert bare.prewarm().result(timeout=10) is None
+    assert "not available" in caplog.text
+    g = bare.matcher(StructuredOutputs(choice=tuple(CHOICES)))
+    assert not g.fill_bitmask(torch.zeros((1, 1), dtype=torch.int32), 0) and g.broken
+
+
+def test_the_gateway_prepares_its_grammar_tables_off_the_event_loop(model) -> None:
+    import asyncio
+
+    from common.redis_client import connect
+    from gateway.service import _prepare_grammars
+    from gateway.state import GatewayState
+
+    path, _, _ = model
+
+    async def run() -> GatewayState:
+        redis = connect("redis://127.0.0.1:1")   # never used: nothing here talks to Redis
+        state = GatewayState.load(path, "m", redis)
+        assert state.grammars._compiler is None
+        await _prepare_grammars(state)
+        await redis.aclose()
+        return state
+
+    assert asyncio.run(run()).grammars._compiler is not None

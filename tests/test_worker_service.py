@@ -132,3 +132,16 @@ def test_scheduler_core_drives_the_remote_worker_like_the_offline_engine(worker_
         [{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
     assert [tokens[str(i)] for i in range(len(prompts))] == [o.outputs[0].token_ids for o in expected]
     assert sched.kv.num_blocks_in_use == 0
+
+
+def test_the_serving_worker_prepares_structured_output_at_start(tiny_model):
+    """The sampling rank imports xgrammar and builds the tokenizer's tables when it starts,
+    so the first structured sequence does not hold up the step it shares with others."""
+    from common.config import WorkerConfig
+    from worker.service import WorkerServicer
+
+    servicer = WorkerServicer(WorkerConfig(model=str(tiny_model("llama"))))
+    assert servicer.worker.is_driver
+    servicer.grammars_ready.result(timeout=120)
+    backend = servicer.worker.grammars
+    assert backend._compiler is not None and backend._compiler._compiler is not None

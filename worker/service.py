@@ -53,6 +53,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.worker = Worker(runner, seed=config.seed,
                              is_driver=self.pp.is_last and self.tp.rank == 0,
                              model_dir=config.model)
+        if self.worker.is_driver:   # the rank that samples: grammars are ready before a step
+            self.grammars_ready = self.worker.grammars.prewarm()
         device = runner.device
         # A new thread's current CUDA device is GPU 0 (the runner also sets it per call).
         self._thread = ThreadPoolExecutor(
