@@ -233,6 +233,8 @@ def step_output_to_proto(out: StepOutput) -> worker_pb2.StepOutput:
         pl.top_counts.extend(counts)
         pl.top_token_ids.extend(top_ids)
         pl.top_logprobs.extend(top_lps)
+    if out.deferred:
+        msg.deferred.extend(out.deferred)
     return msg
 
 
@@ -267,7 +269,7 @@ def step_output_from_proto(msg: worker_pb2.StepOutput) -> StepOutput:
             positions.append((lp, list(zip(top_ids[start:end], top_lps[start:end]))))
             start = end
         prompt_logprobs[seq_id] = positions
-    return StepOutput(msg.step_id, sampled, prompt_logprobs, extra)
+    return StepOutput(msg.step_id, sampled, prompt_logprobs, extra, list(msg.deferred))
 
 
 # --- Public API (tessera.v1.Generate) -------------------------------------------------------

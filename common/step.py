@@ -87,3 +87,6 @@ class StepOutput:
     # one (the accepted drafts but the last, then the token sampled after them): the step
     # emitted [sampled] + extra. Absent: no draft was accepted.
     extra_sampled: dict[str, list[SampledToken]] = field(default_factory=dict)
+    # Sequences at a sampling point that were not sampled (their grammar still compiles,
+    # worker/structured.py): the scheduler computes their last known token again later.
+    deferred: list[str] = field(default_factory=list)

@@ -213,6 +213,7 @@ class EngineCore:
         max_len = self.config.max_model_len
         in_flight = self.scheduler.in_flight
         speculating = self.scheduler.proposer is not None
+        deferred = output.deferred   # rare: sampling that waits for a grammar's compile
         siblings = None
         for s in (*plan.new, *plan.running):
             seq_id = s.seq_id
@@ -223,6 +224,16 @@ class EngineCore:
                 continue   # aborted while the step ran
             req = seq.owner
             prompt_lp = prompt_logprobs.get(seq_id) if prompt_logprobs else None
+            if deferred and seq_id in deferred:
+                # Not sampled (its grammar still compiles, worker/structured.py): its last
+                # known token counts as not computed, so a later step runs it and samples.
+                seq.num_computed_tokens = seq.num_tokens - 1
+                cache(seq_id, seq.all_token_ids, seq.num_computed_tokens)
+                if prompt_lp and req is not None:
+                    events.append((req, OutputEvent(req.next_index, [], seq.seed_offset,
+                                                    None, False, None, prompt_lp)))
+                    req.next_index += 1
+                continue
             drafts = getattr(s, "draft_token_ids", None) if speculating else None
             if drafts:
                 ids, lp, status = self._apply_drafts(seq, s, sampled.get(seq_id),

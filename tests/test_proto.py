@@ -114,7 +114,7 @@ def test_step_dataclasses_have_the_fields_convert_py_carries() -> None:
         "step_id", "new", "running", "finished_ids", "preempted_ids", "trace_context"]
     assert [f.name for f in fields(SampledToken)] == ["token_id", "logprob", "top_logprobs"]
     assert [f.name for f in fields(StepOutput)] == ["step_id", "sampled", "prompt_logprobs",
-                                                    "extra_sampled"]
+                                                    "extra_sampled", "deferred"]
 
 
 # --- (b) round trips -------------------------------------------------------------------------
@@ -167,8 +167,11 @@ def step_outputs(draw: st.DrawFn) -> StepOutput:
     # Speculative decoding: extra tokens only for sequences that sampled one.
     extra = {i: draw(st.lists(sampled_tokens, min_size=1, max_size=4)) for i in sampled
              if draw(st.booleans())}
+    # Deferred: sequences at a sampling point that were not sampled (never also sampled).
+    deferred = draw(st.lists(SEQ_ID.filter(lambda s: s not in sampled), max_size=3, unique=True))
     return StepOutput(draw(st.integers(0, 2**63 - 1)), sampled, draw(st.dictionaries(
-        SEQ_ID, st.lists(st.tuples(FLOAT32, top_lists), max_size=4), max_size=2)), extra)
+        SEQ_ID, st.lists(st.tuples(FLOAT32, top_lists), max_size=4), max_size=2)), extra,
+        deferred)
 
 
 @settings(max_examples=60, deadline=None)

@@ -16,7 +16,10 @@ the grammar may end; once the grammar is complete only EOS is, so the request st
 
 Compiling runs on a background thread as soon as the worker learns the sequence (the gateway
 compiled the same spec already, so this is usually a cache hit in the gateway's process and
-a fresh compile here once per distinct spec); the first sampling of the sequence waits for it.
+a fresh compile here once per distinct spec, ~10-30 ms after `GrammarBackend.prewarm`). A
+sequence whose grammar still compiles at its first sampling is not sampled in that step
+(`StepOutput.deferred`): the scheduler runs its last token again in a later one, so the others
+in the step never wait for it; only a step of nothing but such sequences waits for the compile.
 """
 
 from __future__ import annotations
@@ -54,6 +57,10 @@ class SequenceGrammar:
                 self.broken = f"{type(e).__name__}: {e}"
                 logger.error("structured output for a sequence failed: %s", self.broken)
         return self._matcher is not None
+
+    def compiling(self) -> bool:
+        """Its grammar is still compiling: using it now would wait for the compile."""
+        return self._matcher is None and self.broken is None and not self._compiled.done()
 
     def accept(self, token_id: int) -> bool:
         """Advance by one token; False (and no change) if the grammar does not allow it."""

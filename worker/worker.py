@@ -90,6 +90,7 @@ class Worker:
         # Structured output: grammars compile for the model's tokenizer (from model_dir).
         self.grammars = GrammarBackend(model_dir, runner.config.vocab_size, self.eos_token_ids)
         self.states: dict[str, SequenceState] = {}
+        self.structured: set[str] = set()   # the sequences with a grammar (driver only)
         self.last_step_id = 0
 
     def warmup(self, max_num_batched_tokens: int, max_num_seqs: int,
@@ -122,6 +123,7 @@ class Worker:
 
     def reset(self) -> None:
         self.states.clear()
+        self.structured.clear()
         self.last_step_id = 0
 
     def _apply(self, plan: StepPlan) -> list[tuple[str, SequenceState, int]]:
@@ -130,6 +132,7 @@ class Worker:
         self.last_step_id = plan.step_id
         for seq_id in plan.finished_ids:
             self.states.pop(seq_id, None)
+            self.structured.discard(seq_id)
         scheduled = []
         for seq in plan.new:
             state = self.states[seq.seq_id] = SequenceState.from_new(seq, self.eos_token_ids)
@@ -137,14 +140,18 @@ class Worker:
                 # A fresh matcher: it replays the sequence's output tokens on first use
                 # (worker/structured.py), whatever this worker saw of the sequence before.
                 state.row.grammar = self.grammars.matcher(seq.params.structured_outputs)
+                self.structured.add(seq.seq_id)
             scheduled.append((seq.seq_id, state, seq.num_scheduled_tokens, ()))
         for seq in plan.running:
             state = self.states.get(seq.seq_id)
             if state is None:
                 raise StepMismatchError(f"unknown sequence {seq.seq_id!r}")
             if state.num_computed_tokens != seq.num_computed_tokens:
+                # More: accepted drafts. One less: the driver deferred the sequence's sampling
+                # (StepOutput.deferred) and its last known token runs again.
                 ours, pending = state.num_computed_tokens, state.spec_pending
-                if not ours < seq.num_computed_tokens <= ours + pending:
+                if not (ours < seq.num_computed_tokens <= ours + pending
+                        or seq.num_computed_tokens == ours - 1):
                     raise StepMismatchError(
                         f"sequence {seq.seq_id!r}: scheduler says {seq.num_computed_tokens} "
                         f"tokens computed, worker has {ours}")
@@ -190,6 +197,7 @@ class Worker:
                 st.spec_pending = len(drafts)
             return out
         rows, row_index, row_ids = [], [], []
+        defer = self._to_defer(scheduled, sample_at) if self.structured else ()
         offset = 0   # of the sequence's first row in result.logits (the sample_at ones')
         for i, (seq_id, st, n, drafts) in enumerate(scheduled):
             if want_prompt_lp and st.params.prompt_logprobs is not None:
@@ -197,6 +205,10 @@ class Worker:
             if drafts:
                 st.num_computed_tokens += 1
                 st.spec_pending = len(drafts)
+                if defer and seq_id in defer:
+                    out.deferred.append(seq_id)
+                    offset += n
+                    continue
                 grammar = st.row.grammar
                 if grammar is not None:   # a draft the grammar refuses cannot be accepted:
                     grammar.sync(st.row.output_token_ids)   # verify only the ones before it
@@ -208,6 +220,10 @@ class Worker:
                 continue
             st.num_computed_tokens += n
             if st.num_computed_tokens == len(st.token_ids):
+                if defer and seq_id in defer:
+                    out.deferred.append(seq_id)
+                    offset += 1
+                    continue
                 rows.append(st.row)
                 row_index.append(offset)
                 row_ids.append((seq_id, ()))
@@ -230,6 +246,19 @@ class Worker:
                     j += len(drafts)
                 j += 1
         return out
+
+    @staticmethod
+    def _to_defer(scheduled: list, sample_at: list[int]) -> set[str]:
+        """The sequences to sample whose grammar still compiles: left unsampled this step, so
+        that the step's others do not wait for a compile (a fresh spec's takes ~10-30 ms, a
+        large schema's much longer). When the step has nothing else, it waits instead: no
+        one is held up, and a step that could only be repeated would spin."""
+        waiting = set()
+        for i in sample_at:
+            seq_id, st = scheduled[i][0], scheduled[i][1]
+            if st.row.grammar is not None and st.row.grammar.compiling():
+                waiting.add(seq_id)
+        return waiting if len(waiting) < len(scheduled) else set()
 
     @staticmethod
     def _prompt_logprobs(out: StepOutput, seq_id: str, st: SequenceState, n: int,
