@@ -4,11 +4,11 @@ Decode attention reads each sequence's K and V once: its floor is memory bandwid
 times one layer's decode attention at batch x context (default 64 x 512, the bench model's
 8 KV heads of 64) for each cache dtype, going through --layers layers' caches in turn (default
 8: 1 GiB of fp32 K/V, more than the last-level cache, as in a real decode step; --layers 1
-times one cache-resident layer, which flatters the kernel), interleaved in the same run with a
-large tensor copy (bandwidth counted as read + write), a DRAM read pass, and with the torch
-path it replaces
-(kernels/paged_attention_cpu.py `paged_attention_decode_cpu`: gather into reused buffers +
-batched matmuls). Reported: ms per call, K/V bytes read per second, that as a fraction of
+times one cache-resident layer, which flatters the kernel; the caches are on transparent
+huge pages where the OS allows, as the engine's are: worker/hugepages.py), interleaved in the
+same run with a large tensor copy (bandwidth counted as read + write), a DRAM read pass, and
+with the torch path it replaces (kernels/paged_attention_cpu.py `paged_attention_decode_cpu`:
+gather into reused buffers + batched matmuls). Reported: ms per call, K/V bytes read per second, that as a fraction of
 the copy and of the read bandwidth, and the speed-up over the torch path.
 
 Prompt chunks (`--chunks`, default 4 prompts of 512 tokens: one step at the CPU's default
@@ -38,6 +38,7 @@ from benchmarks.workload import peak_matmul_flops
 from kernels.paged_attention import paged_attention_prefill_ref
 from kernels.paged_attention_cpu import (cpu_attention_available, paged_attention_cpu,
                                          paged_attention_decode_cpu)
+from worker.hugepages import huge_page_zeros
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2)
 
@@ -60,8 +61,8 @@ def paged(num_seqs: int, tokens: int, args, gen: torch.Generator, layers: int = 
     num_blocks = num_seqs * per_seq + 16
     tables = torch.randperm(num_blocks, generator=gen)[:num_seqs * per_seq].view(num_seqs, per_seq)
     shape = (num_blocks, bs, args.kv_heads, args.head_dim)
-    def kv(dt):   # K scaled by --key-scale: the scores' spread
-        return tuple((torch.randn(shape, generator=gen) * scale).to(dt)
+    def kv(dt):   # K scaled by --key-scale: the scores' spread; on huge pages, as the engine's
+        return tuple(huge_page_zeros(shape, dt).copy_(torch.randn(shape, generator=gen) * scale)
                      for scale in (args.key_scale, 1.0))
     caches = {dt: [kv(dt) for _ in range(layers)] for dt in DTYPES}   # per dtype, one (K, V) a layer
     return tables, caches

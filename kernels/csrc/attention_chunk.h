@@ -101,6 +101,18 @@ inline void qk_tile(const float* const* kp, const float* qt, float* st, int64_t 
     for (int v = 0; v < NR; ++v) tvec::storeu(st + (k0 + m) * rp + r0 + v * kW, acc[m][v]);
 }
 
+// qk_tile over nv (1 .. 4) vectors of rows from r0
+template <int MK>
+inline void qk_rows(int nv, const float* const* kp, const float* qt, float* st, int64_t rp,
+                    int64_t d, int64_t k0, int64_t r0) {
+  switch (nv) {
+    case 4: qk_tile<MK, 4>(kp, qt, st, rp, d, k0, r0); break;
+    case 3: qk_tile<MK, 3>(kp, qt, st, rp, d, k0, r0); break;
+    case 2: qk_tile<MK, 2>(kp, qt, st, rp, d, k0, r0); break;
+    default: qk_tile<MK, 1>(kp, qt, st, rp, d, k0, r0); break;
+  }
+}
+
 // O[r0 .. r0 + MR) x columns [c0, c0 + NR kW) = O corr + P V over keys 0 .. n - 1
 template <int NR>
 inline void pv_tile(float* o, const float* pt, const float* const* vp, const float* corr,
@@ -165,42 +177,74 @@ void chunk_item(const Item& it, Scratch& sc, const float* query, int64_t q_strid
     span_rows(vc, table, base, n, h, sh, true, sc.vc.data(), sc.vp.data());
     const int64_t np = round_up(n, kMK);
     for (int64_t k = n; k < np; ++k) sc.kp[k] = sc.zero.data();   // padding keys: finite zeros
-    for (int64_t r0 = 0; r0 < rp; r0 += kNR * kW)
-      for (int64_t k0 = 0; k0 < np; k0 += kMK)
-        qk_tile<kMK, kNR>(sc.kp.data(), qt, st, rp, d, k0, r0);
-    // online softmax down each column of S^T, kW rows at a time
-    for (int64_t r0 = 0; r0 < rp; r0 += kW) {
-      const vi qp = [&] { vi v; std::memcpy(&v, qpos + r0, sizeof(v)); return v; }();
-      const vi lo = sh.window > 0 ? qp - static_cast<int32_t>(sh.window) : tvec::splati(-1);
+    for (int64_t r0 = 0; r0 < rp; r0 += kNR * kW) {
+      const int64_t v_end = std::min<int64_t>(kNR, (rows - r0 + kW - 1) / kW);  // past: padding
+      for (int64_t k0 = 0; k0 < n; k0 += kMK) {
+        // causal: the row vectors before the first row that sees key base + k0 see none of
+        // these keys; their scores are left as they are (the softmax masks them)
+        const int64_t from = (base + k0 - first_pos) * sh.group - r0;
+        const int64_t skip = from <= 0 ? 0 : std::min<int64_t>(kNR, from / kW);
+        if (skip >= v_end) continue;
+        const int nv = static_cast<int>(v_end - skip);
+        if (n - k0 > 4) qk_rows<kMK>(nv, sc.kp.data(), qt, st, rp, d, k0, r0 + skip * kW);
+        else qk_rows<4>(nv, sc.kp.data(), qt, st, rp, d, k0, r0 + skip * kW);
+      }
+    }
+    // online softmax down each column of S^T, kW rows at a time, over the keys some row of
+    // the vector sees (the rest of its scores are neither read nor written); no masks when
+    // every row sees every key of the span
+    for (int64_t r0 = 0; r0 < rows; r0 += kW) {
+      const int64_t r_last = std::min(r0 + kW, rows) - 1;
+      const int64_t p_min = first_pos + r0 / sh.group, p_max = first_pos + r_last / sh.group;
+      const int64_t n_vis = std::min(n, p_max - base + 1);
+      const bool all_visible = r_last == r0 + kW - 1 && p_min >= base + n - 1
+                               && (sh.window <= 0 || p_max - sh.window < base);
       const vf m_old = tvec::loadu(m + r0);
-      vf mx = m_old;
-      for (int64_t k = 0; k < n; ++k) {
-        const vi kpos = tvec::splati(static_cast<int32_t>(base + k));
-        const vi vis = (kpos <= qp) & (kpos > lo);
-        mx = tvec::vmax(mx, tvec::select(vis, tvec::loadu(st + k * rp + r0), tvec::splat(-FLT_MAX)));
-      }
       const vf l_old = tvec::loadu(l + r0);
-      const vf c = tvec::select(l_old == 0.f, tvec::splat(0.f), tvec::vexp(m_old - mx));
-      vf sum = vf{};
-      for (int64_t k = 0; k < n; ++k) {
-        const vi kpos = tvec::splati(static_cast<int32_t>(base + k));
-        const vi vis = (kpos <= qp) & (kpos > lo);
-        float* sk = st + k * rp + r0;
-        const vf p = tvec::select(vis, tvec::vexp(tvec::loadu(sk) - mx), tvec::splat(0.f));
-        tvec::storeu(sk, p);
-        sum += p;
+      vf mx = m_old, sum = vf{};
+      if (all_visible) {
+        for (int64_t k = 0; k < n; ++k) mx = tvec::vmax(mx, tvec::loadu(st + k * rp + r0));
+        for (int64_t k = 0; k < n; ++k) {
+          float* sk = st + k * rp + r0;
+          const vf p = tvec::vexp(tvec::loadu(sk) - mx);
+          tvec::storeu(sk, p);
+          sum += p;
+        }
+      } else {
+        const vi qp = [&] { vi v; std::memcpy(&v, qpos + r0, sizeof(v)); return v; }();
+        const vi lo = sh.window > 0 ? qp - static_cast<int32_t>(sh.window) : tvec::splati(-1);
+        for (int64_t k = 0; k < n_vis; ++k) {
+          const vi kpos = tvec::splati(static_cast<int32_t>(base + k));
+          const vi vis = (kpos <= qp) & (kpos > lo);
+          mx = tvec::vmax(mx, tvec::select(vis, tvec::loadu(st + k * rp + r0), tvec::splat(-FLT_MAX)));
+        }
+        for (int64_t k = 0; k < n_vis; ++k) {
+          const vi kpos = tvec::splati(static_cast<int32_t>(base + k));
+          const vi vis = (kpos <= qp) & (kpos > lo);
+          float* sk = st + k * rp + r0;
+          const vf p = tvec::select(vis, tvec::vexp(tvec::loadu(sk) - mx), tvec::splat(0.f));
+          tvec::storeu(sk, p);
+          sum += p;
+        }
       }
+      // a row that has seen no key yet has O = 0 and gets c = 0; one that sees none of this
+      // span's keys keeps mx = m_old, so c = 1
+      const vf c = tvec::select(l_old == 0.f, tvec::splat(0.f), tvec::vexp(m_old - mx));
       tvec::storeu(l + r0, l_old * c + sum);
       tvec::storeu(m + r0, mx);
       tvec::storeu(corr + r0, c);
     }
-    for (int64_t r0 = 0; r0 < rp; r0 += kMR) {
+    // O = O corr + P V, each kMR rows over the keys the last of them sees (the others' P is
+    // 0 there); rows that see none of the span keep O (their corr is 1, or O is 0)
+    for (int64_t r0 = 0; r0 < rows; r0 += kMR) {
+      const int64_t n_pv = std::min(n, first_pos + (std::min(r0 + kMR, rows) - 1) / sh.group - base + 1);
+      if (n_pv <= 0) continue;
       int64_t c0 = 0;
-      for (; c0 + kNR * kW <= dp; c0 += kNR * kW) pv_tile<kNR>(o, st, sc.vp.data(), corr, rp, dp, n, r0, c0);
+      for (; c0 + kNR * kW <= dp; c0 += kNR * kW) pv_tile<kNR>(o, st, sc.vp.data(), corr, rp, dp, n_pv, r0, c0);
       switch ((dp - c0) / kW) {
-        case 3: pv_tile<3>(o, st, sc.vp.data(), corr, rp, dp, n, r0, c0); break;
-        case 2: pv_tile<2>(o, st, sc.vp.data(), corr, rp, dp, n, r0, c0); break;
-        case 1: pv_tile<1>(o, st, sc.vp.data(), corr, rp, dp, n, r0, c0); break;
+        case 3: pv_tile<3>(o, st, sc.vp.data(), corr, rp, dp, n_pv, r0, c0); break;
+        case 2: pv_tile<2>(o, st, sc.vp.data(), corr, rp, dp, n_pv, r0, c0); break;
+        case 1: pv_tile<1>(o, st, sc.vp.data(), corr, rp, dp, n_pv, r0, c0); break;
         default: break;
       }
     }
