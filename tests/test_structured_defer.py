@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from common.convert import step_output_from_proto, step_output_to_proto
+from common.convert import (step_output_from_proto, step_output_to_proto, step_plan_from_proto,
+                            step_plan_to_proto)
 from common.model_config import ModelConfig
 from common.sampling_params import SamplingParams
 from common.step import StepOutput
@@ -41,7 +42,16 @@ def _engine(model_dir: str) -> tuple[EngineCore, LocalExecutor, Worker]:
     return core, executor, worker
 
 
-def _run(model_dir: str, hold_until_a_has: int | None) -> dict:
+def _follower(model_dir: str) -> Worker:
+    """A rank that does not sample (a tensor-parallel peer or an earlier pipeline stage): it
+    applies every plan, runs the forward and returns nothing, as serve's other ranks do."""
+    runner = ModelRunner(ModelConfig.from_dir(model_dir), "float32", 0, 16)
+    follower = Worker(runner, is_driver=False, model_dir=model_dir)
+    LocalExecutor(follower, max_num_blocks=48).warmup(64, 8)
+    return follower
+
+
+def _run(model_dir: str, hold_until_a_has: int | None, follower: Worker | None = None) -> dict:
     core, executor, worker = _engine(model_dir)
     gate = threading.Event()
     if hold_until_a_has is not None:
@@ -58,7 +68,14 @@ def _run(model_dir: str, hold_until_a_has: int | None) -> dict:
     deferred_steps, b_at_release = 0, None
     while core.has_unfinished:
         plan = core.schedule()
+        wire = step_plan_to_proto(plan)   # what every rank is sent
         out = executor.execute(plan)
+        if follower is not None:   # raises StepMismatchError if the plan disagrees with it
+            assert follower.execute(step_plan_from_proto(wire)).sampled == {}
+            for seq_id, st in follower.states.items():
+                ours = worker.states[seq_id]
+                assert (st.token_ids, st.num_computed_tokens) == \
+                    (ours.token_ids, ours.num_computed_tokens)
         deferred_steps += "b" in out.deferred
         for req, ev in core.update(plan, out):
             tokens[req.request_id] += ev.token_ids
@@ -88,6 +105,16 @@ def test_a_compiling_grammar_defers_its_sequence_and_no_other(tiny_model) -> Non
 
     text = Tokenizer.from_dir(model_dir).decode(free["tokens"]["b"])
     assert text in CHOICES
+
+
+def test_a_rank_that_does_not_sample_follows_the_deferral(tiny_model) -> None:
+    # Only the driver rank holds grammars and defers; the other ranks learn of it from the
+    # next plan (the sequence's count one behind theirs) and must keep the driver's state.
+    model_dir = str(tiny_model("llama"))
+    free = _run(model_dir, None)
+    held = _run(model_dir, 6, follower=_follower(model_dir))
+    assert held["deferred_steps"] >= 6
+    assert held["tokens"] == free["tokens"]
 
 
 def test_a_step_of_only_compiling_sequences_waits_for_the_compile(tiny_model) -> None:
