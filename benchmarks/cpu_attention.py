@@ -8,8 +8,9 @@ times one cache-resident layer, which flatters the kernel; the caches are on tra
 huge pages where the OS allows, as the engine's are: worker/hugepages.py), interleaved in the
 same run with a large tensor copy (bandwidth counted as read + write), a DRAM read pass, and
 with the torch path it replaces (kernels/paged_attention_cpu.py `paged_attention_decode_cpu`:
-gather into reused buffers + batched matmuls). Reported: ms per call, K/V bytes read per second, that as a fraction of
-the copy and of the read bandwidth, and the speed-up over the torch path.
+gather into reused buffers + batched matmuls). Reported: ms per call, K/V bytes read per
+second, that as a fraction of the copy and of the read bandwidth, and the speed-up over the
+torch path.
 
 Prompt chunks (`--chunks`, default 4 prompts of 512 tokens: one step at the CPU's default
 token budget of 2048) are compute-bound: reported are the useful FLOPs (QK^T and PV over each

@@ -186,6 +186,7 @@ void chunk_item(const Item& it, Scratch& sc, const float* query, int64_t q_strid
         const int64_t skip = from <= 0 ? 0 : std::min<int64_t>(kNR, from / kW);
         if (skip >= v_end) continue;
         const int nv = static_cast<int>(v_end - skip);
+        // a span's last 1-4 keys take a 4-key tile: fewer zero keys than kMK would pad
         if (n - k0 > 4) qk_rows<kMK>(nv, sc.kp.data(), qt, st, rp, d, k0, r0 + skip * kW);
         else qk_rows<4>(nv, sc.kp.data(), qt, st, rp, d, k0, r0 + skip * kW);
       }
