@@ -70,9 +70,12 @@ def test_gateway_killed_mid_stream_clients_resume_on_another_replica(stack: Stac
     """32 concurrent streams (16 HTTP, completions and chat; 16 gRPC; a quarter of them
     seeded temperature-1.0 sampling, the rest greedy) and one non-streamed request."""
     n_http, n_grpc = 16, 16
+    # long enough that no generation ends before every client has paused and the gateway is
+    # killed: with 40 tokens, on a fast CPU, early streams finished into their socket buffers
+    tokens = 300
     a_proc, a_http, a_grpc = stack.gateway()
     _, b_http, b_grpc = stack.gateway()
-    ref_http, ref_grpc = reference(stack, b_http, b_grpc, n_http, n_grpc)
+    ref_http, ref_grpc = reference(stack, b_http, b_grpc, n_http, n_grpc, max_tokens=tokens)
     assert all(len(t) > 0 for t in ref_http + ref_grpc)
     ref_post = _post_result(b_http, f"ref-{uuid.uuid4().hex}")
     key = f"k-{uuid.uuid4().hex}"
@@ -88,13 +91,13 @@ def test_gateway_killed_mid_stream_clients_resume_on_another_replica(stack: Stac
     post.start()
 
     go = threading.Event()
-    streams = [HttpStream(i, a_http, 3 + i % 4, go) for i in range(n_http)]
+    streams = [HttpStream(i, a_http, 3 + i % 4, go, max_tokens=tokens) for i in range(n_http)]
     grpc_ids = [f"g-{uuid.uuid4().hex}" for _ in range(n_grpc)]
     grpc_out: list[list] = [[] for _ in range(n_grpc)]
     grpc_paused = [threading.Event() for _ in range(n_grpc)]
     threads = [threading.Thread(target=s.run) for s in streams] + [
         threading.Thread(target=grpc_stream, args=(a_grpc, grpc_ids[i], i, 3 + i % 4, go,
-                                                    grpc_out[i], grpc_paused[i]))
+                                                    grpc_out[i], grpc_paused[i], tokens))
         for i in range(n_grpc)]
     for t in threads:
         t.start()
