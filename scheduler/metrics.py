@@ -15,7 +15,19 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from common import metrics as m
+from scheduler.health import CANARY_PREFIX
 from scheduler.scheduler import Scheduler
+
+
+def _user_load(s: Scheduler) -> tuple[int, float]:
+    """Running requests and KV-cache usage without the idle canary (scheduler.health): while
+    one of its one-token steps runs, an idle service still reads 0 on both gauges."""
+    canaries = [r.request_id for r in list(s.running) if r.request_id.startswith(CANARY_PREFIX)]
+    if not canaries:
+        return s.num_running, s.kv.usage
+    pool = s.kv.pool
+    blocks = sum(len(s.kv.get_block_ids(c)) for c in canaries)
+    return s.num_running - len(canaries), 1.0 - (pool.num_free_blocks + blocks) / pool.num_blocks
 
 
 class _EngineState(Collector):
@@ -31,13 +43,14 @@ class _EngineState(Collector):
         if s is None:
             return
         gauge, counter = GaugeMetricFamily, CounterMetricFamily
+        running, usage = _user_load(s)
         families = [
             (gauge, "num_requests_running", "Number of requests in model execution batches.",
-             s.num_running),
+             running),
             (gauge, "num_requests_waiting", "Number of requests waiting to be processed "
              "(read from Redis, not yet scheduled).", s.num_waiting),
             (gauge, "kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
-             s.kv.usage),
+             usage),
             (counter, "prefix_cache_queries", "Prefix cache queries, in terms of number of "
              "queried tokens.", s.kv.prefix_queries),
             (counter, "prefix_cache_hits", "Prefix cache hits, in terms of number of cached "

@@ -23,7 +23,7 @@ from scheduler.health import Readiness
 from scheduler.loop import EngineLoop
 from scheduler.metrics import SchedulerMetrics
 from scheduler.queue import RequestQueue
-from scheduler.engine_core import EngineCore
+from scheduler.engine_core import EngineCore, EngineRequest
 from scheduler.scheduler import SchedulerConfig
 from scheduler.telemetry import EngineObserver
 from tessera.engine import LocalExecutor
@@ -175,3 +175,23 @@ def test_a_claimed_request_resumes_identically_and_its_trace_says_recovered(engi
     assert len(marked) == recovered
     assert all(e.attributes["tessera.recovery.reason"] == "scheduler"
                for s in marked for e in s.events if e.name == "recovered")
+
+
+def test_the_idle_canary_is_not_a_running_request_in_the_gauges() -> None:
+    # A scrape that lands while a canary's one-token step runs still reads an idle service:
+    # no request running, no KV block in use; a user's request next to it counts.
+    core = EngineCore(SchedulerConfig(num_blocks=NUM_BLOCKS, block_size=BLOCK,
+                                      max_num_batched_tokens=64, max_model_len=512))
+    metrics = SchedulerMetrics(f"tel-{uuid.uuid4().hex[:6]}", 512)
+    metrics.watch(core.scheduler)
+    canary = Readiness(ready_timeout_s=0.6).canary()
+    core.scheduler.add_request(canary)
+    core.schedule()
+    assert core.scheduler.num_running == 1 and core.kv.num_blocks_in_use == 1
+    idle = _samples(metrics)
+    assert idle["tessera:num_requests_running"] == 0 and idle["tessera:kv_cache_usage_perc"] == 0
+    core.add_request(EngineRequest("user", list(range(5, 25)), PARAMS))
+    core.schedule()
+    busy = _samples(metrics)
+    assert busy["tessera:num_requests_running"] == 1
+    assert busy["tessera:kv_cache_usage_perc"] == 2 / NUM_BLOCKS   # its 20 tokens: 2 blocks
